@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Class neuron visualisation with VITAL: an image of what a network perceives as a class.
+
+The image's features are aligned with the features of real images of the class (sort matching,
+Algorithm 1 of the VITAL paper), optionally with a class term.
+
+Examples:
+  python class_neurons_fvis.py --json_cfg presets/quickstart_efficientnet.json
+  python class_neurons_fvis.py --model efficientnet-lite0 --target espresso \
+      --ref_dir references/espresso --steps 300 --size 128
+  python class_neurons_fvis.py --model ViT-B/32 --target "a photo of a goldfish" --ref_dir my_goldfish/
+"""
+import sys
+from dataclasses import dataclass
+
+from vital.class_vis import ClassCFG, run_class
+from vital.cli import main
+
+
+@dataclass
+class CFG(ClassCFG):
+    """Class neuron visualisation (VITAL). Precedence: defaults < --json_cfg < command line."""
+
+
+if __name__ == "__main__":
+    sys.exit(main(CFG, run_class))

@@ -1,0 +1,1 @@
+"""VITAL: feature visualisation by aligning feature distributions with real images."""

@@ -1,0 +1,91 @@
+"""Class neuron visualisation: sort matching to real images of the class, plus an optional class
+term (classifier: log-probability; CLIP: cosine to the class text embedding averaged over the 80
+ImageNet prompt templates, or to a free prompt). ``class_weight = 0`` is pure VITAL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vital import losses, pipeline
+from vital.config import ConfigError, opt
+from vital.references import list_images
+
+_DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class ClassCFG(pipeline.RenderCFG):
+    """Class neuron visualisation (VITAL)."""
+    target: str = opt("espresso", "class name or index; for CLIP also a free prompt")
+    ref_dir: str = opt("references/espresso", "folder of real images of the class")
+    num_ref: int = opt(50, "reference images to use (fewer if fewer exist)")
+    class_weight: float = opt(0.1, "weight of the class term (0 = pure VITAL)")
+
+
+def imagenet_templates() -> list[str]:
+    lines = (_DATA / "imagenet_templates.txt").read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def clip_classnames() -> list[str]:
+    return (_DATA / "imagenet_clip_classnames.txt").read_text().splitlines()
+
+
+def clip_text_target(target, text: str) -> tuple[torch.Tensor, str]:
+    """Unit text embedding for a CLIP target: an ImageNet class (name or index, 80 templates
+    averaged) or, failing that, the text itself as a free prompt."""
+    from vital.opinion import encode_texts
+    names = clip_classnames()
+    lowered = [n.lower() for n in names]
+    index = None
+    if text.strip().isdigit() and int(text) < len(names):
+        index = int(text)
+    elif text.strip().lower() in lowered:
+        index = lowered.index(text.strip().lower())
+    if index is None:
+        prompts, label = [text], text
+    else:
+        prompts, label = [t.format(names[index]) for t in imagenet_templates()], names[index]
+    emb = encode_texts(target.clip, prompts, target.device).mean(0)
+    return F.normalize(emb, dim=-1), label
+
+
+def class_term(cfg: ClassCFG, target) -> tuple[losses.Objective | int, str, dict]:
+    """The class objective, a label for the run name and metadata."""
+    if getattr(target, "clip", None) is not None:
+        emb, label = clip_text_target(target, cfg.target)
+        obj = losses.cosine_objective(emb.to(target.device), name=f"clip:{label}")
+        return cfg.class_weight * obj, label, {"target_text": label}
+    if not target.class_names:
+        raise ConfigError(f"{target.spec} has no classes; use inner_neurons_fvis.py for "
+                          f"neurons of a model without a classifier")
+    index = target.class_index(cfg.target)
+    label = target.class_names[index]
+    return cfg.class_weight * losses.class_logprob_objective(index), label, {"class_index": index}
+
+
+def run_class(cfg: ClassCFG, argv=None):
+    """One class visualisation; returns (run_dir, result)."""
+    device, target = pipeline.prepare(cfg)
+    size = pipeline.image_size(cfg, target)
+    layers, weights = pipeline.resolve_layers(cfg, target)
+    schedule = pipeline.make_schedule(cfg)
+    cls_obj, label, meta = class_term(cfg, target)
+    objective = cls_obj + pipeline.priors(cfg)
+    if cfg.feat_weight:
+        files = list_images(cfg.ref_dir)
+        ref_obj, info = pipeline.reference_objective(cfg, target, layers, weights, files,
+                                                     schedule.stage_sizes(size), cfg.num_ref)
+        objective = ref_obj + objective
+        meta["references"] = {str(k): v for k, v in info.items()}
+    if not isinstance(objective, losses.Objective) or not objective.names:
+        raise ConfigError("every weight is zero: nothing to optimise")
+    gen = pipeline.generator_for(cfg, device)
+    param = pipeline.make_param(cfg, size, device, gen)
+    name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
+    return pipeline.run(cfg, "class", target, objective, layers, param, gen, name,
+                        {"target_label": label, **meta}, argv=argv)

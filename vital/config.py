@@ -1,0 +1,233 @@
+"""Configuration: a CFG dataclass becomes an argument parser.
+
+Precedence is defaults < ``--json_cfg FILE`` < command line. Unknown keys in the JSON file fail and
+name the valid ones. ``--dump_cfg FILE`` writes the resolved configuration (loadable again with
+``--json_cfg``). Also here: run-folder creation (a finished run is never overwritten), determinism,
+device resolution and the metadata written next to every result.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["opt", "parse_cfg", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
+           "set_determinism", "resolve_device", "run_metadata", "ConfigError"]
+
+# Keys that steer parsing itself; they are accepted on the command line but never stored.
+_META_KEYS = ("json_cfg", "dump_cfg")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what is valid."""
+
+
+def opt(default, help: str, **kw):
+    """A CFG field with a help line: ``steps: int = opt(400, "optimisation steps")``."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _field_kind(cfg_cls, field: dataclasses.Field):
+    """(base type, is_sequence) of a field, resolving string annotations."""
+    hints = typing.get_type_hints(cfg_cls)
+    tp = hints[field.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        tp = args[0]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (list, tuple):
+        return (args[0] if args else str), True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _build_parser(cfg_cls, description: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or cfg_cls.__doc__,
+                                     argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--json_cfg", metavar="FILE",
+                        help="load settings from a JSON file (the command line overrides it)")
+    parser.add_argument("--dump_cfg", metavar="FILE",
+                        help="write the resolved configuration as JSON to FILE and exit")
+    for field in dataclasses.fields(cfg_cls):
+        base, seq = _field_kind(cfg_cls, field)
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
+        choices = field.metadata.get("choices")
+        name = f"--{field.name}"
+        if base is bool and not seq:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif seq:
+            parser.add_argument(name, nargs="*", type=base, help=help_text, choices=choices)
+        else:
+            parser.add_argument(name, type=base, help=help_text, choices=choices)
+    return parser
+
+
+def load_json_cfg(cfg_cls, path: str | os.PathLike) -> dict:
+    """Read a JSON config; unknown keys fail and name the valid ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(cfg_cls)]
+    unknown = [k for k in data if k not in valid and k not in _META_KEYS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise ConfigError(f"unknown key(s) in {path}: {said}. Valid keys: {', '.join(valid)}")
+    return {k: v for k, v in data.items() if k not in _META_KEYS}
+
+
+def _coerce(cfg_cls, values: dict) -> dict:
+    """Give JSON values the field's type (lists for sequence fields, float for ints in float fields)."""
+    out = {}
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    for key, value in values.items():
+        base, seq = _field_kind(cfg_cls, fields[key])
+        try:
+            if seq:
+                value = [base(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+            elif value is not None and base in (int, float, str):
+                if base is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(f"{value} is not an integer")
+                value = base(value)
+            elif base is bool and not isinstance(value, bool):
+                value = _parse_bool(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            raise ConfigError(f"bad value for {key!r}: {value!r} ({err})") from None
+        out[key] = value
+    return out
+
+
+def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = None):
+    """Resolve a CFG from defaults, ``--json_cfg`` and ``argv``; handle ``--dump_cfg``.
+
+    Returns the CFG instance. With ``--dump_cfg FILE`` the resolved config is written and the
+    process exits (status 0), so ``--dump_cfg`` then ``--json_cfg`` round-trips.
+    """
+    parser = _build_parser(cfg_cls, description)
+    args = vars(parser.parse_args(argv))
+    values = {}
+    try:
+        if "json_cfg" in args:
+            values.update(load_json_cfg(cfg_cls, args["json_cfg"]))
+        values.update({k: v for k, v in args.items() if k not in _META_KEYS})
+        cfg = cfg_cls(**_coerce(cfg_cls, values))
+    except ConfigError as err:
+        parser.error(str(err))
+    if "dump_cfg" in args:
+        dump_cfg(cfg, args["dump_cfg"])
+        print(f"wrote {args['dump_cfg']}")
+        sys.exit(0)
+    return cfg
+
+
+def cfg_to_dict(cfg) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def dump_cfg(cfg, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, cfg_to_dict(cfg))
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically (temp file + rename), so a full disk never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def make_run_dir(out_dir: str | os.PathLike, run_name: str) -> Path:
+    """Create ``out_dir/run_name``; if it exists, take ``run_name_2``, ``_3``... (never overwrite)."""
+    base = Path(out_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in run_name).strip("._") or "run"
+    for k in range(1, 10_000):
+        path = base / (safe if k == 1 else f"{safe}_{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"too many runs named {safe!r} in {base}")
+
+
+def set_determinism(seed: int, deterministic: bool = True, hard: bool = False) -> None:
+    """Seed every generator; ``deterministic`` fixes cuDNN; ``hard`` forbids nondeterministic ops."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic or hard:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if hard:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(cfg, argv: list[str] | None = None, **extra) -> dict:
+    """Resolved config plus argv, versions and git commit: what config.json stores."""
+    import torchvision
+    return {
+        "cfg": cfg_to_dict(cfg),
+        "argv": list(sys.argv if argv is None else argv),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "numpy": np.__version__},
+        "git_commit": _git_commit(),
+        **extra,
+    }

@@ -1,0 +1,271 @@
+"""Loss terms: VITAL's sort matching (Algorithm 1), image priors and target terms.
+
+Every objective is a *loss* (lower is better) built from small named callables that add and
+scale: ``sort_matching_objective("block.3", q) + 0.1 * tv_objective()``.
+
+The context ``ctx`` that objectives read is a plain dict filled by the render loop:
+
+    ctx["image"]     (B, 3, H, W) in [0, 1]: the parameterisation's output, before augmentation
+    ctx["input"]     (B, 3, h, w): what the model saw (augmented, maybe downsampled)
+    ctx["features"]  {layer: (B, C, P)}: hooked activations as channels x positions
+                     (CNN (C, H*W); ViT tokens (D, N), see vital.models.channels_positions)
+    ctx["output"]    (B, K) logits of a classifier or (B, E) image embedding of a CLIP
+    (the loop may add "stage", "size", "step"; objectives here do not need them)
+
+``Objective.terms(ctx)`` returns ``{name: weight * value}``; the loss is the sum of those
+values and ``objective(ctx)`` returns it. Terms are recorded per step, and a non-finite loss is
+traced to the term that caused it.
+
+Batch convention of sort matching: the loss is computed for every image of the batch against
+the reference quantiles and averaged. The reference code averages the batch's features before
+matching; that is the same for B = 1, but for B > 1 it would let independent images (seeds,
+facets, differently jittered copies) share one distribution instead of each matching it.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Ctx = dict
+TermFn = Callable[[Ctx], torch.Tensor]
+
+
+# ---------------------------------------------------------------- sort matching
+
+def resample_quantiles(ref_sorted: torch.Tensor, positions: int) -> torch.Tensor:
+    """Resample sorted values (..., Q) to (..., positions) by linear interpolation.
+
+    Output j is the quantile at level j / (positions - 1), as ``torch.quantile`` with linear
+    interpolation would give, so the minimum and maximum are kept. ``positions == Q`` returns the
+    input unchanged; ``positions == 1`` gives the median.
+    """
+    q = ref_sorted.shape[-1]
+    if positions < 1:
+        raise ValueError(f"positions must be >= 1, got {positions}")
+    if positions == q:
+        return ref_sorted
+    if positions == 1:
+        where = torch.full((1,), 0.5 * (q - 1), dtype=torch.float64, device=ref_sorted.device)
+    else:
+        where = torch.linspace(0, q - 1, positions, dtype=torch.float64, device=ref_sorted.device)
+    lo = where.floor().long().clamp(max=q - 1)
+    hi = (lo + 1).clamp(max=q - 1)
+    frac = (where - lo).to(ref_sorted.dtype)
+    return ref_sorted[..., lo] * (1 - frac) + ref_sorted[..., hi] * frac
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 2:
+        return t.unsqueeze(0)  # CP -> 1CP
+    if t.dim() != 3:
+        raise ValueError(f"features must be (C, P) or (N, C, P), got {tuple(t.shape)}")
+    return t
+
+
+def sorted_reference(feats) -> torch.Tensor:
+    """Per-channel sorted features averaged over reference images: (C, P).
+
+    ``feats`` is (N, C, P), or a list of (C, P_i) / (N_i, C, P_i) tensors with the same C and
+    any P_i; every image is resampled to the largest P and counts once in the mean.
+    """
+    parts = [_as_batch(f) for f in ([feats] if torch.is_tensor(feats) else list(feats))]
+    if not parts:
+        raise ValueError("sorted_reference needs at least one feature tensor")
+    channels = {p.shape[1] for p in parts}
+    if len(channels) != 1:
+        raise ValueError(f"reference features disagree on channels: {sorted(channels)}")
+    positions = max(p.shape[-1] for p in parts)
+    sorted_parts = [resample_quantiles(p.detach().sort(dim=-1).values, positions) for p in parts]
+    return torch.cat(sorted_parts).mean(0)
+
+
+def sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.Tensor:
+    """VITAL sort matching: mean over B, C, P of (x - ref_sorted[rank of x])^2.
+
+    ``x`` (B, C, P) synthetic features, ``ref_sorted`` (C, Q) reference quantiles (ascending per
+    channel); Q != P is resampled with ``resample_quantiles``. Each value is pulled towards the
+    reference quantile of its rank. Written as ``sort(x) - ref``, which pairs the same values as
+    gathering ``ref`` at the inverse sort index of ``x`` (same loss, same gradient) with one sort.
+    """
+    if x.dim() != 3 or ref_sorted.dim() != 2 or x.shape[1] != ref_sorted.shape[0]:
+        raise ValueError(f"sort_matching needs x (B, C, P) and ref_sorted (C, Q) with the same C, "
+                         f"got {tuple(x.shape)} and {tuple(ref_sorted.shape)}")
+    ref = resample_quantiles(ref_sorted.detach().to(device=x.device, dtype=x.dtype), x.shape[-1])
+    return (x.sort(dim=-1).values - ref).pow(2).mean()   # ref (C, P) broadcasts over B
+
+
+# ---------------------------------------------------------------- image priors
+
+def _neighbour_differences(img: torch.Tensor) -> list[torch.Tensor]:
+    """Horizontal, vertical and both diagonal neighbour differences of (B, C, H, W)."""
+    return [img[..., :, 1:] - img[..., :, :-1],
+            img[..., 1:, :] - img[..., :-1, :],
+            img[..., 1:, 1:] - img[..., :-1, :-1],
+            img[..., 1:, :-1] - img[..., :-1, 1:]]
+
+
+def tv(img: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Total variation over the 4 neighbour directions VITAL uses, each a *mean* (not a sum).
+
+    ``p=2``: mean squared difference (VITAL uses the Frobenius norm, which grows with image
+    size); ``p=1``: mean absolute difference. Means keep weights independent of resolution.
+    """
+    if p not in (1, 2):
+        raise ValueError(f"tv supports p=1 or p=2, got {p}")
+    diffs = _neighbour_differences(img)
+    return sum(d.abs().mean() if p == 1 else d.pow(2).mean() for d in diffs)
+
+
+def l2(img: torch.Tensor, center=0.5) -> torch.Tensor:
+    """Mean squared distance of the pixels from ``center``.
+
+    ``center`` is a number or a (3,) per-channel value (e.g. the model's normalisation mean);
+    around 0.5 on [0, 1] images this plays the role of VITAL's L2 norm of the normalised input,
+    but as a mean so that weights do not depend on the resolution.
+    """
+    center = torch.as_tensor(center, dtype=img.dtype, device=img.device)
+    if center.dim() == 1:
+        center = center.view(1, -1, 1, 1)  # C -> 1C11
+    return (img - center).pow(2).mean()
+
+
+# ---------------------------------------------------------------- objectives
+
+class Objective:
+    """A weighted sum of named loss terms; combine with ``+``, ``-``, ``*`` and ``/`` by numbers.
+
+    ``terms(ctx)`` -> {name: weight * value}; ``objective(ctx)`` -> their sum. Adding a term to
+    itself merges the weights; two different terms with one name are an error (``rename`` one).
+    """
+
+    def __init__(self, fn: TermFn, name: str):
+        self._terms: tuple[tuple[str, float, TermFn], ...] = ((str(name), 1.0, fn),)
+
+    @classmethod
+    def _of(cls, terms) -> "Objective":
+        obj = cls.__new__(cls)
+        obj._terms = tuple((n, w, f) for n, w, f in terms if w != 0)
+        return obj
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _, _ in self._terms]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {n: w for n, w, _ in self._terms}
+
+    @property
+    def name(self) -> str:
+        return " + ".join(n if w == 1 else f"{w:g}*{n}" for n, w, _ in self._terms)
+
+    def terms(self, ctx: Ctx) -> dict[str, torch.Tensor]:
+        return {n: w * fn(ctx) for n, w, fn in self._terms}
+
+    def __call__(self, ctx: Ctx) -> torch.Tensor:
+        values = list(self.terms(ctx).values())
+        if not values:
+            raise ValueError("the objective has no terms (all weights are zero)")
+        return sum(values)
+
+    def rename(self, name: str) -> "Objective":
+        if len(self._terms) != 1:
+            raise ValueError(f"only a single term can be renamed, this has {self.names}")
+        _, w, fn = self._terms[0]
+        return Objective._of([(str(name), w, fn)])
+
+    def __add__(self, other) -> "Objective":
+        if isinstance(other, numbers.Number) and other == 0:
+            return self                     # lets sum([...]) start from 0
+        if not isinstance(other, Objective):
+            return NotImplemented
+        merged = {n: [w, fn] for n, w, fn in self._terms}
+        for n, w, fn in other._terms:
+            if n in merged and merged[n][1] is not fn:
+                raise ValueError(f"two different terms are both named {n!r}; rename one")
+            merged.setdefault(n, [0.0, fn])[0] += w
+        return Objective._of((n, w, fn) for n, (w, fn) in merged.items())
+
+    __radd__ = __add__
+
+    def __mul__(self, factor) -> "Objective":
+        if not isinstance(factor, numbers.Real):
+            return NotImplemented
+        return Objective._of((n, w * float(factor), fn) for n, w, fn in self._terms)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, factor) -> "Objective":
+        if not isinstance(factor, numbers.Real):
+            return NotImplemented
+        return self * (1.0 / float(factor))
+
+    def __neg__(self) -> "Objective":
+        return self * -1.0
+
+    def __sub__(self, other) -> "Objective":
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return self + (-other)
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name})"
+
+
+def _features(ctx: Ctx, layer: str) -> torch.Tensor:
+    feats = ctx.get("features", {})
+    if layer not in feats:
+        raise KeyError(f"no features for layer {layer!r} in ctx; captured: {sorted(feats)}")
+    return feats[layer]
+
+
+def sort_matching_objective(layer: str, ref_sorted: torch.Tensor, weight: float = 1.0) -> Objective:
+    """Term ``sort:<layer>``: sort matching of ctx["features"][layer] against ``ref_sorted``."""
+    ref = ref_sorted.detach()
+    return weight * Objective(lambda ctx: sort_matching(_features(ctx, layer), ref), f"sort:{layer}")
+
+
+def sort_matching_objectives(refs: dict[str, torch.Tensor],
+                             weights: dict[str, float] | None = None) -> Objective:
+    """Sum of ``sort_matching_objective`` over ``refs`` ({layer: (C, Q)}), weights default 1."""
+    weights = weights or {}
+    unknown = sorted(set(weights) - set(refs))
+    if unknown:
+        raise ValueError(f"weights given for layers without references: {unknown}; "
+                         f"layers: {sorted(refs)}")
+    return sum(sort_matching_objective(k, r, weights.get(k, 1.0)) for k, r in refs.items())
+
+
+def tv_objective(weight: float = 1.0, p: int = 2) -> Objective:
+    """Term ``tv_l1`` / ``tv_l2``: total variation of ctx["image"]."""
+    if p not in (1, 2):
+        raise ValueError(f"tv supports p=1 or p=2, got {p}")
+    return weight * Objective(lambda ctx: tv(ctx["image"], p), f"tv_l{p}")
+
+
+def l2_objective(weight: float = 1.0, center=0.5) -> Objective:
+    """Term ``l2``: mean squared distance of ctx["image"] from ``center``."""
+    return weight * Objective(lambda ctx: l2(ctx["image"], center), "l2")
+
+
+def class_logprob_objective(index: int, weight: float = 1.0) -> Objective:
+    """Term ``class:<index>``: minus the log-softmax of ctx["output"] logits at ``index``."""
+    def fn(ctx: Ctx) -> torch.Tensor:
+        logits = ctx["output"]
+        if not 0 <= index < logits.shape[-1]:
+            raise IndexError(f"class index {index} outside the {logits.shape[-1]} logits")
+        return -F.log_softmax(logits, dim=-1)[:, index].mean()
+    return weight * Objective(fn, f"class:{index}")
+
+
+def cosine_objective(vec: torch.Tensor, weight: float = 1.0, name: str = "cosine") -> Objective:
+    """Term ``name``: 1 - cosine similarity of ctx["output"] (B, E) with ``vec`` (E,) or (B, E)."""
+    target = vec.detach()
+
+    def fn(ctx: Ctx) -> torch.Tensor:
+        out = ctx["output"]
+        return 1.0 - F.cosine_similarity(out, target.to(out).expand_as(out), dim=-1).mean()
+    return weight * Objective(fn, name)

@@ -1,0 +1,104 @@
+"""What a run leaves on disk: step PNGs, final.png, final_alpha.png, a strip of the steps,
+config.json and metrics.json. Writes are atomic where a half-written file would mislead, and a
+full disk is reported without losing what is already saved.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from vital.config import write_json
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, 3, H, W) in [0, 1] -> RGB PIL image."""
+    if image.dim() == 4:
+        image = image[0]
+    array = (image.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255 + 0.5)
+    return Image.fromarray(array.astype(np.uint8))  # CHW -> HWC
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Save through a temp file so a crash or full disk never leaves a broken PNG behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rgba(image: torch.Tensor, alpha: torch.Tensor) -> Image.Image:
+    """The image with the transparency map as its alpha channel."""
+    rgb = np.asarray(to_pil(image))
+    a = (alpha.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(np.dstack([rgb, a]), mode="RGBA")
+
+
+def grid(images: list[Image.Image], labels: list[str] | None = None, cols: int | None = None,
+         pad: int = 4, label_height: int = 14) -> Image.Image:
+    """Tile images (same size) into a grid with optional labels under each tile."""
+    if not images:
+        raise ValueError("grid needs at least one image")
+    w, h = images[0].size
+    cols = cols or len(images)
+    rows = -(-len(images) // cols)
+    lh = label_height if labels else 0
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, img in enumerate(images):
+        x, y = pad + (k % cols) * (w + pad), pad + (k // cols) * (h + lh + pad)
+        sheet.paste(img.convert("RGB").resize((w, h)), (x, y))
+        if labels:
+            draw.text((x + 2, y + h + 1), labels[k][: max(4, w // 6)], fill="black")
+    return sheet
+
+
+class RunWriter:
+    """Collects a run's outputs in ``run_dir``; ``on_step`` is the render loop's callback."""
+
+    def __init__(self, run_dir: Path, metadata: dict):
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "steps").mkdir(parents=True, exist_ok=True)
+        self.metadata = metadata
+        self.records: list[dict] = []
+        self.step_files: list[Path] = []
+        write_json(self.run_dir / "config.json", metadata)
+
+    def on_step(self, step: int, image: torch.Tensor, record: dict) -> None:
+        path = self.run_dir / "steps" / f"step_{step:04d}.png"
+        try:
+            save_png(to_pil(image), path)
+            self.step_files.append(path)
+        except OSError as err:
+            record["save_error"] = str(err)
+        self.records.append(record)
+        self._write_metrics(status="running")
+
+    def _write_metrics(self, **extra) -> None:
+        try:
+            write_json(self.run_dir / "metrics.json", {**extra, "steps": self.records})
+        except OSError:
+            pass  # the disk is full: the PNGs already written stay, the caller reports
+
+    def finish(self, result, extra: dict | None = None) -> Path:
+        """Write final.png, final_alpha.png, steps_strip.png and metrics.json; return final.png."""
+        final = self.run_dir / "final.png"
+        save_png(to_pil(result.image), final)
+        save_png(rgba(result.image[0], result.alpha[0]), self.run_dir / "final_alpha.png")
+        if result.image.shape[0] > 1:
+            batch = [to_pil(im) for im in result.image]
+            save_png(grid(batch), self.run_dir / "final_batch.png")
+        strip = [Image.open(p) for p in self.step_files[-8:]]
+        if strip:
+            labels = [p.stem.replace("step_", "") for p in self.step_files[-8:]]
+            save_png(grid(strip, labels), self.run_dir / "steps_strip.png")
+        status = result.stopped or "finished"
+        self._write_metrics(status=status, steps_done=result.steps_done,
+                            seconds_per_step=result.step_seconds, **(extra or {}))
+        return final

@@ -1,0 +1,173 @@
+"""What every visualisation mode shares: the common CFG fields and the steps of one run
+(load the model, resolve layers, build references, parameterisation, augmentation and schedule,
+render, write the run folder). Mode modules (``vital.class_vis``, ...) add their target terms.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vital import losses, param as params_mod, transforms
+from vital.config import ConfigError, make_run_dir, opt, resolve_device, run_metadata, set_determinism
+from vital.losses import Objective
+from vital.models import load_target
+from vital.opinion import make_opinion
+from vital.outputs import RunWriter
+from vital.references import list_images, load_image, reference_quantiles
+from vital.render import Schedule, render
+
+
+@dataclass
+class RenderCFG:
+    """Settings shared by every visualisation mode."""
+    model: str = opt("efficientnet-lite0", "model spec: efficientnet-lite0, ViT-B/32, RN50, "
+                     "hf-hub:ORG/REPO, torchvision:NAME, or a weights file")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    size: int = opt(0, "image size in px (0 = the model's input size)")
+    steps: int = opt(0, "total steps at full size; > 0 overrides steps_multires")
+    steps_multires: list[int] = opt([200, 400], "steps per resolution stage, low to high "
+                                    "(each stage doubles the size, the last is full size)")
+    lr: float = opt(0.05, "peak Adam learning rate")
+    warmup: int = opt(20, "linear learning-rate warm-up steps per stage")
+    batch: int = opt(1, "images optimised together")
+    param: str = opt("laplacian", "image parameterisation",
+                     choices=sorted(params_mod.PARAMETERISATIONS))
+    pyramid_levels: int = opt(4, "levels of the Laplacian pyramid")
+    init_image: str = opt("", "start from this image instead of noise")
+    layers: list[str] = opt([], "layers for sort matching (empty = the model's defaults; "
+                            "see query_model_layers.py)")
+    layer_weights: list[float] = opt([], "one weight per layer (empty = all 1)")
+    feat_weight: float = opt(1.0, "weight of the sort-matching terms (0 = none)")
+    tv_weight: float = opt(0.05, "total-variation prior weight")
+    l2_weight: float = opt(0.0, "L2 prior weight (pulls pixels toward grey)")
+    jitter: int = opt(8, "max roll jitter in px per step")
+    scales: list[float] = opt([0.95, 1.0, 1.05], "random scale factors per step")
+    flip: bool = opt(True, "random horizontal flips")
+    noise: float = opt(0.0, "std of additive Gaussian noise per step")
+    seed: int = opt(0, "random seed")
+    deterministic: bool = opt(True, "seed everything and fix cuDNN algorithms")
+    hard_determinism: bool = opt(False, "also torch.use_deterministic_algorithms + CUBLAS config")
+    save_steps: int = opt(200, "save a PNG and the opinion every N steps (0 = only the end)")
+    out_dir: str = opt("", "parent folder of the run folder (default out_<mode>)")
+    run_name: str = opt("", "run folder name (default from the target); never overwritten")
+    prompts_file: str = opt("input_prompts/prompts.txt", "CLIP: prompts scored at each save")
+    top_k: int = opt(5, "how many words / classes the opinion shows")
+    cache: bool = opt(True, "cache reference features on disk ($VITAL_CACHE)")
+    progress: bool = opt(True, "show progress bars")
+
+
+def prepare(cfg: RenderCFG):
+    """Seed, pick the device and load the model."""
+    set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
+    device = resolve_device(cfg.device)
+    return device, load_target(cfg.model, device=device)
+
+
+def image_size(cfg: RenderCFG, target) -> int:
+    size = cfg.size or target.input_size
+    if not 16 <= size <= 4096:
+        raise ConfigError(f"--size {size} is impossible; use 16..4096 px (0 = the model's "
+                          f"input size, {target.input_size})")
+    return size
+
+
+def resolve_layers(cfg: RenderCFG, target) -> tuple[list[str], list[float]]:
+    """The layers to match and their weights, checked against the model."""
+    layers = list(cfg.layers) or target.default_layers()
+    valid = [info.name for info in target.layers()]
+    unknown = [name for name in layers if name not in valid]
+    if unknown:
+        raise ConfigError(f"unknown layer(s) {unknown} for {target.spec}; valid layers: "
+                          f"{', '.join(valid)}")
+    weights = list(cfg.layer_weights) or [1.0] * len(layers)
+    if len(weights) != len(layers):
+        raise ConfigError(f"{len(weights)} layer_weights for {len(layers)} layers {layers}")
+    return layers, weights
+
+
+def make_schedule(cfg: RenderCFG) -> Schedule:
+    stages = (cfg.steps,) if cfg.steps > 0 else tuple(cfg.steps_multires)
+    if not stages or any(s <= 0 for s in stages):
+        raise ConfigError(f"steps must be positive, got steps={cfg.steps} "
+                          f"steps_multires={cfg.steps_multires}")
+    return Schedule(steps_multires=stages, lr=cfg.lr, warmup=cfg.warmup)
+
+
+def make_augment(cfg: RenderCFG):
+    return transforms.standard(jitter=cfg.jitter, scales=cfg.scales, flip=cfg.flip, noise=cfg.noise)
+
+
+def make_param(cfg: RenderCFG, size: int, device, generator, init: torch.Tensor | None = None,
+               **kw):
+    """The image parameterisation; ``init`` (or ``cfg.init_image``) replaces the noise start."""
+    if init is None and cfg.init_image:
+        init = load_image(cfg.init_image, size)[None]
+    if init is not None:
+        init = init.to(device)
+    if cfg.param == "laplacian":
+        kw.setdefault("levels", cfg.pyramid_levels)
+    return params_mod.make_param(cfg.param, size=size, batch=cfg.batch, init=init,
+                                 generator=generator, device=device, **kw)
+
+
+def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
+                         weights: dict[str, float]) -> Objective:
+    """Sort matching per layer against the references of the current stage's size."""
+    def term(layer):
+        def fn(ctx):
+            ref = refs_by_size[ctx["size"]][layer].to(ctx["features"][layer].device)
+            return losses.sort_matching(ctx["features"][layer], ref)
+        return weights[layer] * Objective(fn, f"sort:{layer}")
+    return sum(term(layer) for layer in weights)
+
+
+def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, num) -> tuple:
+    """Sort-matching objective against real images at every stage size; returns (obj, info)."""
+    refs, info = {}, {}
+    for size in sorted(set(sizes)):
+        refs[size], info[size] = reference_quantiles(target, layers, files, size, num=num,
+                                                     use_cache=cfg.cache, progress=cfg.progress)
+    obj = staged_sort_matching(refs, dict(zip(layers, weights)))
+    return cfg.feat_weight * obj, info
+
+
+def priors(cfg: RenderCFG) -> Objective | int:
+    return cfg.tv_weight * losses.tv_objective() + cfg.l2_weight * losses.l2_objective()
+
+
+def generator_for(cfg: RenderCFG, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    return gen
+
+
+def run(cfg: RenderCFG, mode: str, target, objective: Objective, layers: list[str], param,
+        generator, run_name: str, extra_meta: dict | None = None, argv=None):
+    """Render and write ``out_<mode>/<run_name>/``; returns (run_dir, result)."""
+    run_dir = make_run_dir(cfg.out_dir or f"out_{mode}", cfg.run_name or run_name)
+    meta = run_metadata(cfg, argv, mode=mode, model_spec=str(target.spec),
+                        weight_hash=target.weight_hash, **(extra_meta or {}))
+    writer = RunWriter(run_dir, meta)
+    opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
+    schedule = make_schedule(cfg)
+    result = render(target, objective, param, schedule, layers, augment=make_augment(cfg),
+                    generator=generator, save_steps=cfg.save_steps, callback=writer.on_step,
+                    progress=cfg.progress, record_fn=opinion)
+    final_opinion = opinion(result.image) if opinion is not None else {}
+    final = writer.finish(result, {"final_opinion": final_opinion})
+    report(result, final, final_opinion)
+    return run_dir, result
+
+
+def report(result, final: Path, final_opinion: dict) -> None:
+    if final_opinion.get("opinion_text"):
+        print(f"final opinion: {final_opinion['opinion_text']}")
+    if result.stopped == "interrupted":
+        print(f"interrupted after {result.steps_done} steps; saved what exists: {final}",
+              file=sys.stderr)
+    elif result.stopped:
+        print(f"stopped: {result.stopped}; saved the last good image: {final}", file=sys.stderr)
+    print(final)
