@@ -17,7 +17,8 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 	touch $@
 
 demo: $(VENV)/.runtime-installed
-	$(PY) scripts/demo.py
+	$(PY) scripts/build_references.py --out references
+	$(PY) class_neurons_fvis.py --json_cfg presets/quickstart_efficientnet.json
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q

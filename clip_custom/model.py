@@ -81,7 +81,7 @@ def _heads(width: int, head_width: int) -> int:
     return width // head_width
 
 
-def _check_is_clip(state_dict: dict) -> None:
+def check_is_clip(state_dict: dict) -> None:
     missing = _missing(state_dict, TEXT_KEYS)
     vit, rn = _missing(state_dict, VIT_KEYS), _missing(state_dict, RESNET_KEYS)
     if not missing and (not vit or not rn):
@@ -132,7 +132,7 @@ def build_model(state_dict: dict, quick_gelu: bool = True, vision_head_width: in
     The defaults (QuickGELU, 64-wide heads) hold for every OpenAI model; other CLIPs (e.g. LAION's
     on the hub) state them in their config, which `clip_custom.load` reads.
     """
-    _check_is_clip(state_dict)
+    check_is_clip(state_dict)
     sd = {k: v for k, v in state_dict.items() if k not in NON_PARAMETER_KEYS}
     embed_dim = sd["text_projection"].shape[1]  # (D_text, E)
     if "visual.proj" in sd:

@@ -30,13 +30,14 @@ def byte_to_char() -> dict[int, str]:
 
     Printable Latin-1 bytes stand for themselves; the others (controls, space, ...) are given the
     characters 256, 257, ... in byte order, so no token contains whitespace or control codes.
+    The dict's order (printable bytes first, then the others) is the order of the first 256 ids.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     others = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + i) for i, b in enumerate(others)})
-    return dict(sorted(table.items()))
+    return table
 
 
 def clean(text: str) -> str:

@@ -177,8 +177,10 @@ def vit_aliases(n_blocks: int) -> dict:
 
 def _clip(spec, device, over) -> TargetModel:
     import clip_custom
-    state_dict, sha = clip_custom.load_state_dict_any(spec)
-    clip = clip_custom.build_model(state_dict).float()
+    # load (not load_state_dict_any + build_model): it also applies a hub config's GELU / heads
+    clip, _ = clip_custom.load(spec, device="cpu")
+    sha = getattr(clip, "weight_sha256", None) or state_dict_sha256(clip)
+    clip = clip.float()
     visual = clip.visual
     is_vit = hasattr(visual, "transformer")
     # ModifiedResNet: the stem method ends in `avgpool` (relu3 is before that pooling)

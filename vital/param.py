@@ -47,7 +47,7 @@ def _hw(size) -> tuple[int, int]:
 
 
 def _leaf(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype).detach().requires_grad_(True)
+    return t.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)  # own storage
 
 
 def _noise(shape, scale: float, generator, device, dtype) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""class_neurons_fvis.py end to end on a tiny model, determinism flags, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vital.class_vis import ClassCFG, run_class
+from vital.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cfg(tmp_path, ref_folder, **kw):
+    base = dict(model="module:tests.conftest:TinyCNN", target="3", ref_dir=str(ref_folder),
+                size=32, steps_multires=[4, 6], save_steps=5, out_dir=str(tmp_path / "out"),
+                run_name="t", progress=False, device="cpu")
+    base.update(kw)
+    return ClassCFG(**base)
+
+
+def test_run_writes_the_run_folder(tmp_path, ref_folder):
+    run_dir, result = run_class(_cfg(tmp_path, ref_folder))
+    assert result.steps_done == 10
+    for name in ("final.png", "final_alpha.png", "config.json", "metrics.json",
+                 "steps/step_0005.png", "steps/step_0010.png", "steps_strip.png"):
+        assert (run_dir / name).is_file(), name
+    assert Image.open(run_dir / "final_alpha.png").mode == "RGBA"
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["cfg"]["target"] == "3" and meta["weight_hash"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and [s["step"] for s in metrics["steps"]] == [5, 10]
+    assert any(k.startswith("sort:") for k in metrics["steps"][0]["terms"])
+    again, _ = run_class(_cfg(tmp_path, ref_folder))
+    assert again != run_dir          # a finished run is never overwritten
+
+
+def test_same_seed_same_png(tmp_path, ref_folder):
+    a, _ = run_class(_cfg(tmp_path, ref_folder, hard_determinism=True, run_name="a"))
+    b, _ = run_class(_cfg(tmp_path, ref_folder, hard_determinism=True, run_name="b"))
+    c, _ = run_class(_cfg(tmp_path, ref_folder, seed=1, run_name="c"))
+    assert (a / "final.png").read_bytes() == (b / "final.png").read_bytes()
+    assert (a / "final.png").read_bytes() != (c / "final.png").read_bytes()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"ref_dir": "/nonexistent/folder"}, "does not exist"),
+    ({"target": "class99"}, "class99"),
+    ({"layers": ["nope"]}, "valid layers"),
+    ({"size": 5}, "impossible"),
+])
+def test_bad_input_is_one_sentence(tmp_path, ref_folder, capsys, override, message):
+    cfg = _cfg(tmp_path, ref_folder, **override)
+    args = []
+    for key, value in {**vars(cfg)}.items():
+        if key in override or key in ("model", "target", "ref_dir", "size", "out_dir", "device"):
+            values = value if isinstance(value, list) else [value]
+            args += [f"--{key}", *map(str, values)]
+    status = main(ClassCFG, run_class, args + ["--no-progress", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_script_dump_and_json_round_trip(tmp_path):
+    dumped = tmp_path / "cfg.json"
+    cmd = [sys.executable, str(ROOT / "class_neurons_fvis.py"), "--target", "7", "--steps", "3",
+           "--dump_cfg", str(dumped)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    data = json.loads(dumped.read_text())
+    assert data["target"] == "7" and data["steps"] == 3
+    dumped2 = tmp_path / "cfg2.json"
+    subprocess.run([sys.executable, str(ROOT / "class_neurons_fvis.py"), "--json_cfg", str(dumped),
+                    "--dump_cfg", str(dumped2)], check=True, cwd=tmp_path, capture_output=True)
+    assert json.loads(dumped2.read_text()) == data
