@@ -1,4 +1,5 @@
 """Reading weight files safely: safetensors, TorchScript archives, weights-only torch files."""
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,9 @@ def _read_safetensors(path: Path) -> dict:
 def _read_torch(path: Path) -> dict:
     """OpenAI TorchScript archive first (what OpenAI ships), then a weights-only torch file."""
     try:
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is what OpenAI ships
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
     except Exception as jit_err:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

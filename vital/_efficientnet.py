@@ -44,7 +44,7 @@ _TOP_RENAMES = {"_conv_stem": "stem.conv", "_bn0": "stem.bn", "_conv_head": "hea
 
 
 class _SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "SAME" padding: output size ceil(input / stride), extra pad at the end."""
+    """Conv2d with TensorFlow "SAME" padding: output ceil(input / stride), extra pad at the end."""
 
     def forward(self, x):
         pads = []

@@ -184,7 +184,10 @@ def _clip(spec, device, over) -> TargetModel:
     visual = clip.visual
     is_vit = hasattr(visual, "transformer")
     # ModifiedResNet: the stem method ends in `avgpool` (relu3 is before that pooling)
-    aliases = vit_aliases(len(visual.transformer.resblocks)) if is_vit else {"stem": ("avgpool", None)}
+    if is_vit:
+        aliases = vit_aliases(len(visual.transformer.resblocks))
+    else:
+        aliases = {"stem": ("avgpool", None)}
     cfg = _override(over, input_size=clip.input_resolution, mean=CLIP_MEAN, std=CLIP_STD,
                     class_names=None)
     return TargetModel(visual, spec=spec, kind="clip-vit" if is_vit else "clip-rn",
@@ -210,9 +213,9 @@ def _tv_weights(name: str, choice: str):
     names = tvm.list_models(module=tvm)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
-        raise ValueError(f"unknown torchvision classifier {name!r}"
-                         + (f"; did you mean {', '.join(close)}?" if close else "")
-                         + f" Examples: {', '.join(_TV_EXAMPLES)} (all: torchvision.models.list_models())")
+        hint = f"; did you mean {', '.join(close)}?" if close else "."
+        raise ValueError(f"unknown torchvision classifier {name!r}{hint} Examples: "
+                         f"{', '.join(_TV_EXAMPLES)} (all: torchvision.models.list_models())")
     enum = tvm.get_model_weights(name)
     if choice.lower() == "none":
         return None, enum.DEFAULT

@@ -75,6 +75,7 @@ def run_class(cfg: ClassCFG, argv=None):
     layers, weights = pipeline.resolve_layers(cfg, target)
     schedule = pipeline.make_schedule(cfg)
     cls_obj, label, meta = class_term(cfg, target)
+    meta.update(layers=layers, layer_weights=weights)
     objective = cls_obj + pipeline.priors(cfg)
     if cfg.feat_weight:
         files = list_images(cfg.ref_dir)

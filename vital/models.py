@@ -128,6 +128,7 @@ class TargetModel:
         self._aliases = dict(aliases or {})  # name -> (module path, layout or None)
         self._list_paths = list_paths
         self._layers: list[LayerInfo] | None = None
+        self._paths: dict[str, nn.Module] | None = None  # module path -> module, built once
         self._text_cache: dict[tuple, torch.Tensor] = {}
         self._freeze()
 
@@ -139,8 +140,8 @@ class TargetModel:
                     p.requires_grad_(False)
 
     def __repr__(self):
-        return (f"TargetModel(spec={self.spec!r}, kind={self.kind!r}, input_size={self.input_size}, "
-                f"device={str(self.device)!r})")
+        return (f"TargetModel(spec={self.spec!r}, kind={self.kind!r}, "
+                f"input_size={self.input_size}, device={str(self.device)!r})")
 
     # ----- forward -------------------------------------------------------------------------
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
@@ -202,8 +203,9 @@ class TargetModel:
     def _text_embeddings(self, prompts: tuple[str, ...]) -> torch.Tensor:
         if prompts not in self._text_cache:
             import clip_custom
-            tokens = clip_custom.tokenize(list(prompts), truncate=True).to(self.device)
-            emb = self.clip.encode_text(tokens).float()
+            tokens = clip_custom.tokenize(list(prompts), context_length=self.clip.context_length,
+                                          truncate=True)  # (K, context_length), 0-padded
+            emb = self.clip.encode_text(tokens.to(self.device)).float()
             self._text_cache[prompts] = emb / emb.norm(dim=-1, keepdim=True)
         return self._text_cache[prompts]
 
@@ -227,10 +229,15 @@ class TargetModel:
     def _hookable(self) -> bool:
         return not isinstance(self.module, torch.jit.ScriptModule)
 
+    def _module_paths(self) -> dict[str, nn.Module]:
+        if self._paths is None:
+            self._paths = {p: m for p, m in self.module.named_modules() if p}
+        return self._paths
+
     def _listed_names(self) -> list[str]:
         names = list(self._aliases)
         if self._list_paths:
-            names += [p for p, _ in self.module.named_modules() if p and p not in self._aliases]
+            names += [p for p in self._module_paths() if p not in self._aliases]
         return names
 
     def _resolve(self, name: str) -> tuple[nn.Module, str | None]:
@@ -239,9 +246,8 @@ class TargetModel:
             raise ValueError(f"{self.spec} is a TorchScript module; its layers cannot be hooked "
                              "(load the same network as a Python nn.Module to visualise layers)")
         path, layout = self._aliases.get(name, (name, None))
-        modules = dict(self.module.named_modules())
-        if path and path in modules:
-            return modules[path], layout
+        if path in self._module_paths():
+            return self._module_paths()[path], layout
         valid = self._listed_names()
         close = difflib.get_close_matches(name, valid, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -312,7 +318,9 @@ class TargetModel:
 
 def _storer(feats: dict, name: str):
     def hook(module, inputs, output):
-        feats[name] = _first_tensor(output)
+        tensor = _first_tensor(output)
+        if tensor is not None:  # e.g. a dict output has nothing to store
+            feats[name] = tensor
     return hook
 
 

@@ -22,9 +22,18 @@ from vital.references import cache_dir
 _WORD_BATCH = 1024
 
 
+_REPO = Path(__file__).resolve().parent.parent
+
+
 def read_prompts(path: str | Path | None) -> list[str]:
-    """Non-empty, non-comment lines of a prompts file (missing file: no prompts)."""
-    if not path or not Path(path).is_file():
+    """Non-empty, non-comment lines of a prompts file (missing file: no prompts). A relative
+    path not found from the working directory is looked up in the project folder."""
+    if not path:
+        return []
+    path = Path(path)
+    if not path.is_file() and not path.is_absolute():
+        path = _REPO / path
+    if not path.is_file():
         return []
     lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
     return [line for line in lines if line and not line.startswith("#")]

@@ -86,6 +86,19 @@ class RunWriter:
         except OSError:
             pass  # the disk is full: the PNGs already written stay, the caller reports
 
+    def _write_strip_and_animation(self) -> None:
+        """steps_strip.png (the last 8 saved steps, labelled) and steps.gif (all of them)."""
+        if not self.step_files:
+            return
+        frames = [Image.open(p).convert("RGB") for p in self.step_files]
+        labels = [p.stem.replace("step_", "") for p in self.step_files]
+        save_png(grid(frames[-8:], labels[-8:]), self.run_dir / "steps_strip.png")
+        try:
+            frames[0].save(self.run_dir / "steps.gif", save_all=True, append_images=frames[1:],
+                           duration=250, loop=0)
+        except OSError as err:
+            print(f"warning: could not write steps.gif: {err}")
+
     def finish(self, result, extra: dict | None = None) -> Path:
         """Write final.png, final_alpha.png, steps_strip.png and metrics.json; return final.png."""
         final = self.run_dir / "final.png"
@@ -94,10 +107,7 @@ class RunWriter:
         if result.image.shape[0] > 1:
             batch = [to_pil(im) for im in result.image]
             save_png(grid(batch), self.run_dir / "final_batch.png")
-        strip = [Image.open(p) for p in self.step_files[-8:]]
-        if strip:
-            labels = [p.stem.replace("step_", "") for p in self.step_files[-8:]]
-            save_png(grid(strip, labels), self.run_dir / "steps_strip.png")
+        self._write_strip_and_animation()
         status = result.stopped or "finished"
         self._write_metrics(status=status, steps_done=result.steps_done,
                             seconds_per_step=result.step_seconds, **(extra or {}))
