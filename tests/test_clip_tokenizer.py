@@ -15,6 +15,7 @@ CORPUS = [
     "emoji 🐶🐱🦊 and flags 🇩🇪 and zwj 👩‍👩‍👧",
     "unicode: naïve café Ünïcödé straße ΑΒΓ δέλτα кириллица 日本語のテキスト 한국어",
     "html &amp; entities &lt;b&gt;bold&lt;/b&gt; &quot;quoted&quot; &#39;single&#39; &amp;amp; double",
+    "a literal <tag> stops ftfy's own unescaping: &amp;amp; &amp;lt; &quot;",
     "mojibake fixed by ftfy: cafÃ© and â€œquotesâ€\x9d",
     "contractions: it's we'll they'd I'm you're we've can't IT'S",
     "numbers 12345 3.14159 1,000,000 2nd 3rd",
@@ -86,6 +87,8 @@ def test_single_string_and_padding(ours):
 def test_html_entities_are_unescaped_twice(ours):
     assert ours.encode("&amp;amp;") == ours.encode("&")
     assert ours.encode("Cat &amp; Dog") == ours.encode("cat & dog")
+    # with a literal '<' ftfy leaves entities alone, so both unescapes are ours
+    assert ours.encode("<b> &amp;amp;") == ours.encode("<b> &")
 
 
 def test_bpe_cache_is_used(ours):

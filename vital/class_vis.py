@@ -86,7 +86,14 @@ def run_class(cfg: ClassCFG, argv=None):
     if not isinstance(objective, losses.Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")
     gen = pipeline.generator_for(cfg, device)
-    param = pipeline.make_param(cfg, size, device, gen)
+    param = pipeline.make_param(cfg, size, device, gen, **_param_extras(cfg, size))
     name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
     return pipeline.run(cfg, "class", target, objective, layers, param, gen, name,
                         {"target_label": label, **meta}, argv=argv)
+
+
+def _param_extras(cfg: ClassCFG, size: int) -> dict:
+    """MACO keeps a natural-image amplitude spectrum fixed: that of the class's references."""
+    if cfg.param != "maco":
+        return {}
+    return {"magnitude": pipeline.maco_magnitude(list_images(cfg.ref_dir), size, cfg.num_ref)}

@@ -113,6 +113,14 @@ def make_param(cfg: RenderCFG, size: int, device, generator, init: torch.Tensor 
                                  generator=generator, device=device, **kw)
 
 
+def maco_magnitude(files, size: int, num: int | None = None) -> torch.Tensor:
+    """The fixed amplitude spectrum of ``--param maco``: the mean spectrum (3, size, size//2+1)
+    of real images (e.g. the run's references) at the image size."""
+    from vital.references import load_images
+    images, _ = load_images(list(files), size, num)
+    return params_mod.magnitude_spectrum(images)
+
+
 def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
                          weights: dict[str, float]) -> Objective:
     """Sort matching per layer against the references of the current stage's size."""

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Class visualisation quality: the VITAL paper's "accuracy" and "another model's opinion".
+
+For each ImageNet class of ../shared/imagenet-dev (one real photo per class) a reference folder
+of views (crops, flips) is built in a temporary folder, then every method renders the class with
+the same step budget and augmentations. Each final image is classified by the visualised model
+(self top-1/top-5) and by an independently trained judge (judge top-1/top-5).
+
+Methods (``--methods``; ``name:key=value,key=value`` adds ClassCFG overrides, e.g.
+``vital:class_weight=0.3,lr=0.03``):
+  vital       ClassCFG defaults: laplacian + sort matching + class term (class_weight 0.1)
+  vital_pure  class_weight 0 (sort matching and priors only)
+  baseline    activation maximisation: fft, class log-probability only, no sort matching, no TV
+
+  python bench/class_quality.py                      # 10 classes, steps_multires 200 400
+  python bench/class_quality.py --classes 5 15 --steps_multires 50 100 --methods vital
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from vital.bundled import views  # noqa: E402
+from vital.class_vis import ClassCFG, run_class  # noqa: E402
+from vital.models import load_target  # noqa: E402
+from vital.outputs import grid, to_pil  # noqa: E402
+from vital.references import load_image  # noqa: E402
+
+DATA = REPO.parent / "shared" / "imagenet-dev"
+METHODS = {
+    "vital": {},
+    "vital_pure": {"class_weight": 0.0},
+    "baseline": {"param": "fft", "feat_weight": 0.0, "class_weight": 1.0, "tv_weight": 0.0},
+}
+PHOTO = "photo"  # the table's row for the real photo itself (centre crop): an upper bound
+
+
+def read_index(data: Path) -> list[dict]:
+    """Rows of index.tsv: class_index, wnid, label, file."""
+    rows = []
+    for line in (data / "index.tsv").read_text().splitlines():
+        if line.strip():
+            index, wnid, label, file = line.split("\t")
+            rows.append({"index": int(index), "wnid": wnid, "label": label, "file": data / file})
+    return rows
+
+
+def pick_classes(rows: list[dict], wanted: list[int] | None) -> list[dict]:
+    if not wanted:
+        return rows[:10]
+    by_index = {r["index"]: r for r in rows}
+    unknown = [w for w in wanted if w not in by_index]
+    if unknown:
+        raise SystemExit(f"--classes {unknown} not in index.tsv; valid class indices: "
+                         f"{', '.join(str(r['index']) for r in rows)}")
+    return [by_index[w] for w in wanted]
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,...`` -> (label, ClassCFG overrides)."""
+    name, _, extra = text.partition(":")
+    if name not in METHODS:
+        raise SystemExit(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    over = dict(METHODS[name])
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ClassCFG.__dataclass_fields__:
+            raise SystemExit(f"unknown ClassCFG field {key!r} in {text!r}")
+        try:
+            over[key] = json.loads(value)
+        except json.JSONDecodeError:
+            over[key] = value
+    return text, over
+
+
+def build_refs(row: dict, root: Path, n_views: int) -> Path:
+    """root/<index>/view_XX.png: views (crops, flips) of the class's one photo."""
+    folder = root / str(row["index"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(row["file"]) as img:
+        for j, view in enumerate(views(img, n_views, size=256, seed=row["index"])):
+            view.save(folder / f"view_{j:02d}.png")
+    return folder
+
+
+def render_one(over: dict, row: dict, seed: int, ref_dir: Path, args, runs: Path):
+    """(final image (1, 3, H, W), optimisation seconds) of one method on one class."""
+    cfg = ClassCFG(model=args.model, target=str(row["index"]), ref_dir=str(ref_dir),
+                   num_ref=args.n_views, steps_multires=list(args.steps_multires), seed=seed,
+                   save_steps=0, progress=False, out_dir=str(runs),
+                   run_name=f"{row['index']}_s{seed}", **over)
+    with contextlib.redirect_stdout(io.StringIO()):  # run_class prints the final path
+        _, result = run_class(cfg)
+    if result.stopped:
+        print(f"warning: {row['label']} seed {seed} {over}: {result.stopped}", file=sys.stderr)
+    return result.image[:1], result.step_seconds * result.steps_done
+
+
+@torch.no_grad()
+def top5(target, image: torch.Tensor) -> list[int]:
+    """The model's five best classes for an image in [0, 1], resized to its input size."""
+    size = target.input_size
+    if image.shape[-1] != size:
+        image = F.interpolate(image, size=(size, size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp(0, 1)
+    return target(image).topk(5, dim=-1).indices[0].tolist()
+
+
+def score(models: dict, image: torch.Tensor, index: int) -> dict:
+    out = {}
+    for who, target in models.items():
+        best = top5(target, image)
+        out.update({f"{who}_top1": best[0] == index, f"{who}_top5": index in best,
+                    f"{who}_pred": target.class_names[best[0]]})
+    return out
+
+
+def table(records: list[dict], methods: list[str]) -> str:
+    cols = ("self_top1", "self_top5", "judge_top1", "judge_top5")
+    lines = ["| method | self top-1 | self top-5 | judge top-1 | judge top-5 | s/image |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method in [PHOTO] + methods:
+        rows = [r for r in records if r["method"] == method]
+        if not rows:
+            continue
+        pct = [f"{100 * sum(r[c] for r in rows) / len(rows):.0f}%" for c in cols]
+        secs = f"{sum(r['seconds'] for r in rows) / len(rows):.1f}" if method != PHOTO else "-"
+        lines.append(f"| {method} | {' | '.join(pct)} | {secs} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--classes", type=int, nargs="*", help="ImageNet class indices listed in "
+                   "index.tsv (first column); default: its first 10 rows")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="name or name:key=value,... (names: " + ", ".join(METHODS) + ")")
+    p.add_argument("--steps_multires", type=int, nargs="+", default=[200, 400])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--model", default="efficientnet-lite0")
+    p.add_argument("--judge", default="efficientnet-lite1")
+    p.add_argument("--n_views", type=int, default=16, help="reference views per class photo")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, default=REPO / "out_bench" / "class_quality")
+    p.add_argument("--work_dir", type=Path, help="references and runs (default: a temp folder, "
+                   "removed at the end)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    classes = pick_classes(read_index(args.data), args.classes)
+    methods = [parse_method(m) for m in args.methods]
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="vital_bench_"))
+    models = {"self": load_target(args.model), "judge": load_target(args.judge)}
+    records, tiles = [], {}
+    jobs = [(m, row, s) for row in classes for m in methods for s in args.seeds]
+    try:
+        refs = {row["index"]: build_refs(row, work / "refs", args.n_views) for row in classes}
+        for row in classes:
+            photo = load_image(row["file"], models["self"].input_size)[None]
+            records.append({"method": PHOTO, "class": row["index"], "seed": 0, "seconds": 0.0,
+                            **score(models, photo, row["index"])})
+            tiles[PHOTO, row["index"]] = photo
+        for (label, over), row, seed in tqdm(jobs, desc="class quality", dynamic_ncols=True):
+            image, secs = render_one(over, row, seed, refs[row["index"]], args, work / "runs")
+            records.append({"method": label, "class": row["index"], "seed": seed,
+                            "seconds": secs, **score(models, image, row["index"])})
+            tiles.setdefault((label, row["index"]), image)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    write_outputs(args, classes, [m for m, _ in methods], records, tiles)
+
+
+def write_outputs(args, classes, methods, records, tiles) -> None:
+    text = table(records, methods)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (args.out / "class_quality.md").write_text(text + "\n")
+    (args.out / "class_quality.json").write_text(json.dumps(
+        {"args": setup, "records": records}, indent=1, default=str))
+    rows = [PHOTO] + methods
+    images = [to_pil(tiles[m, c["index"]]) for m in rows for c in classes]
+    labels = [f"{m}: {c['label']}" for m in rows for c in classes]
+    grid(images, labels, cols=len(classes)).save(args.out / "class_quality_grid.png")
+    print(f"wrote {args.out}/class_quality.md, .json, _grid.png")
+
+
+if __name__ == "__main__":
+    main()

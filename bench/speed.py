@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Render speed: milliseconds per step, split into the model's forward + backward and the rest.
+
+Per model, the class-visualisation objective of ``ClassCFG`` (sort matching at the default
+layers + class term + TV) is built with the pipeline helpers and rendered for ``--steps`` steps at
+full size through ``vital.render.render`` (``result.step_seconds``). The same model then runs
+``--steps`` bare forward + backward passes w.r.t. an input of the same size. The rest of a step
+(parameterisation, augmentation, sort matching, priors, optimiser, hooks) is the difference.
+Both are measured ``--repeats`` times, alternating, and the medians are reported (the machine is
+shared). Target: the rest <= 15 % of a step.
+
+Models: the embedded ``efficientnet-lite0`` and a ViT-B/32-shaped CLIP with random weights
+(vision width 768, 12 layers, patch 32, 224 px; a tiny text tower), written as safetensors and
+loaded through ``load_target`` like a user's file. References: views of the bundled espresso
+photo; the second reference computation must hit the cache (``VITAL_CACHE`` is a fresh folder).
+
+  python bench/speed.py                  # both models, 30 steps x 3 repeats
+  python bench/speed.py --models lite0 --steps 10 --repeats 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from vital import pipeline  # noqa: E402
+from vital.bundled import PHOTOS, build_reference_folders  # noqa: E402
+from vital.class_vis import ClassCFG, class_term  # noqa: E402
+from vital.models import load_target  # noqa: E402
+from vital.references import list_images  # noqa: E402
+from vital.render import Schedule, render  # noqa: E402
+
+WARMUP_STEPS = 3
+
+
+def random_vit_b32(path: Path) -> Path:
+    """A ViT-B/32-shaped CLIP (random weights) as OpenAI-layout safetensors, built by open_clip."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=12, width=768, patch_size=32, image_size=224)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    model = CLIP(512, vision, text, quick_gelu=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def model_specs(work: Path, names: list[str]) -> dict[str, str]:
+    specs = {}
+    if "lite0" in names:
+        specs["efficientnet-lite0"] = "efficientnet-lite0"
+    if "vit-b32" in names:
+        specs["ViT-B/32 (random)"] = str(random_vit_b32(work / "vit_b32_random.safetensors"))
+    return specs
+
+
+def timed_references(cfg, target, layers, weights, size) -> tuple:
+    """(objective, seconds, cache_hit) of one reference computation at full size."""
+    start = time.perf_counter()
+    obj, info = pipeline.reference_objective(cfg, target, layers, weights,
+                                             list_images(cfg.ref_dir), [size], cfg.num_ref)
+    return obj, time.perf_counter() - start, info[size]["cache_hit"]
+
+
+def build(spec: str, ref_dir: Path, steps: int):
+    """(cfg, target, objective, layers, size, cache figures) for one model."""
+    cfg = ClassCFG(model=spec, target="espresso", ref_dir=str(ref_dir), num_ref=12, steps=steps,
+                   save_steps=0, progress=False, device="cpu")
+    target = load_target(spec)
+    size = pipeline.image_size(cfg, target)
+    layers, weights = pipeline.resolve_layers(cfg, target)
+    first = timed_references(cfg, target, layers, weights, size)
+    ref_obj, second_s, second_hit = timed_references(cfg, target, layers, weights, size)
+    cache = {"first_s": first[1], "first_hit": first[2], "second_s": second_s,
+             "second_hit": second_hit}
+    objective = ref_obj + class_term(cfg, target)[0] + pipeline.priors(cfg)
+    return cfg, target, objective, layers, size, cache
+
+
+def render_step_seconds(cfg, target, objective, layers, size, steps: int) -> float:
+    gen = pipeline.generator_for(cfg, target.device)
+    param = pipeline.make_param(cfg, size, target.device, gen)
+    result = render(target, objective, param, Schedule(steps_multires=(steps,), lr=cfg.lr,
+                    warmup=cfg.warmup), layers, augment=pipeline.make_augment(cfg),
+                    generator=gen, save_steps=0, progress=False)
+    return result.step_seconds
+
+
+def bare_step_seconds(target, size: int, steps: int) -> float:
+    """Mean seconds of forward + backward w.r.t. a (1, 3, size, size) input, nothing else."""
+    x = torch.rand(1, 3, size, size, device=target.device, requires_grad=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        x.grad = None
+        target(x).float().sum().backward()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(name: str, spec: str, ref_dir: Path, args) -> dict:
+    cfg, target, objective, layers, size, cache = build(spec, ref_dir, args.steps)
+    render_step_seconds(cfg, target, objective, layers, size, WARMUP_STEPS)
+    bare_step_seconds(target, size, WARMUP_STEPS)
+    renders, bares = [], []
+    for _ in tqdm(range(args.repeats), desc=name, leave=False):
+        renders.append(render_step_seconds(cfg, target, objective, layers, size, args.steps))
+        bares.append(bare_step_seconds(target, size, args.steps))
+    step, bare = statistics.median(renders), statistics.median(bares)
+    return {"model": name, "size": size, "layers": layers, "step_ms": 1e3 * step,
+            "model_ms": 1e3 * bare, "rest_ms": 1e3 * (step - bare),
+            "rest_frac": (step - bare) / step, **cache}
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("| model | px | ms/step | forward+backward ms | rest ms | rest / step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['size']} | {r['step_ms']:.0f} | {r['model_ms']:.0f} | "
+              f"{r['rest_ms']:.0f} | {100 * r['rest_frac']:.1f}% |")
+    print("\n| model | references 1st run (s) | cache_hit | 2nd run (s) | cache_hit | saved (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['first_s']:.2f} | {r['first_hit']} | {r['second_s']:.2f} | "
+              f"{r['second_hit']} | {r['first_s'] - r['second_s']:.2f} |")
+    for r in rows:
+        print(f"{r['model']}: layers {', '.join(r['layers'])}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["lite0", "vit-b32"], choices=["lite0", "vit-b32"])
+    p.add_argument("--steps", type=int, default=30, help="steps per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per model")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="vital_speed_") as tmp:
+        work = Path(tmp)
+        os.environ["VITAL_CACHE"] = str(work / "cache")  # first reference run must miss
+        ref_dir = build_reference_folders(work / "refs", n_views=12, photos=PHOTOS[:1])["espresso"]
+        rows = [measure(name, spec, ref_dir, args)
+                for name, spec in model_specs(work, args.models).items()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.steps} steps x {args.repeats} repeats (medians)\n")
+    print_tables(rows)
+
+
+if __name__ == "__main__":
+    main()
