@@ -56,3 +56,21 @@ def write_images(folder, n, size=40, seed=0):
 @pytest.fixture
 def ref_folder(tmp_path):
     return write_images(tmp_path / "refs", 4)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_file(tmp_path_factory):
+    """A tiny random CLIP ViT (patch 8 at 32 px, 2 blocks) with the real 49,408-token vocabulary
+    and 77-token context, saved in OpenAI layout as .safetensors."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=32)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    model = CLIP(32, vision, text, quick_gelu=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("clip") / "tiny_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -74,3 +74,36 @@ def test_script_dump_and_json_round_trip(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "class_neurons_fvis.py"), "--json_cfg", str(dumped),
                     "--dump_cfg", str(dumped2)], check=True, cwd=tmp_path, capture_output=True)
     assert json.loads(dumped2.read_text()) == data
+
+
+def test_embedded_model_end_to_end_at_64px(tmp_path, ref_folder):
+    cfg = _cfg(tmp_path, ref_folder, model="efficientnet-lite0", target="espresso", size=64,
+               steps_multires=[3, 3], save_steps=3)
+    run_dir, result = run_class(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result.steps_done == 6 and metrics["status"] == "finished"
+    names = [name for name, _, _ in metrics["final_opinion"]["opinion"]]
+    assert len(names) == 5 and all(isinstance(n, str) for n in names)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["layers"][0] == "stem" and meta["class_index"] == 967
+
+
+def test_ctrl_c_saves_what_exists(tmp_path, ref_folder):
+    import signal
+    import time
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "class_neurons_fvis.py"), "--model",
+           "module:tests.conftest:TinyCNN", "--target", "1", "--ref_dir", str(ref_folder),
+           "--size", "32", "--steps", "100000", "--save_steps", "5", "--out_dir", str(out),
+           "--run_name", "sigint", "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    steps = out / "sigint" / "steps"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (steps.is_dir() and any(steps.iterdir())):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert (out / "sigint" / "final.png").is_file()
+    assert json.loads((out / "sigint" / "metrics.json").read_text())["status"] == "interrupted"
+    assert b"interrupted after" in err

@@ -34,7 +34,11 @@ class ConfigError(ValueError):
 
 
 def opt(default, help: str, **kw):
-    """A CFG field with a help line: ``steps: int = opt(400, "optimisation steps")``."""
+    """A CFG field with a help line: ``steps: int = opt(400, "optimisation steps")``.
+
+    Keywords go into the field's metadata: ``choices=[...]``; for bool fields
+    ``negative_flags=("--no_x",)`` adds extra spellings of ``--no-<field>``.
+    """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default),
                                  metadata={"help": help, **kw})
@@ -79,6 +83,9 @@ def _build_parser(cfg_cls, description: str | None) -> argparse.ArgumentParser:
         name = f"--{field.name}"
         if base is bool and not seq:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+            for flag in field.metadata.get("negative_flags", ()):  # e.g. --no_determinism
+                parser.add_argument(flag, dest=field.name, action="store_false",
+                                    help=f"same as --no-{field.name}")
         elif seq:
             parser.add_argument(name, nargs="*", type=base, help=help_text, choices=choices)
         else:

@@ -158,16 +158,25 @@ class TargetModel:
 
     def embed(self, x01: torch.Tensor) -> torch.Tensor:
         """CLIP: image embedding. Classifier: the features entering its last Linear (pooled)."""
-        head = self._head()
-        if head is None:
-            return self.output(x01)
-        grabbed = {}
-        handle = head.register_forward_pre_hook(lambda m, args: grabbed.update(x=args[0]))
+        with self.embed_hook() as grabbed:
+            out = self.output(x01)
+            return grabbed.get("embed", out)
+
+    @contextlib.contextmanager
+    def embed_hook(self):
+        """Context manager: a dict that every forward fills with ``"embed"`` = what :meth:`embed`
+        returns (autograd graph kept), so a loop that already runs the model needs no second
+        forward. Only classifiers fill it (the input of their last Linear); for every other kind
+        the embedding is the output and the dict stays empty. Cleared and unhooked on exit."""
+        head, grabbed = self._head(), {}
+        handle = None if head is None else head.register_forward_pre_hook(
+            lambda m, args: grabbed.update(embed=args[0].flatten(1)))  # (B, C, ...) -> (B, C*...)
         try:
-            self.output(x01)
+            yield grabbed
         finally:
-            handle.remove()
-        return grabbed["x"].flatten(1)  # (B, C, ...) -> (B, C*...)
+            if handle is not None:
+                handle.remove()
+            grabbed.clear()
 
     def _head(self) -> nn.Module | None:
         if self.kind != "classifier":

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Compare feature-visualisation methods on the same targets and the same budget, as in the
+VITAL paper's Table 1: a sweep of models x targets x methods x seeds, each run scored by
+
+  accuracy         top-1 / top-5 of the visualised model on each FV
+  judge            top-1 / top-5 of a second classifier (and CLIP zero-shot with --clip_judge)
+  FID              FVs vs. real images of the same classes, on the judge's penultimate features
+  logit AUC / MAD  the class logit on the FV against its values on the real images
+  cost             seconds per step and per image
+
+Methods: vital (sort matching + class term), vital_pure (class_weight 0), am_fft (Lucid-style
+activation maximisation, FFT parameterisation), maco (phase only, fixed magnitude spectrum of
+the class's real images); more as {"name": ..., "overrides": {...}} in the sweep file.
+
+Each run is a normal run folder under OUT/<model>/<target>/<method>/seed<k>/ plus result.json.
+Finished runs are skipped (resume). --shard i/n splits a sweep between processes or machines
+(a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final --report merges.
+
+Examples:
+  python evaluate_fvis.py --json_cfg presets/eval_lite0_quick.json
+  python evaluate_fvis.py --json_cfg presets/eval_lite0_quick.json --shard 0/2   # and 1/2
+  python evaluate_fvis.py --json_cfg presets/eval_lite0_quick.json --report
+  python evaluate_fvis.py --targets espresso daisy --methods vital am_fft --seeds 0 1 \\
+      --settings "steps_multires=[50,100],num_ref=12" --out_dir out_eval/small
+"""
+import sys
+from dataclasses import dataclass
+
+from vital.evaluate import EvalCFG, main
+
+
+@dataclass
+class CFG(EvalCFG):
+    """Evaluation sweep of class visualisations (see the module docstring).
+    Precedence: defaults < --json_cfg SWEEP.json < command line."""
+
+
+if __name__ == "__main__":
+    sys.exit(main(CFG))
