@@ -156,6 +156,8 @@ def parse_args(argv=None):
     p.add_argument("--n_views", type=int, default=16, help="reference views per class photo")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=REPO / "out_bench" / "class_quality")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; "
+                   "on a busy shared machine 1 is much faster, see README)")
     p.add_argument("--work_dir", type=Path, help="references and runs (default: a temp folder, "
                    "removed at the end)")
     return p.parse_args(argv)
@@ -163,11 +165,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     classes = pick_classes(read_index(args.data), args.classes)
     methods = [parse_method(m) for m in args.methods]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vital_bench_"))
     models = {"self": load_target(args.model), "judge": load_target(args.judge)}
     records, tiles = [], {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "class_quality.partial.jsonl"
+    partial.unlink(missing_ok=True)
     jobs = [(m, row, s) for row in classes for m in methods for s in args.seeds]
     try:
         refs = {row["index"]: build_refs(row, work / "refs", args.n_views) for row in classes}
@@ -180,6 +187,8 @@ def main(argv=None) -> None:
             image, secs = render_one(over, row, seed, refs[row["index"]], args, work / "runs")
             records.append({"method": label, "class": row["index"], "seed": seed,
                             "seconds": secs, **score(models, image, row["index"])})
+            with open(partial, "a") as log:  # progress that survives an interrupted run
+                log.write(json.dumps(records[-1]) + "\n")
             tiles.setdefault((label, row["index"]), image)
     finally:
         if args.work_dir is None:
@@ -187,17 +196,26 @@ def main(argv=None) -> None:
     write_outputs(args, classes, [m for m, _ in methods], records, tiles)
 
 
+def _tile_label(record: dict) -> str:
+    """``self's top-1 / judge's top-1``, each prefixed + when right and - when wrong."""
+    return " / ".join(("+" if record[f"{who}_top1"] else "-") + record[f"{who}_pred"]
+                      for who in ("self", "judge"))
+
+
 def write_outputs(args, classes, methods, records, tiles) -> None:
     text = table(records, methods)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (args.out / "class_quality.md").write_text(text + "\n")
+    note = f"grid rows, top to bottom: {', '.join([PHOTO] + methods)}; tiles: self / judge top-1"
+    (args.out / "class_quality.md").write_text(f"{text}\n\n{note}\n")
     (args.out / "class_quality.json").write_text(json.dumps(
         {"args": setup, "records": records}, indent=1, default=str))
     rows = [PHOTO] + methods
     images = [to_pil(tiles[m, c["index"]]) for m in rows for c in classes]
-    labels = [f"{m}: {c['label']}" for m in rows for c in classes]
+    preds = {(r["method"], r["class"]): r for r in records if r["seed"] == args.seeds[0]}
+    labels = [c["label"] if m == PHOTO else _tile_label(preds[m, c["index"]])
+              for m in rows for c in classes]
     grid(images, labels, cols=len(classes)).save(args.out / "class_quality_grid.png")
     print(f"wrote {args.out}/class_quality.md, .json, _grid.png")
 

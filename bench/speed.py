@@ -6,8 +6,10 @@ layers + class term + TV) is built with the pipeline helpers and rendered for ``
 full size through ``vital.render.render`` (``result.step_seconds``). The same model then runs
 ``--steps`` bare forward + backward passes w.r.t. an input of the same size. The rest of a step
 (parameterisation, augmentation, sort matching, priors, optimiser, hooks) is the difference.
-Both are measured ``--repeats`` times, alternating, and the medians are reported (the machine is
-shared). Target: the rest <= 15 % of a step.
+Both are measured ``--repeats`` times, alternating, and the medians are reported, in wall time
+and in process CPU time (on a shared machine the CPU time is the steadier figure; use
+``--threads 1`` there, OpenMP threads that wait for a descheduled sibling cost 10x). Target:
+the rest <= 15 % of a step.
 
 Models: the embedded ``efficientnet-lite0`` and a ViT-B/32-shaped CLIP with random weights
 (vision width 768, 12 layers, patch 32, 224 px; a tiny text tower), written as safetensors and
@@ -87,23 +89,25 @@ def build(spec: str, ref_dir: Path, steps: int):
     return cfg, target, objective, layers, size, cache
 
 
-def render_step_seconds(cfg, target, objective, layers, size, steps: int) -> float:
+def render_step_seconds(cfg, target, objective, layers, size, steps: int) -> tuple[float, float]:
+    """(wall seconds per step from ``result.step_seconds``, CPU seconds per step)."""
     gen = pipeline.generator_for(cfg, target.device)
     param = pipeline.make_param(cfg, size, target.device, gen)
+    cpu = time.process_time()
     result = render(target, objective, param, Schedule(steps_multires=(steps,), lr=cfg.lr,
                     warmup=cfg.warmup), layers, augment=pipeline.make_augment(cfg),
                     generator=gen, save_steps=0, progress=False)
-    return result.step_seconds
+    return result.step_seconds, (time.process_time() - cpu) / steps
 
 
-def bare_step_seconds(target, size: int, steps: int) -> float:
-    """Mean seconds of forward + backward w.r.t. a (1, 3, size, size) input, nothing else."""
+def bare_step_seconds(target, size: int, steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of forward + backward w.r.t. a (1, 3, size, size) input, alone."""
     x = torch.rand(1, 3, size, size, device=target.device, requires_grad=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         x.grad = None
         target(x).float().sum().backward()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
 def measure(name: str, spec: str, ref_dir: Path, args) -> dict:
@@ -114,18 +118,26 @@ def measure(name: str, spec: str, ref_dir: Path, args) -> dict:
     for _ in tqdm(range(args.repeats), desc=name, leave=False):
         renders.append(render_step_seconds(cfg, target, objective, layers, size, args.steps))
         bares.append(bare_step_seconds(target, size, args.steps))
-    step, bare = statistics.median(renders), statistics.median(bares)
-    return {"model": name, "size": size, "layers": layers, "step_ms": 1e3 * step,
-            "model_ms": 1e3 * bare, "rest_ms": 1e3 * (step - bare),
-            "rest_frac": (step - bare) / step, **cache}
+    row = {"model": name, "size": size, "layers": layers, **cache}
+    for k, clock in enumerate(("wall", "cpu")):
+        step = statistics.median(r[k] for r in renders)
+        bare = statistics.median(b[k] for b in bares)
+        row.update({f"{clock}_step_ms": 1e3 * step, f"{clock}_model_ms": 1e3 * bare,
+                    f"{clock}_rest_frac": (step - bare) / step})
+    return row
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("| model | px | ms/step | forward+backward ms | rest ms | rest / step |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | px | step ms | fwd+bwd ms | rest ms | rest / step | step CPU ms | "
+          "fwd+bwd CPU ms | rest CPU ms | rest / step (CPU) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['size']} | {r['step_ms']:.0f} | {r['model_ms']:.0f} | "
-              f"{r['rest_ms']:.0f} | {100 * r['rest_frac']:.1f}% |")
+        cells = []
+        for clock in ("wall", "cpu"):
+            step, bare = r[f"{clock}_step_ms"], r[f"{clock}_model_ms"]
+            cells += [f"{step:.0f}", f"{bare:.0f}", f"{step - bare:.0f}",
+                      f"{100 * r[f'{clock}_rest_frac']:.1f}%"]
+        print(f"| {r['model']} | {r['size']} | {' | '.join(cells)} |")
     print("\n| model | references 1st run (s) | cache_hit | 2nd run (s) | cache_hit | saved (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:

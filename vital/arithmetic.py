@@ -95,7 +95,9 @@ def _word(text: str, role: str) -> Operand:
 def _file(path: str, role: str) -> Operand:
     if not Path(path).expanduser().is_file():
         raise FileNotFoundError(f"{role} image {path!r} does not exist")
-    return Operand("file", str(Path(path).expanduser()), Path(path).stem)
+    path = Path(path).expanduser()
+    label = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+    return Operand("file", str(path), label)
 
 
 def load_operand(op: Operand, size: int, font: str = "") -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vital import losses, pipeline
+from vital import losses, pipeline, vit_extras
 from vital.config import ConfigError, opt
 from vital.references import list_images
 
@@ -18,7 +18,7 @@ _DATA = Path(__file__).parent / "data"
 
 
 @dataclass
-class ClassCFG(pipeline.RenderCFG):
+class ClassCFG(vit_extras.ViTExtrasCFG, pipeline.RenderCFG):
     """Class neuron visualisation (VITAL)."""
     target: str = opt("espresso", "class name or index; for CLIP also a free prompt")
     ref_dir: str = opt("references/espresso", "folder of real images of the class")
@@ -76,19 +76,22 @@ def run_class(cfg: ClassCFG, argv=None):
     schedule = pipeline.make_schedule(cfg)
     cls_obj, label, meta = class_term(cfg, target)
     meta.update(layers=layers, layer_weights=weights)
-    objective = cls_obj + pipeline.priors(cfg)
+    steer_obj, steer_layers, meta["attn_steering"] = vit_extras.attention_steering(cfg, target)
+    objective = cls_obj + pipeline.priors(cfg) + steer_obj
     if cfg.feat_weight:
         files = list_images(cfg.ref_dir)
-        ref_obj, info = pipeline.reference_objective(cfg, target, layers, weights, files,
-                                                     schedule.stage_sizes(size), cfg.num_ref)
+        ref_obj, info, extras = vit_extras.reference_objective(
+            cfg, target, layers, weights, files, schedule.stage_sizes(size), cfg.num_ref)
         objective = ref_obj + objective
         meta["references"] = {str(k): v for k, v in info.items()}
+        meta.update(extras)  # ref_sizes, neural_field
     if not isinstance(objective, losses.Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")
     gen = pipeline.generator_for(cfg, device)
     param = pipeline.make_param(cfg, size, device, gen, **_param_extras(cfg, size))
     name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
-    return pipeline.run(cfg, "class", target, objective, layers, param, gen, name,
+    hooked = layers + [layer for layer in steer_layers if layer not in layers]
+    return pipeline.run(cfg, "class", target, objective, hooked, param, gen, name,
                         {"target_label": label, **meta}, argv=argv)
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from vital import metrics
 from vital.config import ConfigError, write_json
-from vital.evaluate import FEATURES_FILE, RESULT_FILE, flat_diff
+from vital.eval_sweep import FEATURES_FILE, RESULT_FILE, flat_diff, slug
 from vital.outputs import grid, save_png
 
 QUALITY = [("self_top1", "self top-1"), ("self_top5", "self top-5"),
@@ -202,10 +202,9 @@ def _header(records: list[dict]) -> list[str]:
              f"Budget for every method: steps {steps}, size {cls.get('size') or 'model input'}, "
              f"batch {cls.get('batch')}, augmentation jitter {cls.get('jitter')} / scales "
              f"{cls.get('scales')} / flip {cls.get('flip')}."]
-    overrides = _ordered(json.dumps(r["method_overrides"], sort_keys=True) + "\t" + r["method"]
-                         for r in records)
+    overrides = {r["method"]: r["method_overrides"] for r in records}
     lines += ["", "Methods (ClassCFG overrides): " + "; ".join(
-        f"`{o.split(chr(9))[1]}` {o.split(chr(9))[0]}" for o in overrides) + "."]
+        f"`{name}` {json.dumps(o, sort_keys=True)}" for name, o in overrides.items()) + "."]
     return lines
 
 
@@ -241,7 +240,6 @@ def markdown(records: list[dict], summary: dict, missing: list[str]) -> str:
 
 
 def _file(name: str) -> str:
-    from vital.evaluate import slug
     return slug(name)
 
 

@@ -232,7 +232,8 @@ def zeroshot_weights(model, progress: bool = False) -> torch.Tensor:
     prompts = [t.format(name) for name in names for t in templates]   # class-major order
     emb = encode_texts(model.clip, prompts, model.device, progress=progress,
                        desc="CLIP zero-shot prompts (once per model)")
-    weights = metrics.zeroshot_classifier(emb.view(len(names), len(templates), -1))  # (C*T, E) -> (C, T, E)
+    weights = metrics.zeroshot_classifier(
+        emb.view(len(names), len(templates), -1))   # (C*T, E) -> (C, T, E), class-major
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"weights": weights.contiguous()}, str(path))

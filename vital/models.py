@@ -303,6 +303,23 @@ class TargetModel:
                 handle.remove()
             feats.clear()
 
+    @contextlib.contextmanager
+    def replaced(self, name: str, fn):
+        """Context manager: every forward inside it passes layer ``name``'s output (a tensor)
+        through ``fn`` and continues with what ``fn`` returns (same shape), e.g. to run the rest
+        of the network on edited activations. The hook is removed on exit."""
+        module = self._resolve(name)[0]
+
+        def hook(mod, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor")
+            return fn(output)
+        handle = module.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def default_layers(self) -> list[str]:
         """Layers for VITAL sort matching: ViT ``embed`` + 4 evenly spaced blocks; CNN stem +
         stage outputs (the last layer at each spatial resolution)."""

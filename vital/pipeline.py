@@ -27,6 +27,8 @@ class RenderCFG:
                      "hf-hub:ORG/REPO, torchvision:NAME, or a weights file")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     size: int = opt(0, "image size in px (0 = the model's input size)")
+    ref_size: str = opt("auto", "px of the reference images: auto (the stage size up to the "
+                        "model's input size, the input size above it), stage, native, or a number")
     steps: int = opt(0, "total steps at full size; > 0 overrides steps_multires")
     steps_multires: list[int] = opt([200, 400], "steps per resolution stage, low to high "
                                     "(each stage doubles the size, the last is full size)")
@@ -126,20 +128,43 @@ def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
     """Sort matching per layer against the references of the current stage's size."""
     def term(layer):
         def fn(ctx):
-            ref = refs_by_size[ctx["size"]][layer].to(ctx["features"][layer].device)
-            return losses.sort_matching(ctx["features"][layer], ref)
+            return losses.sort_matching(ctx["features"][layer], refs_by_size[ctx["size"]][layer])
         return weights[layer] * Objective(fn, f"sort:{layer}")
     return sum(term(layer) for layer in weights)
 
 
+def reference_sizes(cfg, target, sizes) -> dict[int, int]:
+    """Stage size -> px of the reference images matched at that stage (``cfg.ref_size``).
+
+    Above the model's input size the default takes the references at the input size (the
+    size the model was trained at); sort matching resamples their quantiles to the stage's
+    larger number of positions (``losses.resample_quantiles``).
+    """
+    choice, native = str(getattr(cfg, "ref_size", "auto")).strip().lower(), target.input_size
+    if choice == "auto":
+        return {s: min(s, native) for s in sizes}
+    if choice in ("stage", "0"):
+        return {s: s for s in sizes}
+    if choice == "native":
+        return {s: native for s in sizes}
+    if choice.isdigit() and 16 <= int(choice) <= 4096:
+        return {s: int(choice) for s in sizes}
+    raise ConfigError(f"--ref_size {cfg.ref_size!r} is not valid; use auto, stage (or 0), "
+                      f"native ({native} px for {target.spec}) or a size of 16..4096 px")
+
+
 def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, num) -> tuple:
-    """Sort-matching objective against real images at every stage size; returns (obj, info)."""
-    refs, info = {}, {}
-    for size in sorted(set(sizes)):
-        refs[size], info[size] = reference_quantiles(target, layers, files, size, num=num,
+    """Sort-matching objective against real images for every stage size; returns (obj, info),
+    ``info`` per stage size (its "size" is the references' px, see ``reference_sizes``)."""
+    ref_px = reference_sizes(cfg, target, sizes)
+    by_px, px_info = {}, {}
+    for px in sorted(set(ref_px.values())):
+        quantiles, px_info[px] = reference_quantiles(target, layers, files, px, num=num,
                                                      use_cache=cfg.cache, progress=cfg.progress)
+        by_px[px] = {k: v.to(target.device) for k, v in quantiles.items()}  # once, not per step
+    refs = {s: by_px[px] for s, px in ref_px.items()}
     obj = staged_sort_matching(refs, dict(zip(layers, weights)))
-    return cfg.feat_weight * obj, info
+    return cfg.feat_weight * obj, {s: px_info[px] for s, px in ref_px.items()}
 
 
 def priors(cfg: RenderCFG) -> Objective | int:
@@ -153,9 +178,12 @@ def generator_for(cfg: RenderCFG, device) -> torch.Generator:
 
 
 def run(cfg: RenderCFG, mode: str, target, objective: Objective, layers: list[str], param,
-        generator, run_name: str, extra_meta: dict | None = None, argv=None):
-    """Render and write ``out_<mode>/<run_name>/``; returns (run_dir, result)."""
-    run_dir = make_run_dir(cfg.out_dir or f"out_{mode}", cfg.run_name or run_name)
+        generator, run_name: str, extra_meta: dict | None = None, argv=None,
+        run_dir: Path | None = None):
+    """Render and write ``out_<mode>/<run_name>/`` (or into ``run_dir``, a folder the caller
+    already made with ``make_run_dir``); returns (run_dir, result)."""
+    run_dir = Path(run_dir) if run_dir else make_run_dir(cfg.out_dir or f"out_{mode}",
+                                                         cfg.run_name or run_name)
     meta = run_metadata(cfg, argv, mode=mode, model_spec=str(target.spec),
                         weight_hash=target.weight_hash, **(extra_meta or {}))
     writer = RunWriter(run_dir, meta)

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Inner-neuron visualisation quality: AUC and MAD (VITAL paper, appendix B.1, after CoSy).
+
+For each of ``--neurons`` random channels of ``--layer`` (seeded), every method visualises the
+channel with the same step budget. The channel's activation (mean over positions) on each
+visualisation is compared with its activation on its top-``--num_real`` real images of the data
+set (all images at the visualisation size), with ``vital.metrics.auc_mad``:
+
+  AUC  P(activation on the FV > activation on a top real image); 0.5 = like the top real
+       images, 1 = above all of them
+  MAD  (mean FV activation - mean over the top real images) / their std
+
+Methods (``--methods``; ``name:key=value,...`` adds InnerCFG overrides):
+  vital     InnerCFG defaults: top-k patch references, LRP-weighted sort matching + neuron term
+  am        activation maximisation: fft, the neuron term only (no sort matching, no TV)
+
+  nice python bench/inner_metrics.py                           # 10 neurons of blocks.10, lite0
+  python bench/inner_metrics.py --neurons 3 --steps_multires 20 40 --out_dir /tmp/inner_bench
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from vital import metrics  # noqa: E402
+from vital.config import set_determinism  # noqa: E402
+from vital.inner import InnerCFG, resolve_target, run_neuron  # noqa: E402
+from vital.inner_patches import channel_means, data_files, iter_images  # noqa: E402
+from vital.models import load_target  # noqa: E402
+
+DATA = REPO.parent / "shared" / "imagenet-dev"
+METHODS = {
+    "vital": {},
+    "am": {"param": "fft", "feat_weight": 0.0, "neuron_weight": 1.0, "tv_weight": 0.0,
+           "relevance": "none"},
+}
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """``vital`` or ``vital:lr=0.03,relevance=gradxact`` -> (name, overrides)."""
+    name, _, rest = text.partition(":")
+    if name not in METHODS and not rest:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; built-in: {', '.join(METHODS)}")
+    over = dict(METHODS.get(name, {}))
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        over[key] = json.loads(value) if value[:1] in "-0123456789[{tf" else value
+    return name, over
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="efficientnet-lite0")
+    p.add_argument("--layer", default="blocks.10")
+    p.add_argument("--neurons", type=int, default=10, help="random channels of the layer")
+    p.add_argument("--channels", type=int, nargs="*", default=[], help="these channels instead")
+    p.add_argument("--data_dir", default=str(DATA if DATA.is_dir() else REPO / "references"))
+    p.add_argument("--num_real", type=int, default=50, help="top real images per neuron")
+    p.add_argument("--num_ref", type=int, default=20, help="top patches per neuron (VITAL)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps_multires", type=int, nargs="+", default=[60, 120])
+    p.add_argument("--methods", type=parse_method, nargs="+",
+                   default=[parse_method(m) for m in METHODS])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default="out_bench/inner_metrics")
+    return p.parse_args(argv)
+
+
+def pick_channels(args, channels: int) -> list[int]:
+    if args.channels:
+        return list(args.channels)
+    gen = torch.Generator().manual_seed(args.seed)
+    return sorted(torch.randperm(channels, generator=gen)[:args.neurons].tolist())
+
+
+def real_activations(target, layer: str, files, size: int) -> torch.Tensor:
+    """(N, C) mean activation of every channel on every real image at ``size`` px."""
+    probe = resolve_target(target, layer, 0)
+    images = torch.cat([b for b, _ in iter_images(files, size)])
+    return channel_means(target, layer, probe.layout, images, probe.skip)
+
+
+def run_method(args, target, neuron, name: str, over: dict) -> tuple[torch.Tensor, float]:
+    """One visualisation; (the channel's activation on it, seconds per step)."""
+    cfg = InnerCFG(model=args.model, layer=args.layer, neuron=neuron.index,
+                   data_dir=args.data_dir, num_ref=args.num_ref, size=args.size,
+                   steps_multires=list(args.steps_multires), save_steps=0, seed=args.seed,
+                   out_dir=str(Path(args.out_dir) / name), run_name=f"n{neuron.index}",
+                   progress=False, device="cpu", **over)
+    set_determinism(cfg.seed, cfg.deterministic)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_dir, result = run_neuron(cfg, target, neuron)
+    report = json.loads((run_dir / "neuron.json").read_text())
+    return torch.tensor(report["visualisation"]), result.step_seconds
+
+
+def summarise(rows: list[dict], methods) -> str:
+    lines = ["| method | AUC (mean ± sd) | MAD (mean ± sd) | s / step | neurons |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, _ in methods:
+        mine = [r for r in rows if r["method"] == name]
+        auc, auc_sd = metrics.mean_spread(r["auc"] for r in mine)
+        mad, mad_sd = metrics.mean_spread(r["mad"] for r in mine)
+        sec, _ = metrics.mean_spread(r["seconds_per_step"] for r in mine)
+        lines.append(f"| {name} | {auc:.3f} ± {auc_sd:.3f} | {mad:.2f} ± {mad_sd:.2f} | "
+                     f"{sec:.3f} | {len(mine)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = load_target(args.model)
+    real = real_activations(target, args.layer, data_files(args.data_dir), args.size)
+    rows = []
+    for channel in pick_channels(args, real.shape[1]):
+        neuron = resolve_target(target, args.layer, channel)
+        top_real = real[:, channel].topk(min(args.num_real, len(real))).values
+        for name, over in args.methods:
+            started = time.time()
+            fv, sec = run_method(args, target, neuron, name, over)
+            row = {"neuron": channel, "method": name, **metrics.auc_mad(fv, top_real),
+                   "fv_activation": fv.tolist(), "real_mean": float(top_real.mean()),
+                   "real_std": float(top_real.std()), "seconds_per_step": sec,
+                   "seconds": time.time() - started}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (out / "results.json").write_text(json.dumps({"args": vars(args) | {
+                "methods": [list(m) for m in args.methods]}, "rows": rows}, indent=2))
+    table = summarise(rows, args.methods)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""ViT extras: what large visualisations, attention steering and the neural field cost and do.
+
+No pretrained CLIP weights can be fetched here, so the CLIP is a ViT-B/32-shaped model with
+random weights (vision width 768, 12 blocks, patch 32, 224 px; a tiny text tower), written as
+safetensors and loaded like a user's file; ``--model tiny`` uses the tests' 2-block ViT instead.
+Random weights make the *pictures* meaningless; the figures measure what the switches do to
+the quantities they act on (step time, the class token's attention, the artefact share).
+
+1. Step time at the native size and at 2x (positional embeddings interpolated; references at
+   the native size, resampled), steering on and off.
+2. Attention steering: class visualisations with and without it (same seeds); the final image's
+   class-token attention in the last block: entropy (fraction of log N), RMS distance of the
+   attended patches from the centre (fraction of the side), attention mass in the central
+   half box. A PNG grid (images and attention maps, without | with) goes to out_bench/.
+3. Neural field: fitted per layer on views of half of the real photos of
+   ../shared/imagenet-dev (the bundled photos if absent); the artefact share
+   RMS(G) / RMS(centred tokens) on the other half before and after removing G (a fresh field
+   fitted on the cleaned held-out tokens); the embed-layer field against the model's own
+   (centred) positional embedding.
+4. The evaluation harness (``evaluate_fvis.py``) on one class with and without --neural_field.
+
+  python bench/vit_extras.py                        # ViT-B/32-shaped, every part
+  python bench/vit_extras.py --model tiny --steps 40
+  python bench/vit_extras.py --parts field speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from vital import field_refs, neural_field as nf, pipeline, vit_extras as vx  # noqa: E402
+from vital.bundled import PHOTOS, build_reference_folders  # noqa: E402
+from vital.class_vis import ClassCFG, class_term  # noqa: E402
+from vital.models import load_target  # noqa: E402
+from vital.outputs import grid, to_pil  # noqa: E402
+from vital.references import list_images, load_images  # noqa: E402
+from vital.render import render  # noqa: E402
+
+IMAGENET_DEV = REPO.parent / "shared" / "imagenet-dev"
+SHAPES = {"vit-b32": dict(layers=12, width=768, patch_size=32, image_size=224, embed=512),
+          "tiny": dict(layers=2, width=64, patch_size=8, image_size=32, embed=32)}
+PARTS = ("speed", "steering", "field", "harness")
+
+
+def write_model(name: str, path: Path) -> Path:
+    """A CLIP of shape ``name`` with random weights, OpenAI layout, as safetensors."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+    if path.exists():
+        return path
+    s = SHAPES[name]
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=s["layers"], width=s["width"], patch_size=s["patch_size"],
+                           image_size=s["image_size"])
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    model = CLIP(s["embed"], vision, text, quick_gelu=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def class_cfg(spec: str, ref_dir: Path, **kw) -> ClassCFG:
+    base = dict(model=spec, target="espresso", ref_dir=str(ref_dir), num_ref=12, save_steps=0,
+                progress=False, device="cpu")
+    return ClassCFG(**{**base, **kw})
+
+
+def build(cfg: ClassCFG, target):
+    """(objective, hooked layers, size, schedule): what ``run_class`` renders, without the
+    run folder and the live opinion."""
+    size = pipeline.image_size(cfg, target)
+    layers, weights = pipeline.resolve_layers(cfg, target)
+    schedule = pipeline.make_schedule(cfg)
+    steer, steer_layers, _ = vx.attention_steering(cfg, target)
+    refs, _, _ = vx.reference_objective(cfg, target, layers, weights, list_images(cfg.ref_dir),
+                                        schedule.stage_sizes(size), cfg.num_ref)
+    objective = refs + class_term(cfg, target)[0] + pipeline.priors(cfg) + steer
+    return objective, layers + [n for n in steer_layers if n not in layers], size, schedule
+
+
+def render_cfg(cfg: ClassCFG, target):
+    objective, layers, size, schedule = build(cfg, target)
+    gen = pipeline.generator_for(cfg, target.device)
+    param = pipeline.make_param(cfg, size, target.device, gen)
+    return render(target, objective, param, schedule, layers, augment=pipeline.make_augment(cfg),
+                  generator=gen, save_steps=cfg.save_steps, progress=False)
+
+
+# ---------------------------------------------------------------- 1. speed
+
+def speed(spec: str, ref_dir: Path, native: int, steps: int) -> list[dict]:
+    target = load_target(spec)
+    rows = []
+    for size in (native, 2 * native):
+        for steer in (False, True):
+            cfg = class_cfg(spec, ref_dir, size=size, steps=steps, attn_steering=steer)
+            render_cfg(class_cfg(spec, ref_dir, size=size, steps=2, attn_steering=steer), target)
+            result = render_cfg(cfg, target)
+            rows.append({"size": size, "steering": steer, "step_ms": 1e3 * result.step_seconds})
+    return rows
+
+
+# ---------------------------------------------------------------- 2. steering
+
+@torch.no_grad()
+def attention_stats(target, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Statistics of the last block's class-token attention on ``image`` and its map (g, g)."""
+    layer = f"block.{len(target.module.transformer.resblocks) - 1}.attn"
+    with target.hooks([layer]) as feats:
+        target(image)
+        p = vx.class_token_attention(feats[layer])  # (B, H, N)
+    side = nf.grid_side(p.shape[-1])
+    entropy = vx.attention_entropy(p).mean() / math.log(p.shape[-1])
+    c = (torch.arange(side) + 0.5) / side - 0.5
+    d2 = (c[:, None] ** 2 + c[None, :] ** 2).flatten()  # (side*side,), side = 1
+    box = ((c[:, None].abs() < 0.25) & (c[None, :].abs() < 0.25)).flatten().float()
+    stats = {"entropy": float(entropy), "centre_dist": float((p * d2).sum(-1).mean().sqrt()),
+             "centre_mass": float((p * box).sum(-1).mean())}
+    return stats, p.mean((0, 1)).view(side, side)  # (N,) -> (side, side), rows = y
+
+
+def heat(amap: torch.Tensor, size: int) -> torch.Tensor:
+    """An attention map (g, g) as a (3, size, size) grey image, brightest = max."""
+    up = F.interpolate(amap[None, None] / amap.max(), size=(size, size), mode="nearest")
+    return up[0].expand(3, -1, -1)  # (1, 1, s, s) -> (3, s, s)
+
+
+def steering(spec: str, ref_dir: Path, seeds: list[int], steps: int, out: Path) -> list[dict]:
+    target = load_target(spec)
+    rows, tiles, labels = [], [], []
+    for seed in seeds:
+        for steer in (False, True):
+            cfg = class_cfg(spec, ref_dir, steps=steps, seed=seed, attn_steering=steer)
+            result = render_cfg(cfg, target)
+            stats, amap = attention_stats(target, result.image)
+            rows.append({"seed": seed, "steering": steer, **stats})
+            tag = "with" if steer else "without"
+            tiles += [to_pil(result.image[0]), to_pil(heat(amap, result.image.shape[-1]))]
+            labels += [f"s{seed} {tag}", f"attn {tag}"]
+    out.mkdir(parents=True, exist_ok=True)
+    grid(tiles, labels, cols=4).save(out / "steering_grid.png")
+    return rows
+
+
+# ---------------------------------------------------------------- 3. neural field
+
+def photo_files(work: Path) -> list[Path]:
+    if (IMAGENET_DEV / "index.tsv").is_file():
+        return sorted(p for p in IMAGENET_DEV.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    folders = build_reference_folders(work / "photos", n_views=6)
+    return [f for folder in folders.values() for f in list_images(folder)]
+
+
+def view_tokens(target, layers: list[str], files: list[Path], count: int) -> dict:
+    """Per layer the patch tokens (n*count, N, D) of ``count`` views of each file."""
+    size = target.input_size
+    images, _ = load_images(files, round(size * field_refs.VIEW_ZOOM))
+    shots = field_refs.views(images, size, count, torch.Generator().manual_seed(0))
+    feats = field_refs.hooked_features(target, layers, shots)
+    return {name: field_refs.patch_tokens(x) for name, x in feats.items()}
+
+
+def field_figures(spec: str, work: Path, views: int, steps: int) -> list[dict]:
+    target = load_target(spec)
+    layers = field_refs.token_layers(target, target.default_layers())
+    files = photo_files(work)
+    fit, held = view_tokens(target, layers, files[0::2], views), view_tokens(target, layers,
+                                                                             files[1::2], views)
+    pos = target.module.positional_embedding[1:].detach().float()
+    rows = []
+    for name in layers:
+        field = nf.fit_field(fit[name], steps=steps)
+        before = nf.artefact_ratio(nf.fit_field(held[name], steps=steps), held[name])
+        cleaned = nf.remove_from_tokens(held[name], field)
+        after = nf.artefact_ratio(nf.fit_field(cleaned, steps=steps), cleaned)
+        row = {"layer": name, "fit_ratio": nf.artefact_ratio(field, fit[name]),
+               "held_before": before, "held_after": after}
+        if name == "embed":
+            g = field.grid(nf.grid_side(pos.shape[0]))
+            row["cos_pos_embed"] = float(F.cosine_similarity(g.flatten(), (pos - pos.mean(0))
+                                                             .flatten(), dim=0))
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- 4. evaluation harness
+
+def harness(spec: str, ref_dir: Path, steps: int, out: Path) -> list[dict]:
+    """Run evaluate_fvis.py with and without --neural_field; return the result.json rows."""
+    methods = [{"name": "vital", "overrides": {}},
+               {"name": "vital_field", "overrides": {"neural_field": True}}]
+    sweep = {"out_dir": str(out), "models": [spec], "targets": [f"espresso={ref_dir}"],
+             "methods": methods, "seeds": [0], "device": "cpu", "progress": False,
+             "settings": {"steps_multires": [steps // 3, steps - steps // 3], "num_ref": 12}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+    subprocess.run([sys.executable, str(REPO / "evaluate_fvis.py"), "--json_cfg",
+                    str(out / "sweep.json")], check=True, cwd=REPO)
+    return [json.loads(p.read_text()) for p in sorted(out.rglob("result.json"))]
+
+
+# ---------------------------------------------------------------- report
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return "(none)"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="vit-b32", choices=sorted(SHAPES))
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--steps", type=int, default=150, help="steps of each steering run")
+    p.add_argument("--speed_steps", type=int, default=8, help="timed steps per speed row")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--field_steps", type=int, default=300)
+    p.add_argument("--field_views", type=int, default=4)
+    p.add_argument("--out", default=str(REPO / "out_bench" / "vit_extras"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out) / args.model
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VITAL_CACHE", str(work / "cache"))
+    spec = str(write_model(args.model, work / f"{args.model}_random.safetensors"))
+    ref_dir = build_reference_folders(work / "refs", n_views=12, photos=PHOTOS[:1])["espresso"]
+    native, results = SHAPES[args.model]["image_size"], {}
+    started = time.perf_counter()
+    if "speed" in args.parts:
+        results["speed"] = speed(spec, ref_dir, native, args.speed_steps)
+    if "steering" in args.parts:
+        results["steering"] = steering(spec, ref_dir, args.seeds, args.steps, out)
+    if "field" in args.parts:
+        results["field"] = field_figures(spec, work, args.field_views, args.field_steps)
+    if "harness" in args.parts:
+        results["harness"] = harness(spec, ref_dir, args.steps, out / "harness")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"{args.model} (random weights), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s")
+    for part, rows in results.items():
+        print(f"\n## {part}\n{table(rows) if part != 'harness' else json.dumps(rows)[:4000]}")
+    print(f"\nwrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Concept visualisation: CRAFT concepts of a layer, ranked by their effect on the output,
+each rendered with VITAL.
+
+The reference images are cut into patches; their activations at --layer_block are made
+non-negative and factorised by NMF into --n_concepts directions (a concept bank, saved as
+safetensors + JSON). Concepts are ranked by Sobol total-order indices (CRAFT) or a gradient
+estimate; each one is rendered by sort matching to its top patches plus a direction term.
+--extract_only writes the bank and stops.
+
+Examples:
+  python concept_neurons_fvis.py --json_cfg presets/concept_efficientnet_espresso.json
+  python concept_neurons_fvis.py --model efficientnet-lite0 --target espresso \
+      --ref_dir references/espresso --layer_block blocks.15 --n_concepts 5 --extract_only
+  python concept_neurons_fvis.py --model ViT-B/32 --target "a photo of a tabby cat" \
+      --ref_dir my_cats/ --layer_block block.9 --exclude_registers
+"""
+import sys
+from dataclasses import dataclass
+
+from vital.cli import main
+from vital.concept_vis import ConceptCFG, run_concepts
+
+
+@dataclass
+class CFG(ConceptCFG):
+    """Concept visualisation (CRAFT + VITAL). Precedence: defaults < --json_cfg < command line."""
+
+
+if __name__ == "__main__":
+    sys.exit(main(CFG, run_concepts))

@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Facet visualisation: the sub-concepts (facets) of one concept of a concept bank.
+
+The concept's top patches are cut again from the bank's reference images (checked by hash: a
+bank made with another model, layer or data set is refused), their activations at
+--decomp_layer are factorised by NMF into --n_facets directions, and each facet is rendered with
+VITAL: its direction at --decomp_layer while the concept stays active at --target_layer.
+
+Examples:
+  python faceted_fvis.py --json_cfg presets/concept_facets_efficientnet_espresso.json
+  python faceted_fvis.py --bank out_concept/espresso_efficientnet-lite0_blocks.15_k5_s0 \
+      --target_layer blocks.15 --decomp_layer blocks.10 --n_facets 3
+"""
+import sys
+from dataclasses import dataclass
+
+from vital.cli import main
+from vital.concept_vis import FacetCFG, run_facets
+
+
+@dataclass
+class CFG(FacetCFG):
+    """Facet visualisation (CRAFT + VITAL). Precedence: defaults < --json_cfg < command line."""
+
+
+if __name__ == "__main__":
+    sys.exit(main(CFG, run_facets))

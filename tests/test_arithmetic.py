@@ -1,0 +1,225 @@
+"""Embedding arithmetic steering: the arithmetic, inputs, the embedding hook, end to end runs on
+a tiny random CLIP and on the embedded EfficientNet-Lite0, alpha = beta = 0, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vital.arithmetic import (ArithmeticCFG, Operand, parse_operand, run_arithmetic,
+                              target_embedding)
+from vital.bundled import PHOTOS, photo_path
+from vital.cli import main
+from vital.config import ConfigError, parse_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+SQRT3 = 3 ** 0.5
+
+
+def _photo(folder: str) -> str:
+    return str(photo_path(next(p for p in PHOTOS if p.folder == folder)))
+
+
+# ----- the arithmetic on hand-made vectors --------------------------------------------------
+def test_king_minus_man_plus_woman_by_hand():
+    king, man, woman = torch.eye(3)
+    got = target_embedding(king, add=woman[None], sub=man[None])
+    torch.testing.assert_close(got, torch.tensor([1.0, -1.0, 1.0]) / SQRT3)
+
+
+def test_inputs_are_unit_normalised_and_weighted():
+    base = torch.tensor([3.0, 0.0, 0.0])                 # length does not matter
+    add = torch.tensor([[0.0, 0.0, 2.0], [0.0, 5.0, 0.0]])  # mean of unit vectors: (0, .5, .5)
+    sub = torch.tensor([[0.0, 7.0, 0.0]])
+    got = target_embedding(base, add=add, sub=sub, add_beta=2.0, sub_alpha=0.5)
+    raw = torch.tensor([1.0, 0.0, 0.0]) - 0.5 * torch.tensor([0.0, 1.0, 0.0]) \
+        + 2.0 * torch.tensor([0.0, 0.5, 0.5])
+    torch.testing.assert_close(got, raw / raw.norm())
+    assert abs(float(got.norm()) - 1.0) < 1e-6
+
+
+def test_zero_weights_give_the_base_direction():
+    gen = torch.Generator().manual_seed(0)
+    base, add, sub = (torch.randn(s, generator=gen) for s in ((16,), (3, 16), (2, 16)))
+    got = target_embedding(base, add=add, sub=sub, add_beta=0.0, sub_alpha=0.0)
+    torch.testing.assert_close(got, F.normalize(base, dim=0))
+    torch.testing.assert_close(target_embedding(base), F.normalize(base, dim=0))
+
+
+def test_cancelling_terms_and_bad_weights_are_errors():
+    v = torch.tensor([1.0, 2.0])
+    with pytest.raises(ConfigError, match="zero"):
+        target_embedding(v, sub=2 * v[None])
+    with pytest.raises(ConfigError, match="add_beta"):
+        target_embedding(v, add=v[None], add_beta=float("nan"))
+
+
+# ----- inputs -----------------------------------------------------------------------------------
+def test_parse_operand(tmp_path):
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert parse_operand(str(image), "base") == Operand("file", str(image), f"{tmp_path.name}/cat")
+    assert parse_operand("MAN", "sub[0]") == Operand("word", "MAN", "MAN")
+    assert parse_operand("word:AC/DC", "add[0]").kind == "word"
+    assert parse_operand(f"file:{image}", "base").kind == "file"
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    ("missing.png", FileNotFoundError, "does not exist"),
+    ("some/folder/photo", FileNotFoundError, "word:some/folder/photo"),
+    ("file:nothing_here", FileNotFoundError, "does not exist"),
+    ("", ValueError, "empty"),
+    ("word:  ", ValueError, "empty word"),
+])
+def test_bad_operands(spec, error, message):
+    with pytest.raises(error, match=message):
+        parse_operand(spec, "base")
+
+
+# ----- the embedding hook (vital.models addition) -----------------------------------------------
+def test_embed_hook_gives_embed_without_a_second_forward(tiny_cnn_target):
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    calls = []
+    handle = tiny_cnn_target.module.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with tiny_cnn_target.embed_hook() as grabbed:
+        tiny_cnn_target(x)
+        emb = grabbed["embed"]
+        emb.sum().backward()                          # the graph is kept
+    handle.remove()
+    assert len(calls) == 1 and x.grad is not None and grabbed == {}
+    torch.testing.assert_close(emb, tiny_cnn_target.embed(x))
+    assert not tiny_cnn_target.module.fc._forward_pre_hooks
+
+
+# ----- end to end -------------------------------------------------------------------------------
+def _tiny_clip(folder: Path) -> str:
+    """A tiny random CLIP ViT in OpenAI layout (real vocabulary size, so words tokenize). Its
+    weights are moved off their init: fresh, every image embeds within cosine 0.999 of every
+    other; perturbed, word images are ~0.98 apart, enough to steer between."""
+    from safetensors.torch import save_file
+    from clip_custom.model import CLIP
+    from clip_custom.vit import VisionTransformer
+    torch.manual_seed(0)
+    visual = VisionTransformer(32, 8, width=128, layers=2, heads=2, output_dim=32)
+    clip = CLIP(32, visual, context_length=16, vocab_size=49408, width=64, heads=1, layers=1)
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.add_(0.1 * torch.randn(p.shape))
+    path = folder / "tiny_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def short_vocabulary(monkeypatch):
+    """The opinion's vocabulary cut to 200 words: the whole 34k-word vocabulary takes ~10 s."""
+    from clip_custom.tokenizer import SimpleTokenizer
+    words = SimpleTokenizer().vocab_words()[:200]
+    monkeypatch.setattr(SimpleTokenizer, "vocab_words", lambda self, alpha_only=False: words)
+
+
+def _cfg(tmp_path, **kw) -> ArithmeticCFG:
+    base = dict(size=32, steps_multires=[6, 10], save_steps=8, out_dir=str(tmp_path / "out"),
+                run_name="t", progress=False, device="cpu", target_weight=5.0)
+    return ArithmeticCFG(**{**base, **kw})
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "arithmetic.json").read_text())
+
+
+def test_king_man_woman_on_a_tiny_clip(tmp_path, short_vocabulary, capsys):
+    cfg = _cfg(tmp_path, model=_tiny_clip(tmp_path), base="KING", sub=["MAN"], add=["WOMAN"])
+    run_dir, result = run_arithmetic(cfg)
+    assert result.steps_done == 16 and result.stopped is None
+    for name in ("final.png", "arithmetic_strip.png", "arithmetic.json", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    summary = _summary(run_dir)
+    assert summary["formula"] == "KING - 1*MAN + 1*WOMAN"
+    assert summary["embedding"] == "CLIP image embedding"
+    cos = summary["cosine"]
+    assert 1 - cos["result_to_target"] < 0.9 * (1 - cos["base_to_target"])   # it followed
+    assert summary["opinion"]["result"]["opinion_text"].startswith("CLIP:")
+    assert Image.open(run_dir / "arithmetic_strip.png").width > 4 * 32   # base|result|add|sub
+    out = capsys.readouterr().out
+    assert "base opinion: CLIP:" in out and "result opinion: CLIP:" in out
+
+
+def _lite_cfg(tmp_path, **kw) -> ArithmeticCFG:
+    return _cfg(tmp_path, model="efficientnet-lite0", size=64, base=_photo("espresso"),
+                steps_multires=[8], save_steps=0, **kw)
+
+
+def test_espresso_plus_tabby_on_the_embedded_model(tmp_path):
+    cfg = _lite_cfg(tmp_path, add=[_photo("tabby")], sub=["word:COFFEE"])
+    run_dir, _ = run_arithmetic(cfg)
+    summary = _summary(run_dir)
+    assert summary["embedding"].startswith("penultimate")
+    cos = summary["cosine"]
+    assert cos["result_to_target"] > cos["base_to_target"] + 0.01
+    assert summary["opinion"]["base"]["opinion_text"].startswith("top-5:")
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["add"] == [{"kind": "file", "value": _photo("tabby")}]
+    assert meta["sub"] == [{"kind": "word", "value": "COFFEE"}]
+
+
+def test_zero_weights_keep_the_base_image(tmp_path):
+    """alpha = beta = 0: the target is the base's own embedding and the references are its own
+    features, so every term starts at its minimum and only augmentation noise and the TV prior
+    move the image. Tolerance: mean |change| < 2/255 (below one 8-bit level on most pixels
+    once the noise averages out), and less than a fifth of what beta = 1 toward a cat moves."""
+    still, _ = run_arithmetic(_lite_cfg(tmp_path, add=[_photo("tabby")], add_beta=0.0,
+                                        sub_alpha=0.0, run_name="zero"))
+    moved, _ = run_arithmetic(_lite_cfg(tmp_path, add=[_photo("tabby")], add_beta=1.0,
+                                        run_name="one"))
+    change = _summary(still)["mean_abs_pixel_change"]
+    assert change < 2 / 255
+    assert change < 0.2 * _summary(moved)["mean_abs_pixel_change"]
+    assert _summary(still)["cosine"]["result_to_base"] > 0.98
+
+
+def test_same_seed_same_png(tmp_path):
+    model = "module:tests.conftest:TinyCNN"
+    runs = [run_arithmetic(_cfg(tmp_path, model=model, base="KING", add=["QUEEN"],
+                                run_name=f"r{k}", seed=seed))[0]
+            for k, seed in enumerate((0, 0, 1))]
+    a, b, c = ((r / "final.png").read_bytes() for r in runs)
+    assert a == b and a != c
+
+
+# ----- configuration and bad input ----------------------------------------------------------
+def test_determinism_flags():
+    assert parse_cfg(ArithmeticCFG, []).deterministic is True
+    assert parse_cfg(ArithmeticCFG, ["--no_determinism"]).deterministic is False
+    assert parse_cfg(ArithmeticCFG, ["--no-deterministic"]).deterministic is False
+    assert parse_cfg(ArithmeticCFG, ["--hard_determinism"]).hard_determinism is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--base", "/nonexistent/base.png"], "does not exist"),
+    (["--base", "KING", "--add", ""], "add[0] is empty"),
+    (["--base", "KING", "--sub", "word: "], "empty word"),
+    (["--base", ""], "base is empty"),
+])
+def test_bad_input_is_one_sentence(tmp_path, capsys, args, message):
+    argv = args + ["--model", "module:tests.conftest:TinyCNN", "--steps", "2", "--size", "32",
+                   "--no-progress", "--out_dir", str(tmp_path)]
+    status = main(ArithmeticCFG, run_arithmetic, argv)
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_script_and_presets_resolve(tmp_path):
+    for preset in sorted((ROOT / "presets").glob("arithmetic_*.json")):
+        parse_cfg(ArithmeticCFG, ["--json_cfg", str(preset)])   # unknown keys would fail
+    dumped = tmp_path / "cfg.json"
+    cmd = [sys.executable, str(ROOT / "class_neurons_fvis_arithmetic.py"), "--base", "KING",
+           "--sub", "MAN", "--add", "WOMAN", "--no_determinism", "--dump_cfg", str(dumped)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    data = json.loads(dumped.read_text())
+    assert (data["base"], data["sub"], data["add"], data["deterministic"]) == (
+        "KING", ["MAN"], ["WOMAN"], False)

@@ -1,0 +1,109 @@
+"""faceted_fvis.py: facets of one concept of a bank, and refusal of banks that do not fit."""
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import write_images
+from vital import pipeline
+from vital.bank import BankError, BankMismatch, load_bank
+from vital.cli import main
+from vital.concept_vis import ConceptCFG, FacetCFG, run_concepts, run_facets
+
+TINY = "module:tests.conftest:TinyCNN"
+
+
+def _bank(tmp_path, refs, **kw):
+    base = dict(model=TINY, target="3", ref_dir=str(refs), size=32, out_dir=str(tmp_path / "c"),
+                run_name="bank", progress=False, device="cpu", n_concepts=3, sobol_designs=4,
+                rank_images=2, top_patches=4, extract_only=True)
+    base.update(kw)
+    return run_concepts(ConceptCFG(**base))[0]
+
+
+def _facet_cfg(tmp_path, bank, **kw):
+    base = dict(model=TINY, bank=str(bank), size=32, steps=4, save_steps=2, n_facets=2,
+                facet_patches=6, out_dir=str(tmp_path / "f"), run_name="f", progress=False,
+                device="cpu")
+    base.update(kw)
+    return FacetCFG(**base)
+
+
+@pytest.fixture
+def refs(tmp_path):
+    return write_images(tmp_path / "refs", 4)
+
+
+def test_facets_of_the_top_concept_end_to_end(tmp_path, refs):
+    bank_dir = _bank(tmp_path, refs)
+    bank = load_bank(bank_dir)
+    run_dir, result = run_facets(_facet_cfg(tmp_path, bank_dir, steps=8, save_steps=1))
+    assert result.image.shape[0] == 2 and result.steps_done == 8
+    for name in ("final.png", "facets_grid.png", "facets.json", "facets.safetensors",
+                 "config.json", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    info = json.loads((run_dir / "facets.json").read_text())
+    assert info["concept"] == bank.order()[0] and info["decomp_layer"] == "stage1"
+    steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
+    terms = steps[0]["terms"]
+    assert {"facet:stage1", "concept:stage2"} <= set(terms)
+    assert any(t.startswith("sort:") for t in terms)
+    assert steps[-1]["terms"]["facet:stage1"] < steps[0]["terms"]["facet:stage1"]
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["facets"]["target_layer"] == "stage2"
+
+
+def test_a_bank_that_does_not_fit_is_refused(tmp_path, refs, capsys):
+    bank_dir = _bank(tmp_path, refs)
+    with pytest.raises(BankMismatch, match="layer: the bank is at 'stage2'"):
+        run_facets(_facet_cfg(tmp_path, bank_dir, target_layer="stage1"))
+    with pytest.raises(BankMismatch, match="model: the bank was made with"):
+        run_facets(_facet_cfg(tmp_path, bank_dir, model="efficientnet-lite0"))
+    other = write_images(tmp_path / "other", 4, seed=7)
+    with pytest.raises(BankMismatch, match="data set"):
+        run_facets(_facet_cfg(tmp_path, bank_dir, ref_dir=str(other)))
+    moved = tmp_path / "moved"                       # same images elsewhere: accepted by content
+    shutil.copytree(refs, moved)
+    run_dir, _ = run_facets(_facet_cfg(tmp_path, bank_dir, ref_dir=str(moved), steps=1))
+    assert (run_dir / "facets_grid.png").is_file()
+    (refs / "img_00.png").write_bytes((other / "img_00.png").read_bytes())   # data changed
+    status = main(FacetCFG, run_facets, ["--model", TINY, "--bank", str(bank_dir), "--steps",
+                                         "1", "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2 and "does not fit" in err and "Traceback" not in err
+
+
+def test_a_corrupt_bank_is_refused(tmp_path, refs):
+    bank_dir = _bank(tmp_path, refs)
+    tensors = bank_dir / "concept_bank.safetensors"
+    raw = bytearray(tensors.read_bytes())
+    raw[-1] ^= 0x01
+    tensors.write_bytes(bytes(raw))
+    with pytest.raises(BankError, match="corrupt"):
+        run_facets(_facet_cfg(tmp_path, bank_dir))
+    with pytest.raises(ValueError, match="give --bank"):
+        run_facets(_facet_cfg(tmp_path, ""))
+
+
+def test_tiny_vit_facets(tmp_path, refs, tiny_clip_file, monkeypatch):
+    monkeypatch.setattr(pipeline, "make_opinion", lambda *a, **k: None)   # see test_class_clip
+    bank_dir = _bank(tmp_path, refs, model=str(tiny_clip_file), target="a photo of a cat")
+    run_dir, result = run_facets(_facet_cfg(tmp_path, bank_dir, model=str(tiny_clip_file),
+                                            concept=1))
+    info = json.loads((run_dir / "facets.json").read_text())
+    assert info["concept"] == 1 and info["decomp_layer"] == "embed" and info["nonneg"] == "split"
+    assert result.image.shape[0] == 2
+    with pytest.raises(ValueError, match="concept 5 is not in the bank"):
+        run_facets(_facet_cfg(tmp_path, bank_dir, model=str(tiny_clip_file), concept=5))
+
+
+def test_embedded_model_facets_at_64px(tmp_path, refs):
+    bank_dir = _bank(tmp_path, refs, model="efficientnet-lite0", target="espresso", size=64,
+                     layer_block="blocks.15", n_concepts=2, rank_images=1, patch_frac=0.75)
+    run_dir, result = run_facets(_facet_cfg(tmp_path, bank_dir, model="efficientnet-lite0",
+                                            size=64, steps=2))
+    info = json.loads((run_dir / "facets.json").read_text())
+    assert info["decomp_layer"] == "blocks.10" and result.steps_done == 2
+    stored = load_file(str(run_dir / "facets.safetensors"))
+    assert stored["directions"].shape == (2, 224) and (stored["directions"] >= 0).all()

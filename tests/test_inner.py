@@ -1,0 +1,262 @@
+"""Inner neuron visualisation: targets, top-k patch references, cache, --auto, end to end on a
+tiny CNN, a tiny CLIP ViT and the embedded EfficientNet-Lite0 at 64 px, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from conftest import TinyCNN, write_images
+from vital import inner_patches as P
+from vital.cli import main
+from vital.inner import InnerCFG, neuron_objective, resolve_target, run_inner
+from vital.models import load_target
+
+
+class RedDetector(nn.Module):
+    """Channel 0 = relu(r - g - b): fires on saturated red only."""
+
+    input_size = 16
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, -1.0, -1.0], [0.0, 1.0, 0.0]])[..., None, None])
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def _red_data(folder, n=6, squares=((3, 24, 8, 255), (1, 0, 32, 120))):
+    """Grey noise images (48 px) with red squares (image, top, left, red level) planted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        arr = rng.integers(90, 130, (48, 48, 3)).astype(np.uint8)
+        for image, top, left, red in squares:
+            if image == k:
+                arr[top:top + 12, left:left + 12] = (red, 0, 0)
+        Image.fromarray(arr).save(folder / f"im_{k}.png")
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture
+def red():
+    return load_target(RedDetector(), mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def _slow_best(target, neuron, files, patch, stride):
+    """Reference: every crop scored one at a time with plain loops; (score, corner, file) of
+    each image's best crop, best image first."""
+    out = []
+    for path in files:
+        img = P.load_image(path, 48)
+        crops = [(r, c) for r in range(0, 48 - patch + 1, stride)
+                 for c in range(0, 48 - patch + 1, stride)]
+        scored = [(float(_feats(target, neuron, img[None, :, r:r + patch, c:c + patch])), (r, c))
+                  for r, c in crops]
+        score, corner = max(scored, key=lambda t: t[0])
+        out.append((score, corner, str(path)))
+    return sorted(out, key=lambda t: -t[0])
+
+
+def _feats(target, neuron, x):
+    with torch.no_grad(), target.hooks([neuron.layer]) as feats:
+        target(x)
+        return neuron.score(feats[neuron.layer].flatten(2))
+
+
+def test_top_k_picks_the_planted_patch(tmp_path, red):
+    files = _red_data(tmp_path / "data")
+    neuron = resolve_target(red, "conv", 0)
+    top = P.top_patches(red, neuron, files, 48, 16, 8, 3, progress=False)
+    assert top.sources[0].endswith("im_3.png") and top.corners[0] == (24, 8)
+    assert top.sources[1].endswith("im_1.png")          # the weaker square comes second
+    assert len(set(top.sources)) == 3                   # distinct images
+    slow = _slow_best(red, neuron, files, 16, 8)[:3]
+    np.testing.assert_allclose(top.scores, [s for s, _, _ in slow], rtol=1e-5)
+    assert top.corners == [c for _, c, _ in slow] and top.sources == [p for _, _, p in slow]
+    torch.testing.assert_close(top.images[0], P.load_image(files[3], 48)[:, 24:40, 8:24])
+
+
+def test_small_data_set_and_unreadable_files_warn(tmp_path, red):
+    files = _red_data(tmp_path / "data", n=4)
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    neuron = resolve_target(red, "conv", 0)
+    with pytest.warns(UserWarning) as record:
+        top = P.reference_patches(red, neuron, tmp_path / "data", size=48, patch=16, stride=8,
+                                  k=10, progress=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "unreadable" in messages and "only 4 readable images" in messages
+    assert len(top.scores) == 4
+
+
+def test_patch_cache_hits_and_rebuilds_when_corrupt(tmp_path, red, isolated_cache):
+    _red_data(tmp_path / "data")
+    neuron = resolve_target(red, "conv", 0)
+    kw = dict(size=48, patch=16, stride=8, k=3, progress=False)
+    first = P.reference_patches(red, neuron, tmp_path / "data", **kw)
+    again = P.reference_patches(red, neuron, tmp_path / "data", **kw)
+    assert not first.info["cache_hit"] and again.info["cache_hit"]
+    torch.testing.assert_close(again.images, first.images)
+    assert again.sources == first.sources
+    other = P.reference_patches(red, resolve_target(red, "conv", 1), tmp_path / "data", **kw)
+    assert not other.info["cache_hit"]                   # keyed by the neuron
+    png = next((isolated_cache / "inner_patches" / first.info["key"]).glob("patch_000.png"))
+    png.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="corrupt"):
+        rebuilt = P.reference_patches(red, neuron, tmp_path / "data", **kw)
+    assert not rebuilt.info["cache_hit"] and rebuilt.sources == first.sources
+
+
+def test_contact_sheet(tmp_path, red):
+    files = _red_data(tmp_path / "data")
+    top = P.top_patches(red, resolve_target(red, "conv", 0), files, 48, 16, 8, 4, progress=False)
+    sheet = Image.open(P.contact_sheet(top, tmp_path / "sheet.png"))
+    assert sheet.width >= 2 * 96 and sheet.height >= 2 * 96
+
+
+def test_bad_targets_say_what_is_valid(tmp_path, tiny_cnn_target):
+    with pytest.raises(ValueError, match=r"out of range .* valid 0\.\.31"):
+        resolve_target(tiny_cnn_target, "stage2", 32)
+    with pytest.raises(ValueError, match="no positions to crop"):
+        resolve_target(tiny_cnn_target, "fc", 0)
+    with pytest.raises(ValueError, match="valid layers"):
+        resolve_target(tiny_cnn_target, "nope", 0)
+    np.save(tmp_path / "short.npy", np.ones(5))
+    with pytest.raises(ValueError, match="5 values; the layer has 32"):
+        resolve_target(tiny_cnn_target, "stage2", direction=str(tmp_path / "short.npy"))
+
+
+def test_direction_scores_the_projection(tmp_path, tiny_cnn_target):
+    vec = np.zeros(32)
+    vec[[3, 5]] = (3.0, 4.0)
+    np.save(tmp_path / "d.npy", vec)
+    d = resolve_target(tiny_cnn_target, "stage2", direction=str(tmp_path / "d.npy"))
+    feats = torch.rand(2, 32, 9)
+    torch.testing.assert_close(d.score(feats),
+                               0.6 * feats[:, 3].mean(-1) + 0.8 * feats[:, 5].mean(-1))
+
+
+def test_vit_score_leaves_out_the_class_token(tiny_clip_file):
+    target = load_target(str(tiny_clip_file))
+    neuron = resolve_target(target, "block.1.mlp", 5)
+    assert neuron.skip == 1 and neuron.layout == "BND"
+    feats = torch.rand(2, 256, 17)
+    feats[:, 5, 0] = 1000.0                           # the class token must not count
+    torch.testing.assert_close(neuron.score(feats), feats[:, 5, 1:].mean(-1))
+    with pytest.raises(ValueError, match="no positions"):
+        resolve_target(target, "ln_post", 0)
+
+
+def test_neuron_objective_lowers_its_loss(tiny_cnn_target):
+    neuron = resolve_target(tiny_cnn_target, "stage2", 7)
+    obj = neuron_objective(neuron, scale=0.5)
+    img = torch.full((1, 3, 32, 32), 0.5).requires_grad_()
+    opt = torch.optim.Adam([img], lr=0.05)
+    values = []
+    with tiny_cnn_target.hooks(["stage2"]) as feats:
+        for _ in range(10):
+            tiny_cnn_target(img)
+            loss = obj({"features": {"stage2": feats["stage2"].flatten(2)}})
+            values.append(loss.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert obj.names == ["neuron:stage2:7"] and values[-1] < values[0] - 0.05
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(model="module:tests.conftest:TinyCNN", layer="stage2", neuron=3,
+                data_dir=str(data), num_ref=4, data_size=40, patch_size=20, size=32,
+                steps_multires=[3, 4], save_steps=4, out_dir=str(tmp_path / "out"),
+                run_name="t", progress=False, device="cpu")
+    base.update(kw)
+    return InnerCFG(**base)
+
+
+@pytest.mark.parametrize("rule", ["lrp", "none"])
+def test_run_writes_the_run_folder(tmp_path, rule):
+    data = write_images(tmp_path / "data", 6)
+    run_dir, result = run_inner(_cfg(tmp_path, data, relevance=rule))
+    assert result.steps_done == 7 and run_dir.parent.name == "out"
+    for name in ("final.png", "final_alpha.png", "references.png", "neuron.json", "config.json",
+                 "metrics.json", "steps/step_0004.png"):
+        assert (run_dir / name).is_file(), name
+    terms = json.loads((run_dir / "metrics.json").read_text())["steps"][0]["terms"]
+    assert "neuron:stage2:3" in terms and {"sort:stem", "sort:stage1"} <= set(terms)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["mode"] == "inner" and meta["layers"] == ["stem", "stage1"]
+    assert len(meta["references"]["sources"]) == 4 and meta["relevance"] == rule
+    report = json.loads((run_dir / "neuron.json").read_text())
+    assert len(report["visualisation"]) == 1 and len(report["references"]) == 4
+
+
+def test_same_seed_same_png(tmp_path):
+    data = write_images(tmp_path / "data", 4)
+    a, _ = run_inner(_cfg(tmp_path, data, hard_determinism=True, run_name="a"))
+    b, _ = run_inner(_cfg(tmp_path, data, hard_determinism=True, run_name="b"))
+    assert (a / "final.png").read_bytes() == (b / "final.png").read_bytes()
+
+
+def test_auto_visualises_the_most_active_neurons(tmp_path, tiny_cnn_target):
+    data = write_images(tmp_path / "data", 4)
+    dirs, result = run_inner(_cfg(tmp_path, data, auto=2, steps_multires=[2], save_steps=0,
+                                  relevance="gradxact"))
+    images = torch.stack([P.load_image(p, 40) for p in sorted(data.iterdir())])
+    with torch.no_grad(), tiny_cnn_target.hooks(["stage2"]) as feats:
+        tiny_cnn_target(images)
+        expected = feats["stage2"].mean((0, 2, 3)).topk(2).indices.tolist()
+    metas = [json.loads((d / "config.json").read_text()) for d in dirs]
+    assert [m["neuron"] for m in metas] == expected and [m["auto"]["rank"] for m in metas] == [0, 1]
+    assert result.stopped is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--neuron", "99"], "valid 0..31"),
+    (["--layer", "fc"], "no positions"),
+    (["--data_dir", "/nonexistent/folder"], "does not exist"),
+    (["--patch_size", "500"], "does not fit"),
+])
+def test_bad_input_is_one_sentence(tmp_path, capsys, args, message):
+    data = write_images(tmp_path / "data", 2)
+    base = ["--model", "module:tests.conftest:TinyCNN", "--layer", "stage2", "--data_dir",
+            str(data), "--size", "32", "--steps", "2", "--no-progress", "--device", "cpu",
+            "--out_dir", str(tmp_path / "out")]
+    status = main(InnerCFG, run_inner, base + args)
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_tiny_vit_end_to_end(tmp_path, tiny_clip_file, monkeypatch):
+    from vital import opinion, pipeline
+    # the opinion over the full 49k-word vocabulary is tested in test_class_clip; a few words here
+    monkeypatch.setattr(pipeline, "make_opinion", lambda target, *a, **k: opinion.ClipOpinion(
+        target, [], words=["bird", "wing", "neck"], progress=False))
+    data = write_images(tmp_path / "data", 4, size=40)
+    cfg = _cfg(tmp_path, data, model=str(tiny_clip_file), layer="block.1.mlp", neuron=5,
+               data_size=32, patch_size=16, num_ref=3, steps_multires=[2, 2], save_steps=2,
+               prompts_file="")
+    run_dir, result = run_inner(cfg)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert result.steps_done == 4 and meta["layers"] == ["embed", "block.0"]
+    terms = json.loads((run_dir / "metrics.json").read_text())["steps"][-1]["terms"]
+    assert "neuron:block.1.mlp:5" in terms and "sort:block.0" in terms
+    assert (run_dir / "references.png").is_file()
+    opinion_words = json.loads((run_dir / "metrics.json").read_text())["final_opinion"]["opinion"]
+    assert {w for w, _ in opinion_words} == {"bird", "wing", "neck"}
+
+
+def test_embedded_model_end_to_end_at_64px(tmp_path):
+    data = write_images(tmp_path / "data", 4, size=64)
+    cfg = _cfg(tmp_path, data, model="efficientnet-lite0", layer="blocks.2", neuron=10,
+               data_size=64, patch_size=32, num_ref=2, size=64, steps_multires=[1, 2],
+               save_steps=3)
+    run_dir, result = run_inner(cfg)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert result.steps_done == 3 and meta["layers"] == ["stem", "blocks.0"]
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
