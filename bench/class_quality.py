@@ -1,19 +1,15 @@
 #!/usr/bin/env python
 """Class visualisation quality: the VITAL paper's "accuracy" and "another model's opinion".
 
-For each ImageNet class of ../shared/imagenet-dev (one real photo per class) a reference folder
-of views (crops, flips) is built in a temporary folder, then every method renders the class with
-the same step budget and augmentations. Each final image is classified by the visualised model
-(self top-1/top-5) and by an independently trained judge (judge top-1/top-5).
+Per ImageNet class of ../shared/imagenet-dev (one real photo each), a reference folder of views
+(crops, flips) is built in a temporary folder; every method renders the class with the same
+budget and augmentations; the final image is classified by the visualised model (self top-1/5)
+and by an independently trained judge (judge top-1/5). Methods (``name:key=value,...`` adds
+ClassCFG overrides): vital (ClassCFG defaults), vital_pure (class_weight 0), baseline
+(activation maximisation: fft, class log-probability only, no sort matching, no TV).
 
-Methods (``--methods``; ``name:key=value,key=value`` adds ClassCFG overrides, e.g.
-``vital:class_weight=0.3,lr=0.03``):
-  vital       ClassCFG defaults: laplacian + sort matching + class term (class_weight 0.1)
-  vital_pure  class_weight 0 (sort matching and priors only)
-  baseline    activation maximisation: fft, class log-probability only, no sort matching, no TV
-
-  python bench/class_quality.py                      # 10 classes, steps_multires 200 400
-  python bench/class_quality.py --classes 5 15 --steps_multires 50 100 --methods vital
+  python bench/class_quality.py --threads 1            # 10 classes, steps_multires 200 400
+  python bench/class_quality.py --classes 5 15 --steps_multires 50 100 --methods vital:lr=0.03
 """
 from __future__ import annotations
 
@@ -121,6 +117,7 @@ def top5(target, image: torch.Tensor) -> list[int]:
 
 
 def score(models: dict, image: torch.Tensor, index: int) -> dict:
+    """Top-1 / top-5 hits and the top-1 name of each model ("self", "judge")."""
     out = {}
     for who, target in models.items():
         best = top5(target, image)
@@ -163,6 +160,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def photo_records(classes, models, tiles) -> list[dict]:
+    """The ceiling: both models on each class's real photo (centre crop)."""
+    out = []
+    for row in classes:
+        tiles[PHOTO, row["index"]] = load_image(row["file"], models["self"].input_size)[None]
+        out.append({"method": PHOTO, "class": row["index"], "seed": 0, "seconds": 0.0,
+                    **score(models, tiles[PHOTO, row["index"]], row["index"])})
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -171,25 +178,21 @@ def main(argv=None) -> None:
     methods = [parse_method(m) for m in args.methods]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vital_bench_"))
     models = {"self": load_target(args.model), "judge": load_target(args.judge)}
-    records, tiles = [], {}
     args.out.mkdir(parents=True, exist_ok=True)
-    partial = args.out / "class_quality.partial.jsonl"
+    partial = args.out / "class_quality.partial.jsonl"  # progress that survives an interrupt
     partial.unlink(missing_ok=True)
+    tiles = {}
+    records = photo_records(classes, models, tiles)
     jobs = [(m, row, s) for row in classes for m in methods for s in args.seeds]
     try:
         refs = {row["index"]: build_refs(row, work / "refs", args.n_views) for row in classes}
-        for row in classes:
-            photo = load_image(row["file"], models["self"].input_size)[None]
-            records.append({"method": PHOTO, "class": row["index"], "seed": 0, "seconds": 0.0,
-                            **score(models, photo, row["index"])})
-            tiles[PHOTO, row["index"]] = photo
         for (label, over), row, seed in tqdm(jobs, desc="class quality", dynamic_ncols=True):
             image, secs = render_one(over, row, seed, refs[row["index"]], args, work / "runs")
             records.append({"method": label, "class": row["index"], "seed": seed,
                             "seconds": secs, **score(models, image, row["index"])})
-            with open(partial, "a") as log:  # progress that survives an interrupted run
-                log.write(json.dumps(records[-1]) + "\n")
             tiles.setdefault((label, row["index"]), image)
+            with open(partial, "a") as log:
+                log.write(json.dumps(records[-1]) + "\n")
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -205,7 +208,6 @@ def _tile_label(record: dict) -> str:
 def write_outputs(args, classes, methods, records, tiles) -> None:
     text = table(records, methods)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     note = f"grid rows, top to bottom: {', '.join([PHOTO] + methods)}; tiles: self / judge top-1"
     (args.out / "class_quality.md").write_text(f"{text}\n\n{note}\n")

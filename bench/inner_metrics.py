@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from vital import metrics  # noqa: E402
 from vital.config import set_determinism  # noqa: E402
-from vital.inner import InnerCFG, resolve_target, run_neuron  # noqa: E402
+from vital.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron  # noqa: E402
 from vital.inner_patches import channel_means, data_files, iter_images  # noqa: E402
 from vital.models import load_target  # noqa: E402
 
@@ -87,20 +87,24 @@ def pick_channels(args, channels: int) -> list[int]:
 def real_activations(target, layer: str, files, size: int) -> torch.Tensor:
     """(N, C) mean activation of every channel on every real image at ``size`` px."""
     probe = resolve_target(target, layer, 0)
-    images = torch.cat([b for b, _ in iter_images(files, size)])
-    return channel_means(target, layer, probe.layout, images, probe.skip)
+    return torch.cat([channel_means(target, layer, probe.layout, images, probe.skip)
+                      for images, _ in iter_images(files, size)])
 
 
-def run_method(args, target, neuron, name: str, over: dict) -> tuple[torch.Tensor, float]:
+def make_cfg(args, neuron: int, name: str = "", over: dict | None = None) -> InnerCFG:
+    return InnerCFG(model=args.model, layer=args.layer, neuron=neuron, data_dir=args.data_dir,
+                    num_ref=args.num_ref, size=args.size,
+                    steps_multires=list(args.steps_multires), save_steps=0, seed=args.seed,
+                    out_dir=str(Path(args.out_dir) / name), run_name=f"n{neuron}",
+                    progress=False, device="cpu", **(over or {}))
+
+
+def run_method(args, target, neuron, name: str, over: dict, scores) -> tuple[torch.Tensor, float]:
     """One visualisation; (the channel's activation on it, seconds per step)."""
-    cfg = InnerCFG(model=args.model, layer=args.layer, neuron=neuron.index,
-                   data_dir=args.data_dir, num_ref=args.num_ref, size=args.size,
-                   steps_multires=list(args.steps_multires), save_steps=0, seed=args.seed,
-                   out_dir=str(Path(args.out_dir) / name), run_name=f"n{neuron.index}",
-                   progress=False, device="cpu", **over)
+    cfg = make_cfg(args, neuron.index, name, over)
     set_determinism(cfg.seed, cfg.deterministic)
     with contextlib.redirect_stdout(io.StringIO()):
-        run_dir, result = run_neuron(cfg, target, neuron)
+        run_dir, result = run_neuron(cfg, target, neuron, patch_scores=scores)
     report = json.loads((run_dir / "neuron.json").read_text())
     return torch.tensor(report["visualisation"]), result.step_seconds
 
@@ -124,13 +128,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     target = load_target(args.model)
     real = real_activations(target, args.layer, data_files(args.data_dir), args.size)
+    scores = layer_patch_scores(make_cfg(args, 0), target, resolve_target(target, args.layer, 0))
     rows = []
     for channel in pick_channels(args, real.shape[1]):
         neuron = resolve_target(target, args.layer, channel)
         top_real = real[:, channel].topk(min(args.num_real, len(real))).values
         for name, over in args.methods:
             started = time.time()
-            fv, sec = run_method(args, target, neuron, name, over)
+            fv, sec = run_method(args, target, neuron, name, over, scores)
             row = {"neuron": channel, "method": name, **metrics.auc_mad(fv, top_real),
                    "fv_activation": fv.tolist(), "real_mean": float(top_real.mean()),
                    "real_std": float(top_real.std()), "seconds_per_step": sec,

@@ -16,6 +16,7 @@ from vital.models import load_target
 from vital.references import load_images
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY = "module:tests.conftest:TinyCNN"
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def no_opinion(monkeypatch):
 
 
 def _cfg(tmp_path, ref_folder, **kw):
-    base = dict(model="module:tests.conftest:TinyCNN", target="3", ref_dir=str(ref_folder),
+    base = dict(model=TINY, target="3", ref_dir=str(ref_folder),
                 size=32, steps_multires=[3, 3], save_steps=3, out_dir=str(tmp_path / "out"),
                 run_name="c", progress=False, device="cpu", n_concepts=3, sobol_designs=4,
                 rank_images=2, top_patches=4)
@@ -239,6 +240,12 @@ def test_concept_run_writes_bank_grid_and_run_folder(tmp_path, ref_folder):
     assert "direction:stage2" in terms and any(t.startswith("sort:") for t in terms)
     meta = json.loads((run_dir / "config.json").read_text())
     assert meta["concepts"]["shown"] == bank.order()
+    match = json.loads((run_dir / "concepts_match.json").read_text())
+    assert match["concepts"] == bank.order() and len(match["cosine"]) == 3
+    view = C.layer_view(load_target(TINY), "stage2")
+    direct = C.direction_cosines(load_target(TINY), view, result.image,
+                                 bank.directions[bank.order()], "relu")
+    torch.testing.assert_close(torch.tensor(match["cosine"]), direct)
 
 
 def test_extract_only_writes_the_bank_and_stops(tmp_path, ref_folder):

@@ -12,7 +12,8 @@ from vital import class_vis, eval_scoring, evaluate
 from vital.config import ConfigError, parse_cfg
 from vital.eval_report import QUALITY, write_report
 from vital.eval_sweep import MethodSpec, Overrides, TargetSpec
-from vital.evaluate import EvalCFG, expand, parse_shard, run_sweep, select_shard
+from vital.evaluate import (EvalCFG, expand, parse_shard, run_sweep, select_shard,
+                            settings_hash)
 from vital.metrics import zeroshot_classifier
 from vital.opinion import encode_texts
 
@@ -88,6 +89,30 @@ def test_resume_skips_finished_runs(swept, monkeypatch):
     again = run_sweep(_cfg(root))
     assert [r["settings_hash"] for r in again] == [r["settings_hash"] for r in whole]
     assert [r["metrics"] for r in again] == [r["metrics"] for r in whole]
+
+
+def test_a_setting_added_later_at_its_default_keeps_old_runs(swept, tmp_path, monkeypatch):
+    root, _, _ = swept
+    copy = tmp_path / "older"
+    shutil.copytree(root / "out", copy, ignore=shutil.ignore_patterns("report"))
+    for path in copy.rglob("result.json"):   # as written before ClassCFG had l2_weight
+        record = json.loads(path.read_text())
+        for part in (record["settings"], record["base_settings"]):
+            del part["class"]["l2_weight"]
+        record["settings_hash"] = settings_hash(record["settings"])
+        path.write_text(json.dumps(record))
+    monkeypatch.setattr(evaluate, "run_class", lambda *a, **k: pytest.fail("rendered again"))
+    assert len(run_sweep(_cfg(tmp_path, out="older", ref_root=str(root / "refs")))) == 4
+    fresh = json.loads(next((root / "out").rglob("result.json")).read_text())
+    older = sorted(copy.rglob("result.json"))[0]
+    record = json.loads(older.read_text())
+    record["base_settings"] = fresh["base_settings"]   # one run written by the newer code
+    older.write_text(json.dumps(record))
+    assert write_report(copy).is_file()
+    record["base_settings"]["class"]["l2_weight"] = 0.5   # not the default: a real difference
+    older.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"class\.l2_weight"):
+        write_report(copy)
 
 
 def test_shards_split_the_runs_and_merge_into_the_same_report(swept):

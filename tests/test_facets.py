@@ -52,6 +52,8 @@ def test_facets_of_the_top_concept_end_to_end(tmp_path, refs):
     assert steps[-1]["terms"]["facet:stage1"] < steps[0]["terms"]["facet:stage1"]
     meta = json.loads((run_dir / "config.json").read_text())
     assert meta["facets"]["target_layer"] == "stage2"
+    match = json.loads((run_dir / "facets_match.json").read_text())
+    assert len(match["cosine"]) == 2 and len(match["concept_cosine"]) == 2
 
 
 def test_a_bank_that_does_not_fit_is_refused(tmp_path, refs, capsys):

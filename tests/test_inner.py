@@ -1,6 +1,7 @@
 """Inner neuron visualisation: targets, top-k patch references, cache, --auto, end to end on a
 tiny CNN, a tiny CLIP ViT and the embedded EfficientNet-Lite0 at 64 px, bad input."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from vital import inner_patches as P
 from vital.cli import main
 from vital.inner import InnerCFG, neuron_objective, resolve_target, run_inner
 from vital.models import load_target
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class RedDetector(nn.Module):
@@ -260,3 +263,37 @@ def test_embedded_model_end_to_end_at_64px(tmp_path):
     meta = json.loads((run_dir / "config.json").read_text())
     assert result.steps_done == 3 and meta["layers"] == ["stem", "blocks.0"]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "presets").glob("inner_*.json")))
+def test_presets_parse(preset):
+    from vital.config import parse_cfg
+    cfg = parse_cfg(InnerCFG, ["--json_cfg", str(ROOT / "presets" / preset)])
+    assert cfg.layer and cfg.data_dir == "references" and cfg.relevance in ("lrp", "gradxact")
+
+
+def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_target):
+    import torch.nn.functional as F
+    from vital.inner import rank_neurons
+    from vital.opinion import encode_texts
+    data = write_images(tmp_path / "data", 1, size=32)
+    files = sorted(data.iterdir())
+    with pytest.raises(ValueError, match="needs a CLIP"):
+        rank_neurons(tiny_cnn_target, resolve_target(tiny_cnn_target, "stage2", 0), files, 32,
+                     prompt="a bird")
+    target = load_target(str(tiny_clip_file))
+    neuron = resolve_target(target, "block.0.mlp", 0)
+    attr = rank_neurons(target, neuron, files, 32, prompt="a bird")       # (256,)
+    channel = int(attr.abs().argmax())
+    text = encode_texts(target.clip, ["a bird"], "cpu")[0]
+    image = P.load_image(files[0], 32)[None]
+
+    def cosine(eps):   # scale the channel's patch-token activations by 1 + eps
+        def edit(out):
+            out = out.clone()
+            out[:, 1:, channel] *= 1 + eps
+            return out
+        with torch.no_grad(), target.replaced("block.0.mlp", edit):
+            return F.cosine_similarity(target.embed(image).float(), text[None]).item()
+    slope = (cosine(1e-3) - cosine(-1e-3)) / 2e-3                        # finite difference
+    assert slope == pytest.approx(float(attr[channel]), rel=1e-2, abs=1e-6)

@@ -199,3 +199,24 @@ def test_relevance_sort_matching_lowers_its_loss(cnn):
             loss.backward()
             opt.step()
     assert values[-1] < 0.7 * values[0]
+
+
+def test_synthetic_maps_are_reused_and_resized(cnn, monkeypatch):
+    calls = []
+    real = rel.layer_relevance
+    monkeypatch.setattr(rel, "layer_relevance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    maps = rel.SyntheticMaps(cnn, ["stage1"], "stage2", _channel(0), "gradxact", every=3)
+
+    def ctx(step, size):
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(step))
+        with cnn.hooks(["stage1"]) as feats:
+            cnn(x)
+            return {"input": x, "step": step, "features": {"stage1": feats["stage1"].flatten(2)}}
+    first = maps(ctx(0, 32))["stage1"]                 # (1, 8, 8*8)
+    bigger = maps(ctx(1, 48))["stage1"]                # reused, resized to 12 x 12
+    assert len(calls) == 1 and bigger.shape == (1, 8, 144)
+    expected = F.interpolate(first.unflatten(-1, (8, 8)), size=(12, 12), mode="bilinear",
+                             align_corners=False).flatten(2)
+    torch.testing.assert_close(bigger, expected)
+    maps(ctx(3, 32))                                   # every=3: recomputed at step 3
+    assert len(calls) == 2

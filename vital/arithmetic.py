@@ -48,6 +48,7 @@ class ArithmeticCFG(pipeline.RenderCFG):
     sub_alpha: float = opt(1.0, "alpha: weight of the mean embedding of --sub")
     target_weight: float = opt(1.0, "weight of the cosine term toward the target embedding")
     font: str = opt("", "font file for word images (empty = DejaVu Sans Bold from matplotlib)")
+    ref_views: int = opt(8, "augmented copies of the base added to its reference set")
     # RenderCFG fields with other defaults or spellings for this mode
     deterministic: bool = opt(True, "seed everything and fix cuDNN algorithms",
                               negative_flags=("--no_determinism",))
@@ -170,10 +171,22 @@ def steering_objective(goal: torch.Tensor, grabbed: dict, weight: float = 1.0) -
     return weight * Objective(fn, "arithmetic")
 
 
-def base_references(target, layers: list[str], base: torch.Tensor, sizes) -> dict:
-    """{stage size: {layer: (C, P) sorted features of the base image at that size}}."""
-    return {s: sorted_features(target, layers, resize_images(base[None], s), progress=False)
-            for s in sorted(set(sizes))}
+def base_references(target, layers: list[str], base: torch.Tensor, sizes, augment=None,
+                    views: int = 0, seed: int = 0) -> dict:
+    """{stage size: {layer: (C, P) sorted features of the base image at that size}}.
+
+    With ``augment`` and ``views`` > 0 the reference set is the base plus ``views`` augmented
+    copies (drawn from their own generator, so the render's random stream is unchanged): the
+    synthetic image is augmented at every step, and matching it to the plain base alone would
+    pull even an unchanged base away from itself.
+    """
+    refs = {}
+    for size in sorted(set(sizes)):
+        plain = resize_images(base[None], size)
+        gen = torch.Generator().manual_seed(seed)
+        copies = [augment(plain, gen) for _ in range(views)] if augment is not None else []
+        refs[size] = sorted_features(target, layers, torch.cat([plain] + copies), progress=False)
+    return refs
 
 
 def formula(inputs: Inputs, cfg: ArithmeticCFG) -> str:
@@ -226,7 +239,8 @@ def _objective(cfg, target, layers, weights, base, sizes, goal, grabbed) -> Obje
     objective = cfg.target_weight * steering_objective(goal.to(target.device), grabbed)
     objective = objective + pipeline.priors(cfg)
     if cfg.feat_weight:
-        refs = base_references(target, layers, base, sizes)
+        refs = base_references(target, layers, base, sizes, pipeline.make_augment(cfg),
+                               cfg.ref_views, cfg.seed)
         objective = cfg.feat_weight * pipeline.staged_sort_matching(
             refs, dict(zip(layers, weights))) + objective
     if not isinstance(objective, Objective) or not objective.names:

@@ -19,6 +19,7 @@ from vital.bank import FILE_NAME, check_compatible, load_bank, save_bank
 from vital.config import ConfigError, make_run_dir, opt, run_metadata, write_json
 from vital.losses import Objective
 from vital.outputs import grid, save_png, to_pil
+from vital.param import magnitude_spectrum
 from vital.references import (ReferenceError, files_digest, list_images, load_images,
                               resize_images, sorted_features)
 
@@ -132,11 +133,16 @@ def _vital_terms(cfg, target, groups, size) -> tuple[Objective | int, list[str],
     return objective, layers, {"layers": layers, "layer_weights": weights}
 
 
-def _render(cfg, mode, target, objective, layers, size, batch, run_dir, name, meta, argv):
+def _render(cfg, mode, target, objective, layers, size, groups, run_dir, name, meta, argv,
+            batch: int):
     if not isinstance(objective, Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")
     gen = pipeline.generator_for(cfg, target.device)
-    param = pipeline.make_param(dataclasses.replace(cfg, batch=batch), size, target.device, gen)
+    extras = {}
+    if cfg.param == "maco":   # a natural amplitude spectrum: that of the reference patches
+        extras["magnitude"] = magnitude_spectrum(resize_images(torch.cat(groups), size))
+    param = pipeline.make_param(dataclasses.replace(cfg, batch=batch), size, target.device, gen,
+                                **extras)
     return pipeline.run(cfg, mode, target, objective, layers, param, gen, name, meta,
                         argv=argv, run_dir=run_dir)
 
@@ -227,9 +233,12 @@ def run_concepts(cfg: ConceptCFG, argv=None):
     objective = objective + cfg.direction_weight * C.direction_objective(
         view.name, bank.directions[shown], bank.meta["nonneg"], view.skip, cfg.direction_how)
     layers = list(dict.fromkeys(layers + [view.name]))
-    run_dir, result = _render(cfg, "concept", target, objective, layers, size, len(shown),
-                              run_dir, name, {**meta, **info}, argv)
+    run_dir, result = _render(cfg, "concept", target, objective, layers, size, groups,
+                              run_dir, name, {**meta, **info}, argv, batch=len(shown))
     save_png(_grid_rows(list(result.image), groups, labels), run_dir / "concepts_grid.png")
+    cos = C.direction_cosines(target, view, result.image, bank.directions[shown],
+                              bank.meta["nonneg"])
+    _write_match(run_dir / "concepts_match.json", shown, cos, "concept")
     print(run_dir / "concepts_grid.png")
     return run_dir, result
 
@@ -318,13 +327,29 @@ def run_facets(cfg: FacetCFG, argv=None):
     _save_facets(run_dir, w, order, concept, decomp, info)
     meta.update(facets={"bank": str(cfg.bank), "concept": concept, "target_layer": layer,
                         "decomp_layer": decomp, **info})
-    run_dir, result = _render(cfg, "facet", target, objective, layers, size, cfg.n_facets,
-                              run_dir, name, meta, argv)
+    run_dir, result = _render(cfg, "facet", target, objective, layers, size, [patches],
+                              run_dir, name, meta, argv, batch=cfg.n_facets)
     rows = [patches[o] for o in order]
     labels = [f"c{concept} facet {f}" for f in range(cfg.n_facets)]
     save_png(_grid_rows(list(result.image), rows, labels), run_dir / "facets_grid.png")
+    cos = C.direction_cosines(target, dview, result.image, w, mode)
+    concept_cos = C.direction_cosines(target, tview, result.image,
+                                      bank.directions[concept:concept + 1], bank.meta["nonneg"])
+    _write_match(run_dir / "facets_match.json", list(range(cfg.n_facets)), cos, "facet",
+                 concept_cosine=concept_cos[:, 0].tolist())
     print(run_dir / "facets_grid.png")
     return run_dir, result
+
+
+def _write_match(path: Path, ids: list[int], cos: torch.Tensor, kind: str, **extra) -> None:
+    """Cosine of every rendered image (rows) with every shown direction (columns): a diagonal
+    that stands out means each image shows its own direction."""
+    off = cos.masked_fill(torch.eye(len(cos), dtype=torch.bool), float("nan"))
+    write_json(path, {f"{kind}s": ids, "cosine": cos.tolist(), "own": cos.diag().tolist(),
+                      "best_other": off.nan_to_num(-2).amax(1).tolist(), **extra})
+    print(f"{kind} cosines (own / best other): " + ", ".join(
+        f"{kind[0]}{k} {float(cos[i, i]):.2f}/{float(off[i].nan_to_num(-2).max()):.2f}"
+        for i, k in enumerate(ids)))
 
 
 def _save_facets(run_dir: Path, w, order, concept: int, layer: str, info: dict) -> None:

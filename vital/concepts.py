@@ -379,6 +379,18 @@ def rank_concepts(target, bank: ConceptBank, images: torch.Tensor, score, s: Ran
 
 # ---------------------------------------------------------------- objective
 
+@torch.no_grad()
+def direction_cosines(target, view: LayerView, images: torch.Tensor, directions: torch.Tensor,
+                      nonneg: str) -> torch.Tensor:
+    """(B, K): cosine of each image's position-averaged non-negative activation at the layer
+    with each direction (K, C') (what ``direction_objective`` raises)."""
+    with target.hooks([view.name]) as feats:
+        target(images.to(target.device))
+        x = channels_positions(feats[view.name], view.layout)[..., view.skip:]
+        a = to_nonneg(x.float(), nonneg).mean(-1)                      # (B, C')
+    return F.normalize(a, dim=-1).cpu() @ F.normalize(directions.float(), dim=-1).T
+
+
 def direction_objective(layer: str, directions: torch.Tensor, nonneg: str, skip: int = 0,
                         how: str = "cosine", name: str | None = None) -> Objective:
     """Term ``direction:<layer>``: steer the layer's position-averaged non-negative activation

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from vital import metrics
 from vital.config import ConfigError, write_json
-from vital.eval_sweep import FEATURES_FILE, RESULT_FILE, flat_diff, slug
+from vital.eval_sweep import FEATURES_FILE, RESULT_FILE, flat_diff, settings_diff, slug
 from vital.outputs import grid, save_png
 
 QUALITY = [("self_top1", "self top-1"), ("self_top5", "self top-5"),
@@ -58,7 +58,7 @@ def check_mergeable(records: list[dict]) -> None:
     """All runs share their base settings, and runs of one method share its overrides."""
     first = records[0]
     for other in records[1:]:
-        keys = flat_diff(first["base_settings"], other["base_settings"])
+        keys = settings_diff(first["base_settings"], other["base_settings"])
         if keys:
             raise ConfigError(f"cannot merge runs made with different settings: {', '.join(keys)} "
                               f"differ between {_where(first)} and {_where(other)}")

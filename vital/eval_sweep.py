@@ -317,6 +317,25 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def comparable(current: dict, stored: dict) -> dict:
+    """``current`` settings without the class settings that ``stored`` lacks and that hold
+    their default: a field added to ClassCFG after a run, at its default, did not change it."""
+    defaults = _result_cfg(ClassCFG())
+    known = stored.get("class", {})
+    kept = {k: v for k, v in current.get("class", {}).items()
+            if k in known or k not in defaults or v != defaults[k]}
+    return {**current, "class": kept}
+
+
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose settings differ (see ``comparable``)."""
+    return flat_diff(comparable(a, b), comparable(b, a))
+
+
+def same_settings(current: dict, stored: dict, stored_hash: str) -> bool:
+    return settings_hash(comparable(current, stored)) == stored_hash
+
+
 def flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     keys = sorted(set(a) | set(b))

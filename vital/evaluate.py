@@ -23,7 +23,7 @@ from vital.class_vis import run_class
 from vital.config import ConfigError, write_json
 from vital.eval_sweep import (  # noqa: F401  (re-exported: vital.evaluate is the entry point)
     BUILTIN_METHODS, FEATURES_FILE, RESULT_FILE, EvalCFG, Run, base_settings, expand, flat_diff,
-    parse_shard, run_settings, select_shard, settings_hash)
+    parse_shard, run_settings, same_settings, select_shard, settings_diff, settings_hash)
 
 
 # ---------------------------------------------------------------- execution
@@ -48,8 +48,8 @@ def check_resumable(runs: list[Run], cfg: EvalCFG) -> None:
     for run in runs:
         done = load_result(run.run_dir)
         settings = run_settings(run, cfg)
-        if done is not None and done.get("settings_hash") != settings_hash(settings):
-            keys = flat_diff(done.get("settings", {}), settings) or ["(unknown)"]
+        if done is not None and not _reusable(done, settings):
+            keys = settings_diff(done.get("settings", {}), settings) or ["(unknown)"]
             raise ConfigError(f"{run.key} was run with other settings ({', '.join(keys)}); "
                               f"pass --redo to rerun such runs or choose another --out_dir")
 
@@ -64,10 +64,14 @@ def load_result(run_dir: Path) -> dict | None:
         return None   # a torn file: the run counts as unfinished
 
 
-def _prepare_dir(run: Run, digest: str, redo: bool) -> dict | None:
+def _reusable(done: dict, settings: dict) -> bool:
+    return same_settings(settings, done.get("settings", {}), done.get("settings_hash", ""))
+
+
+def _prepare_dir(run: Run, settings: dict, redo: bool) -> dict | None:
     """The finished result to reuse, or None after clearing the folder for a fresh run."""
     done = load_result(run.run_dir)
-    if done is not None and done.get("settings_hash") == digest:
+    if done is not None and _reusable(done, settings):
         return done
     if done is not None and not redo:
         raise ConfigError(f"{run.key} was run with other settings; pass --redo")
@@ -99,7 +103,7 @@ def execute(run: Run, cfg: EvalCFG, scorer, cls, device: str) -> tuple[dict, boo
     """Render and score one run (or reuse its result); returns (result, was_skipped)."""
     settings = run_settings(run, cfg)
     digest = settings_hash(settings)
-    done = _prepare_dir(run, digest, cfg.redo)
+    done = _prepare_dir(run, settings, cfg.redo)
     if done is not None:
         return done, True
     result, wall = _render(run, device, cfg.progress)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from vital import losses, pipeline, relevance as rel
 from vital.config import ConfigError, opt, set_determinism, write_json
-from vital.inner_patches import channel_means, contact_sheet, data_files, iter_images, \
-    reference_patches
+from vital.inner_patches import PatchScores, channel_means, contact_sheet, data_files, \
+    iter_images, reference_patches, score_patches
 from vital.models import channels_positions
 from vital.references import resize_images, sorted_features
 
@@ -60,7 +60,8 @@ class InnerCFG(pipeline.RenderCFG):
     relevance: str = opt("lrp", "relevance weighting of sort matching: lrp (zennit for CNNs, "
                          "conservative rule for ViTs), gradxact, guided, none",
                          choices=list(rel.RULES))
-    relevance_every: int = opt(1, "recompute the synthetic image's relevance every N steps")
+    relevance_every: int = opt(4, "recompute the synthetic image's relevance maps every N steps "
+                               "and resize them in between (1 = every step, as in the paper)")
     auto: int = opt(0, "> 0: rank the layer's neurons and visualise the top N (not --neuron)")
     auto_prompt: str = opt("", "CLIP + --auto: rank by attribution to this text prompt instead "
                            "of by mean activation on the data set")
@@ -224,12 +225,26 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
 
 # ---------------------------------------------------------------- one run
 
-def _patches(cfg: InnerCFG, target, neuron: NeuronTarget):
-    data_size = cfg.data_size or target.input_size
-    return reference_patches(target, neuron, cfg.data_dir, size=data_size, patch=cfg.patch_size,
-                             stride=cfg.stride or max(1, cfg.patch_size // 2), k=cfg.num_ref,
-                             score_size=cfg.score_size, use_cache=cfg.cache,
-                             progress=cfg.progress)
+def _crop_settings(cfg: InnerCFG, target) -> dict:
+    if cfg.score_size and not 8 <= cfg.score_size <= 4096:
+        raise ConfigError(f"--score_size {cfg.score_size} is impossible; use 8..4096 px "
+                          f"(0 = score each patch as cropped)")
+    return {"size": cfg.data_size or target.input_size, "patch": cfg.patch_size,
+            "stride": cfg.stride or max(1, cfg.patch_size // 2), "score_size": cfg.score_size}
+
+
+def layer_patch_scores(cfg: InnerCFG, target, neuron: NeuronTarget) -> PatchScores:
+    """Every channel of ``neuron.layer`` scored on every patch of the data set, once, to share
+    between the neurons of the layer (``run_neuron(..., patch_scores=)``)."""
+    crop = _crop_settings(cfg, target)
+    return score_patches(target, neuron.layer, neuron.layout, neuron.skip,
+                         data_files(cfg.data_dir), crop["size"], crop["patch"], crop["stride"],
+                         crop["score_size"], progress=cfg.progress)
+
+
+def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores: PatchScores | None = None):
+    return reference_patches(target, neuron, cfg.data_dir, k=cfg.num_ref, use_cache=cfg.cache,
+                             progress=cfg.progress, scores=scores, **_crop_settings(cfg, target))
 
 
 def _objective(cfg, target, neuron, top, size, schedule) -> tuple[losses.Objective, list, dict]:
@@ -258,11 +273,13 @@ def _run_name(target, neuron: NeuronTarget, seed: int) -> str:
     return f"{neuron.label.replace(':', '-')}_{Path(str(target.spec)).name}_s{seed}"
 
 
-def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None):
-    """Visualise one target; returns (run_dir, result)."""
+def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None,
+               patch_scores: PatchScores | None = None):
+    """Visualise one target; returns (run_dir, result). ``patch_scores`` (from
+    ``layer_patch_scores`` with the same cfg) saves scoring the data set again."""
     size = pipeline.image_size(cfg, target)
     schedule = pipeline.make_schedule(cfg)
-    top = _patches(cfg, target, neuron)
+    top = _patches(cfg, target, neuron, patch_scores)
     objective, layers, meta = _objective(cfg, target, neuron, top, size, schedule)
     gen = pipeline.generator_for(cfg, target.device)
     param = pipeline.make_param(cfg, size, target.device, gen,
@@ -299,50 +316,53 @@ def write_neuron_report(target, neuron: NeuronTarget, image, top, size: int, run
 
 # ---------------------------------------------------------------- --auto
 
-def _prompt_attribution(target, layer: str, layout: str, skip: int, images, prompt: str,
-                        batch_size: int = 8) -> torch.Tensor:
-    """(C,) mean over images of each channel's activation x gradient of the image-text cosine."""
-    from vital.opinion import encode_texts
-    text = encode_texts(target.clip, [prompt], target.device)[0].to(target.device)
-    total = 0
-    with target.hooks([layer]) as feats:
-        for chunk in images.split(batch_size):
-            x = chunk.to(target.device).requires_grad_(True)   # so activations carry a graph
-            cos = F.cosine_similarity(target.embed(x).float(), text[None], dim=-1)
-            act = feats[layer]
-            (grad,) = torch.autograd.grad(cos.sum(), act)
-            total = total + channels_positions((act * grad).detach(), layout)[..., skip:].sum((0, 2))
-    return total.float().cpu() / len(images)
+def _prompt_attribution(target, neuron: NeuronTarget, images, text) -> torch.Tensor:
+    """(B, C): each channel's activation x gradient of the image-text cosine, summed over
+    positions."""
+    with target.hooks([neuron.layer]) as feats:
+        x = images.to(target.device).requires_grad_(True)   # so activations carry a graph
+        cos = F.cosine_similarity(target.embed(x).float(), text[None], dim=-1)
+        act = feats[neuron.layer]
+        (grad,) = torch.autograd.grad(cos.sum(), act)
+        attr = channels_positions((act * grad).detach(), neuron.layout)[..., neuron.skip:]
+        return attr.sum(-1).float().cpu()                   # (B, C, P) -> (B, C)
 
 
-def rank_neurons(target, neuron: NeuronTarget, images: torch.Tensor, prompt: str = "") -> torch.Tensor:
-    """(C,) ranking scores for the channels of ``neuron.layer``: mean activation over the images
-    or, with ``prompt`` (CLIP), attribution to the image-text cosine."""
-    if not prompt:
-        return channel_means(target, neuron.layer, neuron.layout, images, neuron.skip).mean(0)
-    if getattr(target, "clip", None) is None:
+def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "") -> torch.Tensor:
+    """(C,) ranking scores for the channels of ``neuron.layer`` over the images ``files`` (at
+    ``size`` px, streamed): mean activation, or with ``prompt`` (CLIP) the mean attribution to
+    the image-text cosine."""
+    if prompt and getattr(target, "clip", None) is None:
         raise ConfigError(f"--auto_prompt needs a CLIP model; {target.spec} has no text tower "
                           f"(leave it empty to rank by activation on the data set)")
-    return _prompt_attribution(target, neuron.layer, neuron.layout, neuron.skip, images, prompt)
+    text = None
+    if prompt:
+        from vital.opinion import encode_texts
+        text = encode_texts(target.clip, [prompt], target.device)[0].to(target.device)
+    total, count = 0, 0
+    for images, _ in iter_images(files, size):
+        part = _prompt_attribution(target, neuron, images, text) if prompt else \
+            channel_means(target, neuron.layer, neuron.layout, images, neuron.skip)
+        total, count = total + part.sum(0), count + len(images)
+    return total / max(count, 1)
 
 
 def run_auto(cfg: InnerCFG, target, argv=None):
     """Rank the layer's neurons, visualise the top ``cfg.auto``; returns (run_dirs, result)."""
     probe = resolve_target(target, cfg.layer, 0)
     size = cfg.data_size or target.input_size
-    images = torch.cat([b for b, _ in iter_images(data_files(cfg.data_dir), size)])
-    scores = rank_neurons(target, probe, images, cfg.auto_prompt)
+    scores = rank_neurons(target, probe, data_files(cfg.data_dir), size, cfg.auto_prompt)
     top = scores.topk(min(cfg.auto, len(scores)))
     print("ranked neurons of", cfg.layer, ":", ", ".join(
         f"{i} ({s:.3g})" for s, i in zip(top.values.tolist(), top.indices.tolist())))
-    dirs, result = [], None
+    dirs, result, shared = [], None, layer_patch_scores(cfg, target, probe)
     for rank, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
         set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
         one = dataclasses.replace(cfg, neuron=index,
                                   run_name=f"{cfg.run_name}_{index}" if cfg.run_name else "")
         extra = {"auto": {"rank": rank, "score": value, "by": cfg.auto_prompt or "activation"}}
         run_dir, result = run_neuron(one, target, resolve_target(target, cfg.layer, index),
-                                     argv, extra)
+                                     argv, extra, patch_scores=shared)
         dirs.append(run_dir)
         if result.stopped == "interrupted":
             break
@@ -351,8 +371,9 @@ def run_auto(cfg: InnerCFG, target, argv=None):
 
 def run_inner(cfg: InnerCFG, argv=None):
     """Inner neuron visualisation (or --auto); returns (run_dir or run_dirs, last result)."""
-    if cfg.auto < 0:
-        raise ConfigError(f"--auto must be >= 0, got {cfg.auto}")
+    if cfg.auto < 0 or cfg.relevance_every < 1:
+        raise ConfigError(f"--auto must be >= 0 and --relevance_every >= 1, got {cfg.auto} and "
+                          f"{cfg.relevance_every}")
     _, target = pipeline.prepare(cfg)
     if cfg.auto:
         return run_auto(cfg, target, argv)

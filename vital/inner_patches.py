@@ -116,36 +116,65 @@ def channel_means(target, layer: str, layout: str, images: torch.Tensor, skip: i
     return torch.cat(out)
 
 
-def top_patches(target, neuron, files: list[Path], size: int, patch: int, stride: int, k: int,
-                score_size: int = 0, batch_size: int = 32, progress: bool = True) -> TopPatches:
-    """The ``k`` best patches of ``files`` (at ``size`` px) for ``neuron`` (a
-    ``vital.inner.NeuronTarget``), one per image at most."""
-    best, where, sources, keep = [], [], [], []
+@dataclass
+class PatchScores:
+    """Every patch of a data set scored once for a layer: per channel (``means`` (N, K, C)), or
+    reduced to one target's score (``means`` (N, K, 1), ``reduced_for`` its label). Scoring all
+    channels once serves every neuron of the layer (``--auto``, benchmarks)."""
+    means: torch.Tensor                # (N images, K patches, C or 1)
+    corners: torch.Tensor              # (K, 2) top-left (row, col) of each patch
+    files: list[Path]                  # the N readable images
+    size: int                          # px of the images the patches were cut from
+    patch: int
+    reduced_for: str | None = None
+
+
+def score_patches(target, layer: str, layout: str, skip: int, files: list[Path], size: int,
+                  patch: int, stride: int, score_size: int = 0, neuron=None,
+                  batch_size: int = 32, progress: bool = True) -> PatchScores:
+    """Score every patch of ``files`` (at ``size`` px): all channels of ``layer``, or only
+    ``neuron`` (a ``vital.inner.NeuronTarget``) to keep memory at one value per patch."""
+    parts, used_all, corners = [], [], None
     groups = iter_images(files, size, batch=max(1, batch_size // 8))
     for images, used in tqdm(groups, desc="scoring patches", disable=not progress, leave=False):
         tiles, corners = crop_patches(images, patch, stride)            # (b, K, 3, p, p)
-        means = channel_means(target, neuron.layer, neuron.layout, tiles.flatten(0, 1),
-                              neuron.skip, score_size, batch_size)      # (b*K, C)
-        scores = neuron.score_means(means).view(tiles.shape[:2])        # (b*K,) -> (b, K)
-        value, index = scores.max(1)
-        best.append(value)
-        where += index.tolist()
-        keep += [tiles[i, j].clone() for i, j in enumerate(index.tolist())]
-        sources += [str(p) for p in used]
-    if not best:
+        means = channel_means(target, layer, layout, tiles.flatten(0, 1), skip, score_size,
+                              batch_size)                              # (b*K, C)
+        if neuron is not None:
+            means = neuron.score_means(means)[:, None]                 # (b*K, 1)
+        parts.append(means.view(*tiles.shape[:2], -1))                 # (b, K, C or 1)
+        used_all += used
+    if not parts:
         raise ReferenceError(f"none of the {len(files)} images could be read")
-    return _select(torch.cat(best), where, keep, sources, corners, k)
+    return PatchScores(torch.cat(parts), corners, used_all, size, patch,
+                       neuron.label if neuron is not None else None)
 
 
-def _select(best, where, keep, sources, corners, k) -> TopPatches:
-    if len(sources) < k:
+def select_top(scores: PatchScores, neuron, k: int) -> TopPatches:
+    """The ``k`` best patches for ``neuron``, at most one per image, cut again from the files."""
+    if scores.reduced_for not in (None, neuron.label):
+        raise ValueError(f"these patch scores are for {scores.reduced_for}, not {neuron.label}")
+    flat = scores.means.flatten(0, 1)                                  # (N*K, C or 1)
+    per_patch = (flat[:, 0] if scores.reduced_for else neuron.score_means(flat))
+    best, where = per_patch.view(scores.means.shape[:2]).max(1)        # (N, K) -> (N,)
+    n = len(scores.files)
+    if n < k:
         warnings.warn(f"asked for the top {k} patches from distinct images, but the data set has "
-                      f"only {len(sources)} readable images; using all of them", stacklevel=3)
+                      f"only {n} readable images; using all of them", stacklevel=2)
     order = torch.argsort(best, descending=True, stable=True)[:k].tolist()
-    return TopPatches(images=torch.stack([keep[i] for i in order]),
-                      scores=[float(best[i]) for i in order],
-                      sources=[sources[i] for i in order],
-                      corners=[tuple(int(v) for v in corners[where[i]]) for i in order])
+    corners = [tuple(int(v) for v in scores.corners[where[i]]) for i in order]
+    images = [load_image(scores.files[i], scores.size)[:, r:r + scores.patch, c:c + scores.patch]
+              for i, (r, c) in zip(order, corners)]
+    return TopPatches(images=torch.stack(images), scores=[float(best[i]) for i in order],
+                      sources=[str(scores.files[i]) for i in order], corners=corners)
+
+
+def top_patches(target, neuron, files: list[Path], size: int, patch: int, stride: int, k: int,
+                score_size: int = 0, batch_size: int = 32, progress: bool = True) -> TopPatches:
+    """The ``k`` best patches of ``files`` (at ``size`` px) for ``neuron``, one per image."""
+    scores = score_patches(target, neuron.layer, neuron.layout, neuron.skip, files, size, patch,
+                           stride, score_size, neuron, batch_size, progress)
+    return select_top(scores, neuron, k)
 
 
 # ---------------------------------------------------------------- cache
@@ -207,9 +236,10 @@ def _store_entry(folder: Path, top: TopPatches) -> None:
 
 
 def reference_patches(target, neuron, folder, *, size: int, patch: int, stride: int, k: int,
-                      score_size: int = 0, use_cache: bool = True,
-                      progress: bool = True) -> TopPatches:
-    """The top-k patches of the images under ``folder`` for ``neuron``, cached on disk."""
+                      score_size: int = 0, use_cache: bool = True, progress: bool = True,
+                      scores: PatchScores | None = None) -> TopPatches:
+    """The top-k patches of the images under ``folder`` for ``neuron``, cached on disk.
+    ``scores`` (from ``score_patches`` with the same settings) skips the scoring."""
     if k < 1:
         raise ConfigError(f"num_ref must be >= 1, got {k}")
     files = data_files(folder)
@@ -221,8 +251,11 @@ def reference_patches(target, neuron, folder, *, size: int, patch: int, stride: 
     if top is not None:
         top.info = {**info, "cache_hit": True}
         return top
-    top = top_patches(target, neuron, files, size, patch, stride, k, score_size,
-                      progress=progress)
+    if scores is None:
+        top = top_patches(target, neuron, files, size, patch, stride, k, score_size,
+                          progress=progress)
+    else:
+        top = select_top(scores, neuron, k)
     if use_cache:
         _store_entry(entry, top)
     top.info = {**info, "cache_hit": False}

@@ -28,9 +28,11 @@ over channels, averaged over the reference images).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vital.losses import Objective, resample_quantiles
@@ -188,7 +190,9 @@ def relevance_and_features(target, images: torch.Tensor, layers: list[str], targ
                            score_fn: ScoreFn, rule: str = "gradxact",
                            batch_size: int = 8) -> tuple[dict, dict]:
     """Relevance of the target's score for every activation of ``layers`` and the activations
-    themselves: two dicts ``{layer: (B, C, P)}`` (CPU float32 unless the model is elsewhere)."""
+    themselves: two dicts ``{layer: (B, C, P)}`` in float32 on the model's device."""
+    if not layers:
+        return {}, {}
     layouts = {info.name: info.layout for info in target.layers()}
     parts = [_chunk_relevance(target, chunk, layers, target_layer, score_fn, rule, layouts)
              for chunk in images.split(batch_size)]
@@ -257,30 +261,56 @@ def weighted_references(target, images: torch.Tensor, layers: list[str], target_
     return {k: v / n for k, v in sums.items()}, {k: v / n for k, v in imp.items()}
 
 
+def _resize_positions(maps: torch.Tensor, positions: int, lead: int) -> torch.Tensor | None:
+    """(B, C, P) maps over ``lead`` tokens + a square grid -> ``positions`` positions (bilinear on
+    the grid); None when either grid is not square."""
+    old, new = math.isqrt(maps.shape[-1] - lead), math.isqrt(positions - lead)
+    if old * old != maps.shape[-1] - lead or new * new != positions - lead or old == 0:
+        return None
+    grid = maps[..., lead:].unflatten(-1, (old, old))                  # (B, C, g, g)
+    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)
+    return torch.cat([maps[..., :lead], grid.flatten(2)], -1)          # (B, C, lead + g'^2)
+
+
 class SyntheticMaps:
-    """Relevance maps of the image being optimised, ``{layer: (B, C, P)}`` in [0, 1], computed
-    on ``ctx["input"]`` once per step (shared by every layer's term); with ``every`` > 1 they are
-    reused for that many steps while the shapes still fit."""
+    """Relevance maps of the image being optimised, ``{layer: (B, C, P)}`` in [0, 1], computed on
+    ``ctx["input"]`` and shared by every layer's term. With ``every`` > 1 they are recomputed
+    every ``every`` steps only and resized (bilinear) in between when the input size changed
+    (scale jitter, a new stage), an approximation that trades exactness for speed."""
 
     def __init__(self, target, layers, target_layer, score_fn, rule, every: int = 1):
         self.args = (layers, target_layer, score_fn, rule)
         self.target, self.every = target, max(1, int(every))
+        self.lead = 1 if target.kind == "clip-vit" else 0      # a ViT's class token
         self.step, self.maps = None, None
 
-    def _fits(self, ctx) -> bool:
-        return all(self.maps[k].shape == ctx["features"][k].shape for k in self.maps)
+    def _compute(self, ctx) -> None:
+        layers, target_layer, score_fn, rule = self.args
+        x = ctx["input"]
+        rel = layer_relevance(self.target, x, layers, target_layer, score_fn, rule,
+                              batch_size=x.shape[0])
+        self.maps = {k: spatial_weights(v).to(x.device) for k, v in rel.items()}
+        self.step = ctx.get("step", 0)
+
+    def _fitted(self, ctx) -> dict | None:
+        out = {}
+        for name, maps in self.maps.items():
+            positions = ctx["features"][name].shape[-1]
+            out[name] = maps if maps.shape[-1] == positions else \
+                _resize_positions(maps, positions, self.lead)
+            if out[name] is None or out[name].shape[0] != ctx["features"][name].shape[0]:
+                return None
+        return out
 
     def __call__(self, ctx) -> dict[str, torch.Tensor]:
         step = ctx.get("step", 0)
-        fresh = self.maps is not None and step is not None and self.step is not None and \
-            0 <= step - self.step < self.every and self._fits(ctx)
-        if not fresh:
-            layers, target_layer, score_fn, rule = self.args
-            rel = layer_relevance(self.target, ctx["input"], layers, target_layer, score_fn, rule,
-                                  batch_size=ctx["input"].shape[0])
-            self.maps = {k: spatial_weights(v).to(ctx["input"].device) for k, v in rel.items()}
-            self.step = step
-        return self.maps
+        if self.maps is None or not 0 <= step - self.step < self.every:
+            self._compute(ctx)
+        fitted = self._fitted(ctx)
+        if fitted is None:
+            self._compute(ctx)
+            fitted = self.maps
+        return fitted
 
 
 def relevance_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
