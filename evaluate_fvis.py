@@ -17,9 +17,9 @@ Finished runs are skipped (resume). --shard i/n splits a sweep between processes
 (a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final --report merges.
 
 Examples:
-  python evaluate_fvis.py --json_cfg presets/eval_lite0_quick.json
-  python evaluate_fvis.py --json_cfg presets/eval_lite0_quick.json --shard 0/2   # and 1/2
-  python evaluate_fvis.py --json_cfg presets/eval_lite0_quick.json --report
+  python evaluate_fvis.py --json_cfg presets/eval_lite0.json
+  python evaluate_fvis.py --json_cfg presets/eval_lite0.json --shard 0/2   # and 1/2
+  python evaluate_fvis.py --json_cfg presets/eval_lite0.json --report
   python evaluate_fvis.py --targets espresso daisy --methods vital am_fft --seeds 0 1 \\
       --settings "steps_multires=[50,100],num_ref=12" --out_dir out_eval/small
 """

@@ -90,25 +90,38 @@ def build(cfg: ClassCFG, target):
     return objective, layers + [n for n in steer_layers if n not in layers], size, schedule
 
 
-def render_cfg(cfg: ClassCFG, target):
-    objective, layers, size, schedule = build(cfg, target)
+def render_built(cfg: ClassCFG, target, built):
+    objective, layers, size, schedule = built
     gen = pipeline.generator_for(cfg, target.device)
     param = pipeline.make_param(cfg, size, target.device, gen)
     return render(target, objective, param, schedule, layers, augment=pipeline.make_augment(cfg),
                   generator=gen, save_steps=cfg.save_steps, progress=False)
 
 
+def render_cfg(cfg: ClassCFG, target):
+    return render_built(cfg, target, build(cfg, target))
+
+
 # ---------------------------------------------------------------- 1. speed
 
+SPEED_ROWS = ((1, False), (1, True), (2, True))  # (size / native, steering)
+
+
 def speed(spec: str, ref_dir: Path, native: int, steps: int) -> list[dict]:
+    """Wall and CPU ms per step (after one warm-up step); the machine may be shared, CPU
+    time is the steadier figure."""
     target = load_target(spec)
     rows = []
-    for size in (native, 2 * native):
-        for steer in (False, True):
-            cfg = class_cfg(spec, ref_dir, size=size, steps=steps, attn_steering=steer)
-            render_cfg(class_cfg(spec, ref_dir, size=size, steps=2, attn_steering=steer), target)
-            result = render_cfg(cfg, target)
-            rows.append({"size": size, "steering": steer, "step_ms": 1e3 * result.step_seconds})
+    for factor, steer in SPEED_ROWS:
+        cfg = class_cfg(spec, ref_dir, size=factor * native, steps=steps, attn_steering=steer)
+        built = build(cfg, target)
+        render_built(class_cfg(spec, ref_dir, size=factor * native, steps=1,
+                               attn_steering=steer), target, built)
+        cpu = time.process_time()
+        result = render_built(cfg, target, built)
+        rows.append({"size": factor * native, "steering": steer,
+                     "wall_ms": 1e3 * result.step_seconds,
+                     "cpu_ms": 1e3 * (time.process_time() - cpu) / steps})
     return rows
 
 
@@ -172,10 +185,10 @@ def view_tokens(target, layers: list[str], files: list[Path], count: int) -> dic
     return {name: field_refs.patch_tokens(x) for name, x in feats.items()}
 
 
-def field_figures(spec: str, work: Path, views: int, steps: int) -> list[dict]:
+def field_figures(spec: str, work: Path, views: int, steps: int, images: int) -> list[dict]:
     target = load_target(spec)
     layers = field_refs.token_layers(target, target.default_layers())
-    files = photo_files(work)
+    files = photo_files(work)[:images]
     fit, held = view_tokens(target, layers, files[0::2], views), view_tokens(target, layers,
                                                                              files[1::2], views)
     pos = target.module.positional_embedding[1:].detach().float()
@@ -226,11 +239,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="vit-b32", choices=sorted(SHAPES))
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument("--steps", type=int, default=150, help="steps of each steering run")
-    p.add_argument("--speed_steps", type=int, default=8, help="timed steps per speed row")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=40, help="steps of each steering / harness run")
+    p.add_argument("--speed_steps", type=int, default=4, help="timed steps per speed row")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--field_steps", type=int, default=300)
-    p.add_argument("--field_views", type=int, default=4)
+    p.add_argument("--field_views", type=int, default=2)
+    p.add_argument("--field_images", type=int, default=48, help="photos: half fit, half held out")
     p.add_argument("--out", default=str(REPO / "out_bench" / "vit_extras"))
     return p.parse_args(argv)
 
@@ -243,22 +257,22 @@ def main(argv=None) -> None:
     os.environ.setdefault("VITAL_CACHE", str(work / "cache"))
     spec = str(write_model(args.model, work / f"{args.model}_random.safetensors"))
     ref_dir = build_reference_folders(work / "refs", n_views=12, photos=PHOTOS[:1])["espresso"]
-    native, results = SHAPES[args.model]["image_size"], {}
-    started = time.perf_counter()
-    if "speed" in args.parts:
-        results["speed"] = speed(spec, ref_dir, native, args.speed_steps)
-    if "steering" in args.parts:
-        results["steering"] = steering(spec, ref_dir, args.seeds, args.steps, out)
-    if "field" in args.parts:
-        results["field"] = field_figures(spec, work, args.field_views, args.field_steps)
-    if "harness" in args.parts:
-        results["harness"] = harness(spec, ref_dir, args.steps, out / "harness")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"{args.model} (random weights), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s")
-    for part, rows in results.items():
-        print(f"\n## {part}\n{table(rows) if part != 'harness' else json.dumps(rows)[:4000]}")
-    print(f"\nwrote {out / 'results.json'}")
+    native, started = SHAPES[args.model]["image_size"], time.perf_counter()
+    jobs = {"speed": lambda: speed(spec, ref_dir, native, args.speed_steps),
+            "steering": lambda: steering(spec, ref_dir, args.seeds, args.steps, out),
+            "field": lambda: field_figures(spec, work, args.field_views, args.field_steps,
+                                           args.field_images),
+            "harness": lambda: harness(spec, ref_dir, args.steps, out / "harness")}
+    path = out / "results.json"
+    for part in args.parts:  # each part is saved as soon as it is done (runs are long)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results[part] = jobs[part]()
+        path.write_text(json.dumps(results, indent=2, default=str))
+        rows = results[part]
+        print(f"\n## {part}\n{table(rows) if part != 'harness' else json.dumps(rows)[:4000]}",
+              flush=True)
+    print(f"\n{args.model} (random weights), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -212,12 +212,32 @@ def test_direction_objective_lowers_its_loss(tiny_cnn_target):
         with tiny_cnn_target.hooks(["stage2"]) as feats:
             tiny_cnn_target(image.clamp(0, 1))
             return obj({"features": {"stage2": feats["stage2"].flatten(2)}})
-    first = float(loss())
+    first = loss().item()
     for _ in range(15):
         opt.zero_grad()
         loss().backward()
         opt.step()
-    assert float(loss()) < first - 0.01
+    assert loss().item() < first - 0.01
+
+
+@pytest.mark.parametrize("pool", ["mean", "positions"])
+def test_direction_objective_and_cosines_match_a_loop_reference(pool):
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 5)                       # (B, C, P), signed: split gives C' = 8
+    dirs = torch.rand(2, 8)
+    a = C.to_nonneg(feats, "split")
+    ref = torch.zeros(2, 2)                            # ref[b, k]: image b, direction k
+    for b in range(2):
+        for k in range(2):
+            if pool == "mean":
+                ref[b, k] = torch.cosine_similarity(a[b].mean(-1), dirs[k], dim=0)
+            else:
+                ref[b, k] = sum(torch.cosine_similarity(a[b, :, q], dirs[k], dim=0)
+                                for q in range(5)) / 5
+    unit = torch.nn.functional.normalize(dirs, dim=-1)
+    torch.testing.assert_close(C._cosines(a, unit, pool), ref)
+    obj = C.direction_objective("x", dirs, "split", pool=pool)
+    torch.testing.assert_close(obj({"features": {"x": feats}}), 1 - ref.diag().mean())
 
 
 # ---------------------------------------------------------------- end to end

@@ -3,13 +3,14 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import write_images
 from vital import pipeline
 from vital.bank import BankError, BankMismatch, load_bank
 from vital.cli import main
-from vital.concept_vis import ConceptCFG, FacetCFG, run_concepts, run_facets
+from vital.concept_vis import ConceptCFG, FacetCFG, facet_rows, run_concepts, run_facets
 
 TINY = "module:tests.conftest:TinyCNN"
 
@@ -54,6 +55,20 @@ def test_facets_of_the_top_concept_end_to_end(tmp_path, refs):
     assert meta["facets"]["target_layer"] == "stage2"
     match = json.loads((run_dir / "facets_match.json").read_text())
     assert len(match["cosine"]) == 2 and len(match["concept_cosine"]) == 2
+    stored = load_file(str(run_dir / "facets.safetensors"))
+    assert stored["maps"].shape == (6, 2, 8 * 8)       # 6 patches, 2 facets, stage1 is 8 x 8
+
+
+def test_facet_rows_light_the_patch_where_the_facet_is():
+    patches = torch.rand(3, 3, 16, 16)
+    maps = torch.zeros(3, 2, 4)                          # 2 x 2 positions
+    maps[1, 0] = 1.0                                     # facet 0 everywhere in patch 1
+    maps[2, 1, 0] = 2.0                                  # facet 1 only top-left in patch 2
+    rows = facet_rows(patches, maps)
+    torch.testing.assert_close(rows[0][0], patches[1])  # best first, fully lit
+    torch.testing.assert_close(rows[0][1], 0.25 * patches[0])
+    lit = rows[1][0] / patches[2]
+    assert lit[:, 0, 0].min() > 0.9 and lit[:, -1, -1].max() < 0.3
 
 
 def test_a_bank_that_does_not_fit_is_refused(tmp_path, refs, capsys):

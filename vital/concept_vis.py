@@ -8,10 +8,12 @@ activations at an earlier layer, and render each facet direction while the conce
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vital import concepts as C, losses, pipeline
@@ -77,6 +79,9 @@ class FacetCFG(pipeline.RenderCFG):
     concept_weight: float = opt(1.0, "weight of the term that keeps the concept active")
     direction_how: str = opt("cosine", "direction terms: cosine or dot (projection)",
                              choices=["cosine", "dot"])
+    facet_pool: str = opt("positions", "facet cosine: of the position average (mean) or the "
+                          "mean of every position's cosine (positions; facets are fit on "
+                          "positions)", choices=list(C.POOLINGS))
 
 
 @dataclass
@@ -290,17 +295,38 @@ def concept_patches(bank, files: list[Path], concept: int, n: int) -> torch.Tens
 
 
 def facet_directions(target, layer: str, patches: torch.Tensor, cfg: FacetCFG, rule):
-    """NMF of the patches' per-position activations at ``layer``: (W (F, C'), order, mode, info).
-
-    ``order`` (F, T) lists, per facet, the patches by their mean facet coefficient."""
+    """NMF of the patches' per-position activations at ``layer``:
+    (W (F, C'), maps (T, F, P) facet coefficient per patch position, nonneg mode, info)."""
     view = C.layer_view(target, layer)
     acts = C.layer_activations(target, view, patches, rule)
     mode = C.resolve_nonneg(cfg.nonneg, float(acts.acts.min()))
     x = C.to_nonneg(acts.acts, mode).transpose(1, 2)                  # (T, C', P) -> (T, P, C')
     u, w, info = C.factorise(x[acts.keep], cfg.n_facets, cfg.seed, cfg.nmf_iter)
-    per_patch = torch.zeros(len(patches), cfg.n_facets).index_add_(
-        0, acts.keep.nonzero()[:, 0], u) / acts.keep.sum(1, keepdim=True)   # (T, F)
-    return w, per_patch.argsort(0, descending=True).T, mode, {**info, "nonneg": mode}
+    maps = torch.zeros(*acts.keep.shape, cfg.n_facets)                # (T, P, F)
+    maps[acts.keep] = u
+    return w, maps.transpose(1, 2), mode, {**info, "nonneg": mode}   # (T, P, F) -> (T, F, P)
+
+
+def _overlay(patch: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """Dim ``patch`` (3, S, S) where the facet is weak: ``heat`` (P,) in [0, 1] on a square
+    grid of positions (no overlay when P is not a square)."""
+    side = math.isqrt(heat.numel())
+    if side * side != heat.numel() or side < 2:
+        return patch
+    grid_ = heat.reshape(1, 1, side, side)                               # (P,) -> (1, 1, g, g)
+    up = F.interpolate(grid_, size=patch.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return patch * (0.25 + 0.75 * up)
+
+
+def facet_rows(patches: torch.Tensor, maps: torch.Tensor) -> list[torch.Tensor]:
+    """Per facet, the patches where it peaks highest (best first), lit where it is present."""
+    peak = maps.amax(-1)                                                 # (T, F)
+    rows = []
+    for f in range(maps.shape[1]):
+        order = peak[:, f].sort(descending=True, stable=True).indices
+        scale = peak[:, f].max().clamp_min(1e-12)
+        rows.append(torch.stack([_overlay(patches[t], maps[t, f] / scale) for t in order]))
+    return rows
 
 
 def run_facets(cfg: FacetCFG, argv=None):
@@ -313,26 +339,27 @@ def run_facets(cfg: FacetCFG, argv=None):
     decomp = cfg.decomp_layer or _layer_before(target, layer)
     reg = bank.meta["registers"]
     rule = C.RegisterRule(reg["threshold"], reg["relative"], reg["exclude"])
-    w, order, mode, info = facet_directions(target, decomp, patches, cfg, rule)
+    w, maps, mode, info = facet_directions(target, decomp, patches, cfg, rule)
     objective, layers, meta = _vital_terms(cfg, target, [patches], size)
     dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
     objective = objective + cfg.direction_weight * C.direction_objective(
-        decomp, w, mode, dview.skip, cfg.direction_how, name=f"facet:{decomp}")
+        decomp, w, mode, dview.skip, cfg.direction_how, name=f"facet:{decomp}",
+        pool=cfg.facet_pool)
     objective = objective + cfg.concept_weight * C.direction_objective(
         layer, bank.directions[concept], bank.meta["nonneg"], tview.skip, cfg.direction_how,
         name=f"concept:{layer}")
     layers = list(dict.fromkeys(layers + [decomp, layer]))
     name = f"c{concept}_{Path(str(target.spec)).name}_{decomp}_f{cfg.n_facets}_s{cfg.seed}"
     run_dir = make_run_dir(cfg.out_dir or "out_facet", cfg.run_name or name)
-    _save_facets(run_dir, w, order, concept, decomp, info)
+    _save_facets(run_dir, w, maps, concept, decomp, info)
     meta.update(facets={"bank": str(cfg.bank), "concept": concept, "target_layer": layer,
                         "decomp_layer": decomp, **info})
     run_dir, result = _render(cfg, "facet", target, objective, layers, size, [patches],
                               run_dir, name, meta, argv, batch=cfg.n_facets)
-    rows = [patches[o] for o in order]
+    rows = facet_rows(patches, maps)
     labels = [f"c{concept} facet {f}" for f in range(cfg.n_facets)]
     save_png(_grid_rows(list(result.image), rows, labels), run_dir / "facets_grid.png")
-    cos = C.direction_cosines(target, dview, result.image, w, mode)
+    cos = C.direction_cosines(target, dview, result.image, w, mode, cfg.facet_pool)
     concept_cos = C.direction_cosines(target, tview, result.image,
                                       bank.directions[concept:concept + 1], bank.meta["nonneg"])
     _write_match(run_dir / "facets_match.json", list(range(cfg.n_facets)), cos, "facet",
@@ -352,7 +379,8 @@ def _write_match(path: Path, ids: list[int], cos: torch.Tensor, kind: str, **ext
         for i, k in enumerate(ids)))
 
 
-def _save_facets(run_dir: Path, w, order, concept: int, layer: str, info: dict) -> None:
-    save_file({"directions": w.contiguous(), "patch_order": order.contiguous()},
+def _save_facets(run_dir: Path, w, maps, concept: int, layer: str, info: dict) -> None:
+    """facets.safetensors: directions (F, C') and maps (T, F, P); facets.json: the settings."""
+    save_file({"directions": w.contiguous(), "maps": maps.contiguous()},
               str(run_dir / "facets.safetensors"))
     write_json(run_dir / "facets.json", {"concept": concept, "decomp_layer": layer, **info})

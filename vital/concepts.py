@@ -379,33 +379,56 @@ def rank_concepts(target, bank: ConceptBank, images: torch.Tensor, score, s: Ran
 
 # ---------------------------------------------------------------- objective
 
+POOLINGS = ("mean", "positions")
+
+
+def _cosines(a: torch.Tensor, unit: torch.Tensor, pool: str) -> torch.Tensor:
+    """Cosines (B, K) of non-negative activations a (B, C', P) with unit directions (K, C').
+
+    ``mean``: of the position-averaged activation (concept banks are fit on those);
+    ``positions``: the mean over positions of each position's cosine (facets are fit on
+    positions, so every position should look like the facet)."""
+    if pool == "mean":
+        return F.normalize(a.mean(-1), dim=-1) @ unit.T                    # (B, C') @ (C', K)
+    if pool == "positions":
+        per_position = F.normalize(a, dim=1).transpose(1, 2) @ unit.T      # (B, P, K)
+        return per_position.mean(1)
+    raise ValueError(f"unknown pooling {pool!r}; valid: {', '.join(POOLINGS)}")
+
+
 @torch.no_grad()
 def direction_cosines(target, view: LayerView, images: torch.Tensor, directions: torch.Tensor,
-                      nonneg: str) -> torch.Tensor:
-    """(B, K): cosine of each image's position-averaged non-negative activation at the layer
-    with each direction (K, C') (what ``direction_objective`` raises)."""
+                      nonneg: str, pool: str = "mean") -> torch.Tensor:
+    """(B, K): cosine of each image's non-negative activation at the layer with each
+    direction (K, C'), pooled as ``direction_objective`` pools it."""
     with target.hooks([view.name]) as feats:
         target(images.to(target.device))
-        x = channels_positions(feats[view.name], view.layout)[..., view.skip:]
-        a = to_nonneg(x.float(), nonneg).mean(-1)                      # (B, C')
-    return F.normalize(a, dim=-1).cpu() @ F.normalize(directions.float(), dim=-1).T
+        x = channels_positions(feats[view.name], view.layout)[..., view.skip:]   # (B, C, P)
+        a = to_nonneg(x.float(), nonneg)
+    return _cosines(a, F.normalize(directions.float().to(a.device), dim=-1), pool).cpu()
 
 
 def direction_objective(layer: str, directions: torch.Tensor, nonneg: str, skip: int = 0,
-                        how: str = "cosine", name: str | None = None) -> Objective:
-    """Term ``direction:<layer>``: steer the layer's position-averaged non-negative activation
-    (B, C') along ``directions`` (B, C') or (C',) (one per image of the batch).
+                        how: str = "cosine", name: str | None = None,
+                        pool: str = "mean") -> Objective:
+    """Term ``direction:<layer>``: steer the layer's non-negative activations along
+    ``directions`` (B, C') or (C',) (one per image of the batch).
 
-    ``cosine``: 1 - cosine similarity; ``dot``: minus the projection on the unit direction."""
+    ``cosine``: 1 - cosine similarity (pooled by ``pool``, see ``_cosines``); ``dot``: minus
+    the projection of the position-averaged activation on the unit direction."""
     if how not in ("cosine", "dot"):
         raise ValueError(f"direction objective must be cosine or dot, got {how!r}")
+    if pool not in POOLINGS:
+        raise ValueError(f"unknown pooling {pool!r}; valid: {', '.join(POOLINGS)}")
     unit = F.normalize(directions.detach().float().reshape(-1, directions.shape[-1]), dim=-1)
 
     def fn(ctx) -> torch.Tensor:
-        feats = ctx["features"][layer][..., skip:]                 # (B, C, P) image positions
-        a = to_nonneg(feats, nonneg).mean(-1)                      # (B, C')
-        d = unit.to(a).expand_as(a) if len(unit) == 1 else unit.to(a)
-        if how == "cosine":
-            return 1.0 - F.cosine_similarity(a, d, dim=-1).mean()
-        return -(a * d).sum(-1).mean()
+        a = to_nonneg(ctx["features"][layer][..., skip:], nonneg)   # (B, C', P) image positions
+        d = unit.to(a)
+        d = d.expand(len(a), -1) if len(d) == 1 else d              # (B, C')
+        if how == "dot":
+            return -(a.mean(-1) * d).sum(-1).mean()
+        if pool == "mean":
+            return 1.0 - F.cosine_similarity(a.mean(-1), d, dim=-1).mean()
+        return 1.0 - (F.normalize(a, dim=1) * d[:, :, None]).sum(1).mean()   # (B, C', P)
     return Objective(fn, name or f"direction:{layer}")

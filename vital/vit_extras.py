@@ -52,12 +52,12 @@ class ViTExtrasCFG:
                               "spatial prior); ignored for other models")
     attn_layers: list[int] = opt([-1], "blocks whose class-token attention is steered "
                                  "(negative = from the end; -1 = the last block)")
-    attn_entropy_weight: float = opt(0.5, "weight of the attention-entropy term (0 = off)")
+    attn_entropy_weight: float = opt(1.0, "weight of the attention-entropy term (0 = off)")
     attn_entropy_target: float = opt(0.75, "target entropy of the class token's attention over "
                                      "the patches, as a fraction of log(patches)")
     attn_spatial_prior: str = opt("centre", "none | centre | path of a mask image (white = "
                                   "where the class token should look)")
-    attn_spatial_weight: float = opt(0.5, "weight of the spatial attention prior (0 = off)")
+    attn_spatial_weight: float = opt(1.0, "weight of the spatial attention prior (0 = off)")
     attn_centre_sigma: float = opt(0.3, "std of the centre prior as a fraction of the image side")
     neural_field: bool = opt(False, "CLIP ViT: remove position-locked artefacts (a neural field "
                              "fitted on the references) from the matched tokens")
