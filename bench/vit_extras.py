@@ -13,11 +13,10 @@ the quantities they act on (step time, the class token's attention, the artefact
    class-token attention in the last block: entropy (fraction of log N), RMS distance of the
    attended patches from the centre (fraction of the side), attention mass in the central
    half box. A PNG grid (images and attention maps, without | with) goes to out_bench/.
-3. Neural field: fitted per layer on views of half of the real photos of
-   ../shared/imagenet-dev (the bundled photos if absent); the artefact share
-   RMS(G) / RMS(centred tokens) on the other half before and after removing G (a fresh field
-   fitted on the cleaned held-out tokens); the embed-layer field against the model's own
-   (centred) positional embedding.
+3. Neural field: fitted per layer on views of a third of the real photos of
+   ../shared/imagenet-dev (the bundled photos if absent); on the other two thirds, the
+   position-locked share of the tokens before and after removing it (see ``field_figures``);
+   the embed-layer field against the model's own (centred) positional embedding.
 4. The evaluation harness (``evaluate_fvis.py``) on one class with and without --neural_field.
 
   python bench/vit_extras.py                        # ViT-B/32-shaped, every part
@@ -186,20 +185,27 @@ def view_tokens(target, layers: list[str], files: list[Path], count: int) -> dic
 
 
 def field_figures(spec: str, work: Path, views: int, steps: int, images: int) -> list[dict]:
+    """Fit on a third of the photos; on the other two thirds (two independent sets A and B):
+    the position-locked RMS over the features' RMS before and after removing the field
+    (``nf.locked_rms``), and
+    the norm of a field fitted on held-out set A before and after removal (``artefact_ratio``,
+    which has a noise floor of about 1 / sqrt(images x views))."""
     target = load_target(spec)
     layers = field_refs.token_layers(target, target.default_layers())
     files = photo_files(work)[:images]
-    fit, held = view_tokens(target, layers, files[0::2], views), view_tokens(target, layers,
-                                                                             files[1::2], views)
+    fit, held_a, held_b = (view_tokens(target, layers, files[k::3], views) for k in range(3))
     pos = target.module.positional_embedding[1:].detach().float()
     rows = []
     for name in layers:
         field = nf.fit_field(fit[name], steps=steps)
-        before = nf.artefact_ratio(nf.fit_field(held[name], steps=steps), held[name])
-        cleaned = nf.remove_from_tokens(held[name], field)
-        after = nf.artefact_ratio(nf.fit_field(cleaned, steps=steps), cleaned)
-        row = {"layer": name, "fit_ratio": nf.artefact_ratio(field, fit[name]),
-               "held_before": before, "held_after": after}
+        clean_a, clean_b = (nf.remove_from_tokens(t[name], field) for t in (held_a, held_b))
+        scale = nf.feature_rms(torch.cat([held_a[name], held_b[name]]))
+        row = {"layer": name, "field_ratio": nf.artefact_ratio(field, fit[name]),
+               "locked_before": nf.locked_rms(held_a[name], held_b[name]) / scale,
+               "locked_after": nf.locked_rms(clean_a, clean_b) / scale,
+               "refit_before": nf.artefact_ratio(nf.fit_field(held_a[name], steps=steps),
+                                                 held_a[name]),
+               "refit_after": nf.artefact_ratio(nf.fit_field(clean_a, steps=steps), clean_a)}
         if name == "embed":
             g = field.grid(nf.grid_side(pos.shape[0]))
             row["cos_pos_embed"] = float(F.cosine_similarity(g.flatten(), (pos - pos.mean(0))
@@ -219,8 +225,9 @@ def harness(spec: str, ref_dir: Path, steps: int, out: Path) -> list[dict]:
              "settings": {"steps_multires": [steps // 3, steps - steps // 3], "num_ref": 12}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, str(REPO / "evaluate_fvis.py"), "--json_cfg",
-                    str(out / "sweep.json")], check=True, cwd=REPO)
+                    str(out / "sweep.json")], check=True, cwd=REPO, env=env)
     return [json.loads(p.read_text()) for p in sorted(out.rglob("result.json"))]
 
 
@@ -244,13 +251,17 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--field_steps", type=int, default=300)
     p.add_argument("--field_views", type=int, default=2)
-    p.add_argument("--field_images", type=int, default=48, help="photos: half fit, half held out")
+    p.add_argument("--field_images", type=int, default=60, help="photos: 1/3 fit, 2/3 held out")
     p.add_argument("--out", default=str(REPO / "out_bench" / "vit_extras"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; "
+                   "one is fastest on a shared machine, see bench/README.md)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out) / args.model
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)

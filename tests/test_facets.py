@@ -124,3 +124,18 @@ def test_embedded_model_facets_at_64px(tmp_path, refs):
     assert info["decomp_layer"] == "blocks.10" and result.steps_done == 2
     stored = load_file(str(run_dir / "facets.safetensors"))
     assert stored["directions"].shape == (2, 224) and (stored["directions"] >= 0).all()
+
+
+def test_facet_objective_rewards_the_own_facet_over_its_siblings():
+    from vital.concepts import facet_objective
+    dirs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 1.0]])
+    feats = dirs[:, :, None].expand(3, 3, 4).clone()     # image b = facet b at every position
+    obj = facet_objective("x", dirs, "relu", contrast=1.0)
+    cos = torch.nn.functional.normalize(dirs, dim=-1) @ torch.nn.functional.normalize(
+        dirs, dim=-1).T                                   # (image, facet) cosines
+    expected = sum(1 - cos[b, b] + (cos[b].sum() - cos[b, b]) / 2 for b in range(3)) / 3
+    torch.testing.assert_close(obj({"features": {"x": feats}}), expected)
+    swapped = obj({"features": {"x": feats[[1, 0, 2]]}})
+    assert swapped > expected + 0.5
+    with pytest.raises(ValueError, match="batch"):
+        obj({"features": {"x": feats[:2]}})

@@ -65,6 +65,23 @@ def test_class_run_at_twice_native_size_records_every_switch(tmp_path, tiny_clip
     assert not any(k.startswith("attn_") for k in terms)
 
 
+@pytest.mark.slow
+def test_clip_resnet_class_run_at_twice_native_size(tmp_path, ref_folder, no_opinion):
+    """The attention pool's positional embedding is interpolated too; steering stays off."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = CLIP(32, CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=64),
+                 CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+    path = tmp_path / "tiny_rn.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    run_dir, result = run_class(_class_cfg(tmp_path, path, ref_folder, size=128))
+    assert result.stopped is None and Image.open(run_dir / "final.png").size == (128, 128)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["ref_sizes"] == {"64": 64, "128": 64}
+    assert meta["attn_steering"]["active"] is False
+
+
 def test_reference_sizes_options():
     target = SimpleNamespace(input_size=32, spec="tiny")
     sizes = [16, 32, 64]
@@ -224,6 +241,11 @@ def test_neural_field_recovers_a_planted_position_locked_pattern():
     cleaned = nf.remove_from_tokens(held, field)
     after = nf.artefact_ratio(nf.fit_field(cleaned, steps=300), cleaned)
     assert before > 0.8 and after < 0.4 * before
+    other, _ = _planted(24, 7, 16, seed=2)  # a second independent set for the cross estimate
+    scale = nf.feature_rms(held)
+    assert nf.locked_rms(held, other) > 0.8 * scale
+    assert nf.locked_rms(cleaned, nf.remove_from_tokens(other, field)) < 0.15 * scale
+    assert nf.locked_rms(torch.randn(24, 49, 16), torch.randn(24, 49, 16)) < 0.1
     # the sort-matching layout: class token untouched, patches cleaned
     x = torch.cat([torch.randn(2, 16, 1), held[:2].transpose(1, 2)], dim=2)  # (B, D, 1+N)
     y = nf.remove_field(x, field)

@@ -20,7 +20,7 @@ direction, and the image stays (nearly) the base image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,10 +46,12 @@ class ArithmeticCFG(pipeline.RenderCFG):
     sub: list[str] = opt([], "images (files or words) whose mean embedding is subtracted")
     add_beta: float = opt(1.0, "beta: weight of the mean embedding of --add")
     sub_alpha: float = opt(1.0, "alpha: weight of the mean embedding of --sub")
-    target_weight: float = opt(1.0, "weight of the cosine term toward the target embedding")
+    target_weight: float = opt(10.0, "weight of the cosine term toward the target embedding")
     font: str = opt("", "font file for word images (empty = DejaVu Sans Bold from matplotlib)")
     ref_views: int = opt(8, "augmented copies of the base added to its reference set")
-    # RenderCFG fields with other defaults or spellings for this mode
+    # RenderCFG fields with other defaults, help or spellings for this mode
+    layers: list[str] = opt([], "layers for sort matching to the base (empty = the model's "
+                            "default layers without the two deepest; see query_model_layers.py)")
     deterministic: bool = opt(True, "seed everything and fix cuDNN algorithms",
                               negative_flags=("--no_determinism",))
     flip: bool = opt(False, "random horizontal flips (off: mirrored words are hard to read)")
@@ -208,7 +210,8 @@ def run_arithmetic(cfg: ArithmeticCFG, argv=None):
     """One arithmetic steering run; returns (run_dir, result)."""
     device, target = pipeline.prepare(cfg)
     size = pipeline.image_size(cfg, target)
-    layers, weights = pipeline.resolve_layers(cfg, target)
+    layers, weights = pipeline.resolve_layers(
+        replace(cfg, layers=list(cfg.layers) or shallow_layers(target)), target)
     stage_sizes = pipeline.make_schedule(cfg).stage_sizes(size)
     inputs = load_inputs(cfg, size)
     goal = goal_of(target, inputs, cfg)
@@ -225,6 +228,14 @@ def run_arithmetic(cfg: ArithmeticCFG, argv=None):
                                        gen, name, meta, argv=argv)
     write_report(cfg, target, run_dir, result, inputs, goal, text)
     return run_dir, result
+
+
+def shallow_layers(target) -> list[str]:
+    """The default sort-matching layers: the model's VITAL layers without the two deepest. Those
+    carry the meaning that the arithmetic is meant to change; matching them to the base would
+    hold it in place. The shallow ones keep colours, textures and parts natural."""
+    layers = target.default_layers()
+    return layers[:max(1, len(layers) - 2)]
 
 
 def goal_of(target, inputs: Inputs, cfg: ArithmeticCFG) -> torch.Tensor:

@@ -77,8 +77,10 @@ class FacetCFG(pipeline.RenderCFG):
     nmf_iter: int = opt(500, "NMF iterations")
     direction_weight: float = opt(1.0, "weight of the facet-direction term")
     concept_weight: float = opt(1.0, "weight of the term that keeps the concept active")
-    direction_how: str = opt("cosine", "direction terms: cosine or dot (projection)",
+    direction_how: str = opt("cosine", "concept term: cosine or dot (projection)",
                              choices=["cosine", "dot"])
+    facet_contrast: float = opt(1.0, "penalty on the sibling facets' cosines (0 = plain "
+                                "cosine to the own facet)")
     facet_pool: str = opt("positions", "facet cosine: of the position average (mean) or the "
                           "mean of every position's cosine (positions; facets are fit on "
                           "positions)", choices=list(C.POOLINGS))
@@ -342,9 +344,8 @@ def run_facets(cfg: FacetCFG, argv=None):
     w, maps, mode, info = facet_directions(target, decomp, patches, cfg, rule)
     objective, layers, meta = _vital_terms(cfg, target, [patches], size)
     dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
-    objective = objective + cfg.direction_weight * C.direction_objective(
-        decomp, w, mode, dview.skip, cfg.direction_how, name=f"facet:{decomp}",
-        pool=cfg.facet_pool)
+    objective = objective + cfg.direction_weight * C.facet_objective(
+        decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast)
     objective = objective + cfg.concept_weight * C.direction_objective(
         layer, bank.directions[concept], bank.meta["nonneg"], tview.skip, cfg.direction_how,
         name=f"concept:{layer}")

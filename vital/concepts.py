@@ -432,3 +432,26 @@ def direction_objective(layer: str, directions: torch.Tensor, nonneg: str, skip:
             return 1.0 - F.cosine_similarity(a.mean(-1), d, dim=-1).mean()
         return 1.0 - (F.normalize(a, dim=1) * d[:, :, None]).sum(1).mean()   # (B, C', P)
     return Objective(fn, name or f"direction:{layer}")
+
+
+def facet_objective(layer: str, directions: torch.Tensor, nonneg: str, skip: int = 0,
+                    pool: str = "positions", contrast: float = 1.0,
+                    name: str | None = None) -> Objective:
+    """Term ``facet:<layer>``: image b of the batch shows facet b (directions (F, C'), B = F)
+    and not its sibling facets: ``1 - cos_b + contrast * mean_{g != b} cos_g``.
+
+    Facets of one concept overlap (they share the concept), so every facet's cosine starts
+    alike; the sibling penalty makes the image show what sets its facet apart."""
+    unit = F.normalize(directions.detach().float(), dim=-1)
+    if len(unit) < 2 and contrast:
+        raise ValueError("the facet contrast needs at least 2 facets")
+
+    def fn(ctx) -> torch.Tensor:
+        a = to_nonneg(ctx["features"][layer][..., skip:], nonneg)   # (B, C', P) image positions
+        cos = _cosines(a, unit.to(a), pool)                         # (B, F)
+        if len(cos) != len(unit):
+            raise ValueError(f"facet objective: batch {len(cos)} != {len(unit)} facets")
+        own = cos.diag()
+        others = (cos.sum(1) - own) / max(1, len(unit) - 1)
+        return (1.0 - own + contrast * others).mean()
+    return Objective(fn, name or f"facet:{layer}")

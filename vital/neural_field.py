@@ -158,6 +158,20 @@ def artefact_ratio(field: FourierField, tokens: torch.Tensor) -> float:
     return float(g.pow(2).mean().sqrt() / spread)
 
 
+def feature_rms(tokens: torch.Tensor) -> float:
+    """RMS of the centred patch tokens (n, N, D): the scale artefact norms are relative to."""
+    return float(centred(tokens.float().cpu()).pow(2).mean().sqrt())
+
+
+def locked_rms(tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> float:
+    """RMS of the position-locked part of two independent sets of patch tokens (n, N, D),
+    without a fit: sqrt(<mean_a, mean_b> / (N*D)), mean_x the mean centred map of a set. Noise
+    that differs between the sets cancels in the cross product (in expectation), so unlike the
+    norm of a fitted field this does not grow when there are few images."""
+    a, b = centred(tokens_a.float().cpu()).mean(0), centred(tokens_b.float().cpu()).mean(0)
+    return float((a * b).mean().clamp_min(0).sqrt())  # (N, D) . (N, D) / (N*D)
+
+
 def remove_field(x: torch.Tensor, field: FourierField) -> torch.Tensor:
     """Sort-matching features (B, D, 1+N), class token first, minus G on the patch positions."""
     side = grid_side(x.shape[-1] - 1)

@@ -5,8 +5,11 @@ render, write the run folder). Mode modules (``vital.class_vis``, ...) add their
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -177,11 +180,49 @@ def generator_for(cfg: RenderCFG, device) -> torch.Generator:
     return gen
 
 
+@dataclass(frozen=True)
+class RunHooks:
+    """Optional observers of a run (the desktop GUI uses them); none changes the result."""
+    on_progress: Callable | None = None   # (step, total, loss, image) every progress_every steps
+    should_stop: Callable | None = None   # () -> bool, asked before each step; True ends the run
+    on_record: Callable | None = None     # (step, record) per save step, and the final opinion
+    progress_every: int = 5
+
+
+_HOOKS: ContextVar[RunHooks] = ContextVar("vital_run_hooks", default=RunHooks())
+
+
+@contextmanager
+def run_hooks(**hooks):
+    """Every ``run`` inside this block (in this thread) uses these ``RunHooks`` fields unless
+    it is given its own: a caller can watch and stop any mode's run function (``run_class``,
+    ``run_inner``, ...) without each of them passing the hooks along."""
+    token = _HOOKS.set(RunHooks(**hooks))
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
+
+
+def _record_callback(writer: RunWriter, on_record):
+    if on_record is None:
+        return writer.on_step
+
+    def callback(step, image, record):
+        writer.on_step(step, image, record)
+        on_record(step, record)
+    return callback
+
+
 def run(cfg: RenderCFG, mode: str, target, objective: Objective, layers: list[str], param,
         generator, run_name: str, extra_meta: dict | None = None, argv=None,
-        run_dir: Path | None = None):
+        run_dir: Path | None = None, *, on_progress=None, should_stop=None, on_record=None):
     """Render and write ``out_<mode>/<run_name>/`` (or into ``run_dir``, a folder the caller
-    already made with ``make_run_dir``); returns (run_dir, result)."""
+    already made with ``make_run_dir``); returns (run_dir, result). The keyword hooks (see
+    ``RunHooks``; default: those of an enclosing ``run_hooks`` block) watch or stop the run."""
+    given = {k: v for k, v in dict(on_progress=on_progress, should_stop=should_stop,
+                                   on_record=on_record).items() if v is not None}
+    hooks = replace(_HOOKS.get(), **given)
     run_dir = Path(run_dir) if run_dir else make_run_dir(cfg.out_dir or f"out_{mode}",
                                                          cfg.run_name or run_name)
     meta = run_metadata(cfg, argv, mode=mode, model_spec=str(target.spec),
@@ -190,10 +231,14 @@ def run(cfg: RenderCFG, mode: str, target, objective: Objective, layers: list[st
     opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
     schedule = make_schedule(cfg)
     result = render(target, objective, param, schedule, layers, augment=make_augment(cfg),
-                    generator=generator, save_steps=cfg.save_steps, callback=writer.on_step,
-                    progress=cfg.progress, record_fn=opinion)
+                    generator=generator, save_steps=cfg.save_steps,
+                    callback=_record_callback(writer, hooks.on_record),
+                    progress=cfg.progress, record_fn=opinion, on_progress=hooks.on_progress,
+                    progress_every=hooks.progress_every, should_stop=hooks.should_stop)
     final_opinion = opinion(result.image) if opinion is not None else {}
     final = writer.finish(result, {"final_opinion": final_opinion})
+    if hooks.on_record is not None:
+        hooks.on_record(result.steps_done, {"final": True, **final_opinion})
     report(result, final, final_opinion)
     return run_dir, result
 
@@ -201,8 +246,8 @@ def run(cfg: RenderCFG, mode: str, target, objective: Objective, layers: list[st
 def report(result, final: Path, final_opinion: dict) -> None:
     if final_opinion.get("opinion_text"):
         print(f"final opinion: {final_opinion['opinion_text']}")
-    if result.stopped == "interrupted":
-        print(f"interrupted after {result.steps_done} steps; saved what exists: {final}",
+    if result.stopped in ("interrupted", "stopped"):
+        print(f"{result.stopped} after {result.steps_done} steps; saved what exists: {final}",
               file=sys.stderr)
     elif result.stopped:
         print(f"stopped: {result.stopped}; saved the last good image: {final}", file=sys.stderr)

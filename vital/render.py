@@ -49,12 +49,16 @@ class RenderResult:
     alpha: torch.Tensor              # (B, H, W) accumulated |gradient|, normalised to [0, 1]
     history: list[dict] = field(default_factory=list)   # one record per save step
     steps_done: int = 0
-    stopped: str | None = None       # None, "interrupted" or "nan: <term>"
+    stopped: str | None = None       # None, "interrupted", "stopped" (should_stop) or "nan: <term>"
     step_seconds: float = 0.0
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message names the term."""
+
+
+class _StopRequested(Exception):
+    """``should_stop()`` said yes: end the run like Ctrl-C, keeping what exists."""
 
 
 def _first_bad_term(terms: dict[str, torch.Tensor]) -> str:
@@ -71,14 +75,19 @@ def _step_features(target, feats: dict, layouts: dict) -> dict[str, torch.Tensor
 def render(target, objective, param, schedule: Schedule, layers: list[str],
            augment: Callable | None = None, generator: torch.Generator | None = None,
            save_steps: int = 200, callback: Callable | None = None,
-           progress: bool = True, record_fn: Callable | None = None) -> RenderResult:
+           progress: bool = True, record_fn: Callable | None = None,
+           on_progress: Callable | None = None, progress_every: int = 5,
+           should_stop: Callable[[], bool] | None = None) -> RenderResult:
     """Optimise ``param`` = (params, image_fn) so that ``objective`` falls.
 
     ``objective.terms(ctx)`` returns the named, already weighted loss terms; their sum is the
     loss. ``ctx`` holds "image" (full size, [0,1]), "input" (what the model saw), "features"
     ({layer: (B, C, P)}), "output", "stage", "size" and "step". ``callback(step, image, record)``
     runs every ``save_steps`` and at the end; ``record_fn(image)`` may add fields (e.g. the model's
-    opinion) to those records.
+    opinion) to those records. ``on_progress(step, total, loss, image)`` (optional) runs after
+    step 1, every ``progress_every`` steps and after the last; ``should_stop()`` (optional) is
+    asked before every step and ends the run like Ctrl-C (``stopped = "stopped"``). Neither
+    touches a random generator, so they never change the result.
     """
     import time
     params, image_fn = param
@@ -96,6 +105,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
                 optimizer = torch.optim.Adam(params, lr=schedule.lr, betas=schedule.betas)
                 for t in range(n_steps):
+                    if should_stop is not None and should_stop():
+                        raise _StopRequested
                     for group in optimizer.param_groups:
                         group["lr"] = schedule.lr_at(t, n_steps)
                     optimizer.zero_grad(set_to_none=True)
@@ -124,8 +135,13 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                         bar.set_postfix(loss=f"{loss.item():.4g}", size=stage_size)
                     if save_steps and step % save_steps == 0:
                         _save(result, step, terms, callback, record_fn, bar)
+                    if on_progress is not None and (step == 1 or step == schedule.total
+                                                    or step % max(1, progress_every) == 0):
+                        on_progress(step, schedule.total, loss.item(), result.image)
     except KeyboardInterrupt:
         result.stopped = "interrupted"
+    except _StopRequested:
+        result.stopped = "stopped"
     except NonFiniteLoss as err:
         result.stopped = f"nan: {err}"
     finally:

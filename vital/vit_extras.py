@@ -152,12 +152,17 @@ def attn_entropy_objective(layer: str, target_frac: float, weight: float = 1.0) 
     return weight * Objective(fn, f"attn_entropy:{layer}")
 
 
+def patch_side(attn: torch.Tensor) -> int:
+    """Side of the square patch grid behind attention (B, H, L, L) or (B, H, L*L)."""
+    length = attn.shape[-1] if attn.dim() == 4 else math.isqrt(attn.shape[-1])
+    return grid_side(length - 1)
+
+
 def attn_spatial_objective(layer: str, priors: PriorMaps, weight: float = 1.0) -> Objective:
     """Term ``attn_spatial:<layer>``: the spatial prior on the class token's attention."""
     def fn(ctx):
         attn = _attention(ctx, layer)
-        side = grid_side(class_token_attention(attn).shape[-1])
-        return spatial_loss(attn, priors(side))
+        return spatial_loss(attn, priors(patch_side(attn)))
     return weight * Objective(fn, f"attn_spatial:{layer}")
 
 

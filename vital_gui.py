@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Desktop GUI for a quick start: pick a mode (class, inner neuron, arithmetic, concept), a
+model and a target, press Run and watch the image form. Runs the same library code as the
+scripts; "Save config" writes the JSON they read with --json_cfg.
+
+Examples:
+  python vital_gui.py
+  python vital_gui.py --out_dir my_runs
+"""
+import sys
+
+from vital.gui import main
+
+if __name__ == "__main__":
+    sys.exit(main())
