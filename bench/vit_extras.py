@@ -149,20 +149,26 @@ def heat(amap: torch.Tensor, size: int) -> torch.Tensor:
     return up[0].expand(3, -1, -1)  # (1, 1, s, s) -> (3, s, s)
 
 
-def steering(spec: str, ref_dir: Path, seeds: list[int], steps: int, out: Path) -> list[dict]:
+def steering(spec: str, ref_dir: Path, seeds: list[int], steps: int, weights: list[float],
+             out: Path) -> list[dict]:
+    """Per seed: steering off, then on with each weight (entropy and spatial weight alike).
+    Grid rows: one per seed; columns: image and attention map per setting."""
     target = load_target(spec)
     rows, tiles, labels = [], [], []
     for seed in seeds:
-        for steer in (False, True):
-            cfg = class_cfg(spec, ref_dir, steps=steps, seed=seed, attn_steering=steer)
+        for weight in [0.0] + list(weights):
+            cfg = class_cfg(spec, ref_dir, steps=steps, seed=seed, attn_steering=weight > 0,
+                            attn_entropy_weight=weight, attn_spatial_weight=weight,
+                            save_steps=steps)
             result = render_cfg(cfg, target)
             stats, amap = attention_stats(target, result.image)
-            rows.append({"seed": seed, "steering": steer, **stats})
-            tag = "with" if steer else "without"
+            sort = sum(v for k, v in result.history[-1]["terms"].items() if k.startswith("sort:"))
+            rows.append({"seed": seed, "attn_weight": weight, **stats, "sort_loss": sort})
+            tag = f"w{weight:g}" if weight else "off"
             tiles += [to_pil(result.image[0]), to_pil(heat(amap, result.image.shape[-1]))]
             labels += [f"s{seed} {tag}", f"attn {tag}"]
     out.mkdir(parents=True, exist_ok=True)
-    grid(tiles, labels, cols=4).save(out / "steering_grid.png")
+    grid(tiles, labels, cols=2 * (1 + len(weights))).save(out / "steering_grid.png")
     return rows
 
 
@@ -197,15 +203,15 @@ def field_figures(spec: str, work: Path, views: int, steps: int, images: int) ->
     pos = target.module.positional_embedding[1:].detach().float()
     rows = []
     for name in layers:
-        field = nf.fit_field(fit[name], steps=steps)
+        field = nf.fit_field(fit[name], steps=steps, views=views)
         clean_a, clean_b = (nf.remove_from_tokens(t[name], field) for t in (held_a, held_b))
         scale = nf.feature_rms(torch.cat([held_a[name], held_b[name]]))
         row = {"layer": name, "field_ratio": nf.artefact_ratio(field, fit[name]),
                "locked_before": nf.locked_rms(held_a[name], held_b[name]) / scale,
                "locked_after": nf.locked_rms(clean_a, clean_b) / scale,
-               "refit_before": nf.artefact_ratio(nf.fit_field(held_a[name], steps=steps),
+               "refit_before": nf.artefact_ratio(nf.fit_field(held_a[name], steps, views),
                                                  held_a[name]),
-               "refit_after": nf.artefact_ratio(nf.fit_field(clean_a, steps=steps), clean_a)}
+               "refit_after": nf.artefact_ratio(nf.fit_field(clean_a, steps, views), clean_a)}
         if name == "embed":
             g = field.grid(nf.grid_side(pos.shape[0]))
             row["cos_pos_embed"] = float(F.cosine_similarity(g.flatten(), (pos - pos.mean(0))
@@ -216,19 +222,25 @@ def field_figures(spec: str, work: Path, views: int, steps: int, images: int) ->
 
 # ---------------------------------------------------------------- 4. evaluation harness
 
-def harness(spec: str, ref_dir: Path, steps: int, out: Path) -> list[dict]:
-    """Run evaluate_fvis.py with and without --neural_field; return the result.json rows."""
+HARNESS_KEYS = ("self_top1", "judge_top1", "fid", "class_auc", "class_mad", "seconds_per_step")
+
+
+def harness(spec: str, ref_dir: Path, steps: int, seeds: list[int], out: Path) -> list[dict]:
+    """Run evaluate_fvis.py with and without --neural_field (FID needs 2+ seeds); return the
+    report's mean per method (summary.json)."""
     methods = [{"name": "vital", "overrides": {}},
                {"name": "vital_field", "overrides": {"neural_field": True}}]
     sweep = {"out_dir": str(out), "models": [spec], "targets": [f"espresso={ref_dir}"],
-             "methods": methods, "seeds": [0], "device": "cpu", "progress": False,
+             "methods": methods, "seeds": seeds, "device": "cpu", "progress": False,
              "settings": {"steps_multires": [steps // 3, steps - steps // 3], "num_ref": 12}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, str(REPO / "evaluate_fvis.py"), "--json_cfg",
                     str(out / "sweep.json")], check=True, cwd=REPO, env=env)
-    return [json.loads(p.read_text()) for p in sorted(out.rglob("result.json"))]
+    summary = json.loads((out / "report" / "summary.json").read_text())[spec]["rows"]
+    return [{"method": m, **{k: summary[m][k][0] for k in HARNESS_KEYS if k in summary[m]}}
+            for m in summary]
 
 
 # ---------------------------------------------------------------- report
@@ -249,6 +261,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="steps of each steering / harness run")
     p.add_argument("--speed_steps", type=int, default=4, help="timed steps per speed row")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--attn_weights", type=float, nargs="+", default=[1.0],
+                   help="steering weights compared with steering off")
+    p.add_argument("--harness_seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--field_steps", type=int, default=300)
     p.add_argument("--field_views", type=int, default=2)
     p.add_argument("--field_images", type=int, default=60, help="photos: 1/3 fit, 2/3 held out")
@@ -270,18 +285,19 @@ def main(argv=None) -> None:
     ref_dir = build_reference_folders(work / "refs", n_views=12, photos=PHOTOS[:1])["espresso"]
     native, started = SHAPES[args.model]["image_size"], time.perf_counter()
     jobs = {"speed": lambda: speed(spec, ref_dir, native, args.speed_steps),
-            "steering": lambda: steering(spec, ref_dir, args.seeds, args.steps, out),
+            "steering": lambda: steering(spec, ref_dir, args.seeds, args.steps,
+                                         args.attn_weights, out),
             "field": lambda: field_figures(spec, work, args.field_views, args.field_steps,
                                            args.field_images),
-            "harness": lambda: harness(spec, ref_dir, args.steps, out / "harness")}
+            "harness": lambda: harness(spec, ref_dir, args.steps, args.harness_seeds,
+                                       out / "harness")}
     path = out / "results.json"
     for part in args.parts:  # each part is saved as soon as it is done (runs are long)
         results = json.loads(path.read_text()) if path.exists() else {}
         results[part] = jobs[part]()
         path.write_text(json.dumps(results, indent=2, default=str))
         rows = results[part]
-        print(f"\n## {part}\n{table(rows) if part != 'harness' else json.dumps(rows)[:4000]}",
-              flush=True)
+        print(f"\n## {part}\n{table(rows)}", flush=True)
     print(f"\n{args.model} (random weights), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s; wrote {path}")
 

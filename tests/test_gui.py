@@ -4,6 +4,7 @@ itself under a virtual X server (Xvfb), driven through its buttons with the real
 Window tests skip when no X server can be started (install Xvfb: `apt-get install xvfb`;
 .ci/run does this). A screenshot of the window after a run is written to test-artifacts/.
 """
+import gc
 import json
 import os
 import select
@@ -211,7 +212,9 @@ def make_app(display, tmp_path):
         if app.worker is not None:
             app.worker.stop()
             app.worker.thread.join(60)
-        app.root.destroy()
+        app.close()
+    apps.clear()
+    gc.collect()       # Tk objects must be freed in this thread, not in a later worker's
 
 
 def pump_until(app, condition, timeout=120.0) -> None:
@@ -251,7 +254,7 @@ def _screenshot(app, path: Path) -> Path:
     return path
 
 
-def test_embedded_model_run_from_the_window_equals_the_script(make_app, ref_folder, tmp_path):
+def test_embedded_model_run_from_the_window(make_app, ref_folder):
     app = make_app("efficientnet-lite0")
     assert app.root.title().startswith("VITAL") and app.model.get() == "efficientnet-lite0"
     pump_until(app, lambda: isinstance(app.infos.get("efficientnet-lite0"), gm.ModelInfo))
@@ -260,18 +263,29 @@ def test_embedded_model_run_from_the_window_equals_the_script(make_app, ref_fold
     app.buttons["run"].invoke()
     pump_until(app, lambda: _idle(app))
     assert app.message.get() == "" and app.status.get() == "finished after 4 steps"
-    final = Path(app.run_dir) / "final.png"
     from PIL import Image
-    assert Image.open(final).size == (64, 64)
+    assert Image.open(Path(app.run_dir) / "final.png").size == (64, 64)
     assert app.opinion.get().startswith("top-5:") and float(app.bar.cget("value")) == 4
     assert str(Path(app.run_dir).resolve()) in app.out_path.get()
     shot = _screenshot(app, ARTIFACTS / "gui_after_run.png")
     assert Image.open(shot).size[0] > 400
+
+
+def test_window_run_equals_the_script_with_the_saved_config(make_app, ref_folder, tmp_path):
+    app = make_app()
+    _fill(app, ref_folder, steps=6, size=32, target="class3")
+    app.keys["class"]["class_weight"].set("0.5")
+    app.buttons["run"].invoke()
+    pump_until(app, lambda: _idle(app))
+    final = Path(app.run_dir) / "final.png"
+    assert app.status.get() == "finished after 6 steps" and final.is_file()
     saved = app.save_config(str(tmp_path / "gui_cfg.json"))
     data = json.loads(Path(saved).read_text())
-    assert (data["model"], data["target"], data["size"]) == ("efficientnet-lite0", "espresso", 64)
+    assert (data["model"], data["target"], data["class_weight"]) == (TINY, "class3", 0.5)
+    assert "class_neurons_fvis.py --json_cfg" in app.status.get()
     proc = subprocess.run([sys.executable, str(ROOT / "class_neurons_fvis.py"), "--json_cfg",
-                           saved], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           saved, "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     script_final = Path(proc.stdout.strip().splitlines()[-1])
     assert script_final != final and script_final.read_bytes() == final.read_bytes()

@@ -220,3 +220,19 @@ def test_synthetic_maps_are_reused_and_resized(cnn, monkeypatch):
     torch.testing.assert_close(bigger, expected)
     maps(ctx(3, 32))                                   # every=3: recomputed at step 3
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("rule", ["gradxact", "guided"])
+def test_vit_rules_give_maps_per_token(tiny_clip_file, rule):
+    target = load_target(str(tiny_clip_file))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    maps = rel.layer_relevance(target, images, ["embed", "block.0"], "block.1.mlp",
+                               lambda f: f[:, 3, 1:].mean(-1), rule)
+    for layer in ("embed", "block.0"):
+        assert maps[layer].shape == (2, 64, 17) and torch.isfinite(maps[layer]).all()
+        assert maps[layer].abs().sum() > 0
+    if rule == "guided":
+        with target.hooks(["block.0"]) as feats:            # a x relu(g): sign of a
+            target(images)
+            act = feats["block.0"].transpose(1, 2)
+        assert ((maps["block.0"] == 0) | (torch.sign(maps["block.0"]) == torch.sign(act))).all()

@@ -22,7 +22,7 @@ from vital.losses import Objective
 from vital.references import (_load_cached, _store_cached, cache_dir, load_images,
                               reference_key)
 
-VERSION = 1          # bump when the fit changes: old cache entries are then not used
+VERSION = 2          # bump when the fit changes: old cache entries are then not used
 VIEW_ZOOM = 1.5      # views are crops of the image resized to this times the input size
 _SEP = "::"          # cache key = f"{layer}{_SEP}{tensor name}"
 
@@ -118,7 +118,7 @@ def fit_fields(target, layers: list[str], files, num=None, views_per_image: int 
     fields, ratios = {}, {}
     for layer in tqdm(layers, desc="neural fields", disable=not progress, leave=False):
         tokens = patch_tokens(feats[layer])
-        fields[layer] = nf.fit_field(tokens, steps=steps)
+        fields[layer] = nf.fit_field(tokens, steps=steps, views=views_per_image)
         ratios[layer] = nf.artefact_ratio(fields[layer], tokens)
     if use_cache:
         _store_cached(path, _pack(fields, ratios), info)

@@ -66,7 +66,7 @@ class VitalApp:
         self.set_mode("class")
         self.request_model_info()
         root.protocol("WM_DELETE_WINDOW", self.close)
-        root.after(POLL_MS, self._poll)
+        self._poll_id = root.after(POLL_MS, self._poll)
 
     # ------------------------------------------------------------ variables
 
@@ -398,6 +398,7 @@ class VitalApp:
             self.status.set("stopping the run before closing ...")
             self.root.after(POLL_MS, self.close)
             return
+        self.root.after_cancel(self._poll_id)
         self.root.destroy()
 
     # ------------------------------------------------------------ the worker's messages
@@ -411,14 +412,14 @@ class VitalApp:
                 break
             if item[0] == "progress":
                 latest = item          # only the newest image is worth drawing
-            else:
-                self._handle(item)
+                continue
+            if latest is not None:     # draw it before what came after it (e.g. "done")
+                self._show_progress(*latest[1:])
+                latest = None
+            self._handle(item)
         if latest is not None:
             self._show_progress(*latest[1:])
-        try:
-            self.root.after(POLL_MS, self._poll)
-        except tk.TclError:
-            pass                       # the window is gone
+        self._poll_id = self.root.after(POLL_MS, self._poll)
 
     def _handle(self, item: tuple) -> None:
         kind, rest = item[0], item[1:]

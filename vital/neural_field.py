@@ -103,20 +103,38 @@ def _init_field(side: int, out_dim: int, n_freqs: int, hidden: int) -> FourierFi
         return FourierField(freqs, hidden, out_dim)
 
 
-def fit_field(tokens: torch.Tensor, steps: int = 300, n_freqs: int = N_FREQS,
-              hidden: int = HIDDEN) -> FourierField:
-    """Fit G to patch tokens (n, N, D) of n images on a square grid; returns the frozen field.
+def shrunk_mean_map(tokens: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """The mean centred map (N, D) of tokens (n, N, D), image-major with ``views`` views per
+    image, each channel shrunk toward 0 by its estimated signal share (a Wiener factor
+    1 - noise / power; the noise of the mean is the variance over images / images). Without it
+    a field fitted on few images would mostly be their noise, and removing it would add noise."""
+    n = tokens.shape[0]
+    if views < 1 or n % views:
+        raise ValueError(f"{n} token sets are not a whole number of images x {views} views")
+    per_image = centred(tokens.float().cpu()).view(n // views, views, *tokens.shape[1:]).mean(1)
+    mean = per_image.mean(0)  # (images, N, D) -> (N, D)
+    if per_image.shape[0] < 2:
+        return mean
+    noise = per_image.var(0).mean(0) / per_image.shape[0]  # (D,)
+    shrink = (1 - noise / mean.pow(2).mean(0).clamp_min(1e-12)).clamp(0, 1)  # (D,)
+    return mean * shrink
 
-    Full-batch Adam on the mean centred map (the least-squares optimum of a shared G), with the
-    target scaled to unit RMS; ``scale`` and ``offset`` then give G in feature units with zero
-    mean over this grid.
+
+def fit_field(tokens: torch.Tensor, steps: int = 300, views: int = 1, n_freqs: int = N_FREQS,
+              hidden: int = HIDDEN) -> FourierField:
+    """Fit G to patch tokens (n, N, D) on a square grid (image-major, ``views`` per image);
+    returns the frozen field.
+
+    Full-batch Adam on the shrunk mean centred map (the least-squares optimum of a shared G,
+    see ``shrunk_mean_map``), scaled to unit RMS; ``scale`` and ``offset`` then give G in
+    feature units with zero mean over this grid.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be (images, patches, channels), got {tuple(tokens.shape)}")
     if steps < 1:
         raise ValueError(f"the field needs at least one fitting step, got {steps}")
     side = grid_side(tokens.shape[1])
-    target = centred(tokens.float().cpu()).mean(0)  # (N, D)
+    target = shrunk_mean_map(tokens, views)  # (N, D)
     scale = target.pow(2).mean().sqrt().clamp_min(1e-12)
     field = _init_field(side, target.shape[1], n_freqs, hidden)
     _train(field, grid_coords(side), target / scale, steps)
