@@ -52,6 +52,7 @@ IMAGENET_DEV = REPO.parent / "shared" / "imagenet-dev"
 SHAPES = {"vit-b32": dict(layers=12, width=768, patch_size=32, image_size=224, embed=512),
           "tiny": dict(layers=2, width=64, patch_size=8, image_size=32, embed=32)}
 PARTS = ("speed", "steering", "field", "harness")
+TILE = 128  # smallest tile of the steering grid in px (tiny models are upscaled, nearest)
 
 
 def write_model(name: str, path: Path) -> Path:
@@ -165,7 +166,9 @@ def steering(spec: str, ref_dir: Path, seeds: list[int], steps: int, weights: li
             sort = sum(v for k, v in result.history[-1]["terms"].items() if k.startswith("sort:"))
             rows.append({"seed": seed, "attn_weight": weight, **stats, "sort_loss": sort})
             tag = f"w{weight:g}" if weight else "off"
-            tiles += [to_pil(result.image[0]), to_pil(heat(amap, result.image.shape[-1]))]
+            side = max(TILE, result.image.shape[-1])
+            tiles += [to_pil(F.interpolate(result.image, size=(side, side), mode="nearest")),
+                      to_pil(heat(amap, side))]
             labels += [f"s{seed} {tag}", f"attn {tag}"]
     out.mkdir(parents=True, exist_ok=True)
     grid(tiles, labels, cols=2 * (1 + len(weights))).save(out / "steering_grid.png")

@@ -124,7 +124,7 @@ def short_vocabulary(monkeypatch):
 
 def _cfg(tmp_path, **kw) -> ArithmeticCFG:
     base = dict(size=32, steps_multires=[6, 10], save_steps=8, out_dir=str(tmp_path / "out"),
-                run_name="t", progress=False, device="cpu", target_weight=5.0)
+                run_name="t", progress=False, device="cpu")
     return ArithmeticCFG(**{**base, **kw})
 
 
@@ -133,7 +133,8 @@ def _summary(run_dir: Path) -> dict:
 
 
 def test_king_man_woman_on_a_tiny_clip(tmp_path, short_vocabulary, capsys):
-    cfg = _cfg(tmp_path, model=_tiny_clip(tmp_path), base="KING", sub=["MAN"], add=["WOMAN"])
+    cfg = _cfg(tmp_path, model=_tiny_clip(tmp_path), base="KING", sub=["MAN"], add=["WOMAN"],
+               lr=0.1, warmup=2)    # the tiny CLIP's word embeddings are ~0.98 apart
     run_dir, result = run_arithmetic(cfg)
     assert result.steps_done == 16 and result.stopped is None
     for name in ("final.png", "arithmetic_strip.png", "arithmetic.json", "metrics.json"):
@@ -150,36 +151,37 @@ def test_king_man_woman_on_a_tiny_clip(tmp_path, short_vocabulary, capsys):
 
 
 def _lite_cfg(tmp_path, **kw) -> ArithmeticCFG:
+    """64 px on the embedded model, 20 steps, no augmentation: at 64 px the penultimate
+    features move slowly and augmentation noise would hide the steering in a short run."""
     return _cfg(tmp_path, model="efficientnet-lite0", size=64, base=_photo("espresso"),
-                steps_multires=[8], save_steps=0, **kw)
+                steps_multires=[20], warmup=5, jitter=0, scales=[1.0], save_steps=0, **kw)
 
 
-def test_espresso_plus_tabby_on_the_embedded_model(tmp_path):
-    cfg = _lite_cfg(tmp_path, add=[_photo("tabby")], sub=["word:COFFEE"])
-    run_dir, _ = run_arithmetic(cfg)
-    summary = _summary(run_dir)
-    assert summary["embedding"].startswith("penultimate")
-    cos = summary["cosine"]
-    assert cos["result_to_target"] > cos["base_to_target"] + 0.01
-    assert summary["opinion"]["base"]["opinion_text"].startswith("top-5:")
-    meta = json.loads((run_dir / "config.json").read_text())
-    assert meta["add"] == [{"kind": "file", "value": _photo("tabby")}]
+def test_embedded_model_steers_and_zero_weights_keep_the_base(tmp_path):
+    """Steered: espresso photo - the word COFFEE + a cat photo, on penultimate features.
+    alpha = beta = 0: the target is the base's own direction and the references are its own
+    features, so every term starts at its minimum. Tolerances: the embedding stays within
+    cosine 0.99 of the base (measured 0.998) and clearly closer to it than the steered run's
+    (measured 0.975). Pixels: Adam scales even the tiny gradients at an optimum to steps of
+    about lr, so the pyramid drifts by a few grey levels of grain (measured mean 3.9/255 after
+    20 steps, the same in the steered run); the bound 8/255 says "the base, up to grain"."""
+    cat = _photo("tabby")
+    steered, _ = run_arithmetic(_lite_cfg(tmp_path, add=[cat], sub=["word:COFFEE"],
+                                          run_name="steered"))
+    still, _ = run_arithmetic(_lite_cfg(tmp_path, add=[cat], sub=["word:COFFEE"],
+                                        add_beta=0.0, sub_alpha=0.0, run_name="still"))
+    moved, kept = _summary(steered), _summary(still)
+    assert moved["embedding"].startswith("penultimate")
+    assert moved["cosine"]["result_to_target"] > moved["cosine"]["base_to_target"] + 0.01
+    assert kept["cosine"]["base_to_target"] > 0.9999      # the target is the base direction
+    assert kept["cosine"]["result_to_base"] > 0.99
+    assert kept["cosine"]["result_to_base"] > moved["cosine"]["result_to_base"] + 0.01
+    assert kept["mean_abs_pixel_change"] < 8 / 255
+    assert moved["opinion"]["base"]["opinion_text"].startswith("top-5:")
+    meta = json.loads((steered / "config.json").read_text())
+    assert meta["add"] == [{"kind": "file", "value": cat}]
     assert meta["sub"] == [{"kind": "word", "value": "COFFEE"}]
-
-
-def test_zero_weights_keep_the_base_image(tmp_path):
-    """alpha = beta = 0: the target is the base's own embedding and the references are its own
-    features, so every term starts at its minimum and only augmentation noise and the TV prior
-    move the image. Tolerance: mean |change| < 2/255 (below one 8-bit level on most pixels
-    once the noise averages out), and less than a fifth of what beta = 1 toward a cat moves."""
-    still, _ = run_arithmetic(_lite_cfg(tmp_path, add=[_photo("tabby")], add_beta=0.0,
-                                        sub_alpha=0.0, run_name="zero"))
-    moved, _ = run_arithmetic(_lite_cfg(tmp_path, add=[_photo("tabby")], add_beta=1.0,
-                                        run_name="one"))
-    change = _summary(still)["mean_abs_pixel_change"]
-    assert change < 2 / 255
-    assert change < 0.2 * _summary(moved)["mean_abs_pixel_change"]
-    assert _summary(still)["cosine"]["result_to_base"] > 0.98
+    assert meta["layers"] == ["stem", "blocks.0", "blocks.2", "blocks.4"]   # shallow defaults
 
 
 def test_same_seed_same_png(tmp_path):

@@ -249,6 +249,9 @@ def goal_of(target, inputs: Inputs, cfg: ArithmeticCFG) -> torch.Tensor:
 def _objective(cfg, target, layers, weights, base, sizes, goal, grabbed) -> Objective:
     objective = cfg.target_weight * steering_objective(goal.to(target.device), grabbed)
     objective = objective + pipeline.priors(cfg)
+    if cfg.ref_views < 0:
+        raise ConfigError(f"ref_views must be >= 0 (augmented copies of the base), got "
+                          f"{cfg.ref_views}")
     if cfg.feat_weight:
         refs = base_references(target, layers, base, sizes, pipeline.make_augment(cfg),
                                cfg.ref_views, cfg.seed)

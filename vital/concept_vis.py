@@ -75,7 +75,7 @@ class FacetCFG(pipeline.RenderCFG):
     facet_patches: int = opt(16, "top patches of the concept whose activations are factorised")
     nonneg: str = opt("auto", "non-negativity at decomp_layer", choices=list(C.NONNEG))
     nmf_iter: int = opt(500, "NMF iterations")
-    direction_weight: float = opt(1.0, "weight of the facet-direction term")
+    direction_weight: float = opt(10.0, "weight of the facet term")
     concept_weight: float = opt(1.0, "weight of the term that keeps the concept active")
     direction_how: str = opt("cosine", "concept term: cosine or dot (projection)",
                              choices=["cosine", "dot"])
@@ -215,7 +215,7 @@ def _report(bank) -> None:
 
 def run_concepts(cfg: ConceptCFG, argv=None):
     """Bank + (unless extract_only) one batch render of the shown concepts; (run_dir, result)."""
-    device, target = pipeline.prepare(cfg)
+    _, target = pipeline.prepare(cfg)
     size = pipeline.image_size(cfg, target)
     bank, patches, label = build_bank(cfg, target, size)
     name = (f"{label}_{Path(str(target.spec)).name}_{bank.meta['layer']}_k{bank.n_concepts}"
@@ -230,16 +230,8 @@ def run_concepts(cfg: ConceptCFG, argv=None):
     meta = {"concepts": {"bank": str(run_dir / FILE_NAME), "shown": shown,
                          "registers": bank.meta["registers"], "ranking": bank.meta["ranking"]}}
     if cfg.extract_only:
-        write_json(run_dir / "config.json", run_metadata(cfg, argv, mode="concept",
-                   model_spec=str(target.spec), weight_hash=target.weight_hash, **meta))
-        save_png(_grid_rows(None, groups, labels), run_dir / "concepts_patches.png")
-        print(run_dir / FILE_NAME)
-        return run_dir, ExtractResult()
-    objective, layers, info = _vital_terms(cfg, target, groups, size)
-    view = C.layer_view(target, bank.meta["layer"])
-    objective = objective + cfg.direction_weight * C.direction_objective(
-        view.name, bank.directions[shown], bank.meta["nonneg"], view.skip, cfg.direction_how)
-    layers = list(dict.fromkeys(layers + [view.name]))
+        return _extract_only(cfg, target, run_dir, meta, groups, labels, argv)
+    objective, layers, info, view = _concept_objective(cfg, target, bank, shown, groups, size)
     run_dir, result = _render(cfg, "concept", target, objective, layers, size, groups,
                               run_dir, name, {**meta, **info}, argv, batch=len(shown))
     save_png(_grid_rows(list(result.image), groups, labels), run_dir / "concepts_grid.png")
@@ -248,6 +240,23 @@ def run_concepts(cfg: ConceptCFG, argv=None):
     _write_match(run_dir / "concepts_match.json", shown, cos, "concept")
     print(run_dir / "concepts_grid.png")
     return run_dir, result
+
+
+def _extract_only(cfg, target, run_dir: Path, meta: dict, groups, labels, argv):
+    write_json(run_dir / "config.json", run_metadata(cfg, argv, mode="concept",
+               model_spec=str(target.spec), weight_hash=target.weight_hash, **meta))
+    save_png(_grid_rows(None, groups, labels), run_dir / "concepts_patches.png")
+    print(run_dir / FILE_NAME)
+    return run_dir, ExtractResult()
+
+
+def _concept_objective(cfg: ConceptCFG, target, bank, shown: list[int], groups, size: int):
+    """VITAL terms per concept plus the direction term; (objective, layers, info, view)."""
+    objective, layers, info = _vital_terms(cfg, target, groups, size)
+    view = C.layer_view(target, bank.meta["layer"])
+    objective = objective + cfg.direction_weight * C.direction_objective(
+        view.name, bank.directions[shown], bank.meta["nonneg"], view.skip, cfg.direction_how)
+    return objective, list(dict.fromkeys(layers + [view.name])), info, view
 
 
 # ---------------------------------------------------------------- facets
@@ -259,6 +268,17 @@ def _layer_before(target, layer: str) -> str:
         raise ConfigError(f"no default layer comes before {layer!r}; give --decomp_layer "
                           f"(valid layers: {', '.join(names)})")
     return earlier[-1]
+
+
+def _below(cfg: FacetCFG, target, decomp: str) -> FacetCFG:
+    """Unless --layers is given, sort-match only the default layers below the facet layer (as
+    VITAL does for inner neurons): matching the whole concept's distribution at the facet
+    layer itself would pull every facet back to the same mixture."""
+    if cfg.layers:
+        return cfg
+    names = [info.name for info in target.layers()]
+    lower = [d for d in target.default_layers() if names.index(d) < names.index(decomp)]
+    return dataclasses.replace(cfg, layers=lower or [decomp], layer_weights=[])
 
 
 def _bank_files(cfg: FacetCFG, bank) -> list[Path]:
@@ -342,7 +362,7 @@ def run_facets(cfg: FacetCFG, argv=None):
     reg = bank.meta["registers"]
     rule = C.RegisterRule(reg["threshold"], reg["relative"], reg["exclude"])
     w, maps, mode, info = facet_directions(target, decomp, patches, cfg, rule)
-    objective, layers, meta = _vital_terms(cfg, target, [patches], size)
+    objective, layers, meta = _vital_terms(_below(cfg, target, decomp), target, [patches], size)
     dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
     objective = objective + cfg.direction_weight * C.facet_objective(
         decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast)
