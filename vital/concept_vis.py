@@ -353,7 +353,7 @@ def facet_rows(patches: torch.Tensor, maps: torch.Tensor) -> list[torch.Tensor]:
 
 def run_facets(cfg: FacetCFG, argv=None):
     """Facets of one concept, rendered as one batch; returns (run_dir, result)."""
-    device, target = pipeline.prepare(cfg)
+    _, target = pipeline.prepare(cfg)
     size = pipeline.image_size(cfg, target)
     bank, layer, files = load_checked_bank(cfg, target)
     concept = bank.order()[0] if cfg.concept < 0 else cfg.concept
@@ -362,14 +362,8 @@ def run_facets(cfg: FacetCFG, argv=None):
     reg = bank.meta["registers"]
     rule = C.RegisterRule(reg["threshold"], reg["relative"], reg["exclude"])
     w, maps, mode, info = facet_directions(target, decomp, patches, cfg, rule)
-    objective, layers, meta = _vital_terms(_below(cfg, target, decomp), target, [patches], size)
-    dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
-    objective = objective + cfg.direction_weight * C.facet_objective(
-        decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast)
-    objective = objective + cfg.concept_weight * C.direction_objective(
-        layer, bank.directions[concept], bank.meta["nonneg"], tview.skip, cfg.direction_how,
-        name=f"concept:{layer}")
-    layers = list(dict.fromkeys(layers + [decomp, layer]))
+    objective, layers, meta = _facet_objective(cfg, target, bank, concept, (layer, decomp),
+                                               patches, w, mode, size)
     name = f"c{concept}_{Path(str(target.spec)).name}_{decomp}_f{cfg.n_facets}_s{cfg.seed}"
     run_dir = make_run_dir(cfg.out_dir or "out_facet", cfg.run_name or name)
     _save_facets(run_dir, w, maps, concept, decomp, info)
@@ -377,16 +371,36 @@ def run_facets(cfg: FacetCFG, argv=None):
                         "decomp_layer": decomp, **info})
     run_dir, result = _render(cfg, "facet", target, objective, layers, size, [patches],
                               run_dir, name, meta, argv, batch=cfg.n_facets)
-    rows = facet_rows(patches, maps)
     labels = [f"c{concept} facet {f}" for f in range(cfg.n_facets)]
-    save_png(_grid_rows(list(result.image), rows, labels), run_dir / "facets_grid.png")
-    cos = C.direction_cosines(target, dview, result.image, w, mode, cfg.facet_pool)
-    concept_cos = C.direction_cosines(target, tview, result.image,
+    save_png(_grid_rows(list(result.image), facet_rows(patches, maps), labels),
+             run_dir / "facets_grid.png")
+    _facet_match(cfg, target, bank, concept, (layer, decomp), result.image, w, mode, run_dir)
+    print(run_dir / "facets_grid.png")
+    return run_dir, result
+
+
+def _facet_objective(cfg: FacetCFG, target, bank, concept: int, layers_: tuple[str, str],
+                     patches, w, mode: str, size: int):
+    """Sort matching below the facet layer + facet term + concept term; (obj, layers, meta)."""
+    layer, decomp = layers_
+    objective, layers, meta = _vital_terms(_below(cfg, target, decomp), target, [patches], size)
+    dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
+    objective = objective + cfg.direction_weight * C.facet_objective(
+        decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast)
+    objective = objective + cfg.concept_weight * C.direction_objective(
+        layer, bank.directions[concept], bank.meta["nonneg"], tview.skip, cfg.direction_how,
+        name=f"concept:{layer}")
+    return objective, list(dict.fromkeys(layers + [decomp, layer])), meta
+
+
+def _facet_match(cfg, target, bank, concept, layers_, images, w, mode, run_dir: Path) -> None:
+    layer, decomp = layers_
+    cos = C.direction_cosines(target, C.layer_view(target, decomp), images, w, mode,
+                              cfg.facet_pool)
+    concept_cos = C.direction_cosines(target, C.layer_view(target, layer), images,
                                       bank.directions[concept:concept + 1], bank.meta["nonneg"])
     _write_match(run_dir / "facets_match.json", list(range(cfg.n_facets)), cos, "facet",
                  concept_cosine=concept_cos[:, 0].tolist())
-    print(run_dir / "facets_grid.png")
-    return run_dir, result
 
 
 def _write_match(path: Path, ids: list[int], cos: torch.Tensor, kind: str, **extra) -> None:

@@ -11,10 +11,12 @@ content moves between views while G does not:
     tokens(view v, position p) - mean_p tokens(v)  ~  G(p) + residual(v, p)
 
 The least-squares fit of a shared G is the fit to the mean over views, so the MLP is trained on
-that (N, D) map. G has zero mean over the model's native patch grid (a per-channel constant is
-not position-locked, and sort matching is blind to it when removed from both sides). Being a
-function of continuous coordinates, G can be evaluated on the larger patch grids of images
-above the native size (CLIP interpolates its positional embeddings the same way).
+that (N, D) map, each channel shrunk by its estimated signal share so that a field fitted on few
+images does not carry their noise (``shrunk_mean_map``). G has zero mean over the model's
+native patch grid (a per-channel constant is not position-locked, and sort matching is blind to
+it when removed from both sides). Being a function of continuous coordinates, G can be
+evaluated on the larger patch grids of images above the native size (CLIP interpolates its
+positional embeddings the same way).
 """
 from __future__ import annotations
 
