@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import sys
@@ -122,18 +123,35 @@ def summarise(rows: list[dict], methods) -> str:
     return "\n".join(lines)
 
 
+def _settings(args) -> dict:
+    return {**vars(args), "methods": [list(m) for m in args.methods]}
+
+
+def finished_rows(out: Path, args) -> list[dict]:
+    """Rows of an earlier run with the same settings (resume after a crash or a kill)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return data["rows"] if data.get("args") == json.loads(json.dumps(_settings(args))) else []
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rows = finished_rows(out, args)
+    done = {(r["neuron"], r["method"]) for r in rows}
     target = load_target(args.model)
     real = real_activations(target, args.layer, data_files(args.data_dir), args.size)
-    scores = layer_patch_scores(make_cfg(args, 0), target, resolve_target(target, args.layer, 0))
-    rows = []
+    scores = functools.cache(lambda: layer_patch_scores(      # scored once, on a patch-cache miss
+        make_cfg(args, 0), target, resolve_target(target, args.layer, 0)))
     for channel in pick_channels(args, real.shape[1]):
         neuron = resolve_target(target, args.layer, channel)
         top_real = real[:, channel].topk(min(args.num_real, len(real))).values
         for name, over in args.methods:
+            if (channel, name) in done:
+                continue
             started = time.time()
             fv, sec = run_method(args, target, neuron, name, over, scores)
             row = {"neuron": channel, "method": name, **metrics.auc_mad(fv, top_real),
@@ -142,8 +160,8 @@ def main(argv=None) -> int:
                    "seconds": time.time() - started}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            (out / "results.json").write_text(json.dumps({"args": vars(args) | {
-                "methods": [list(m) for m in args.methods]}, "rows": rows}, indent=2))
+            (out / "results.json").write_text(json.dumps({"args": _settings(args), "rows": rows},
+                                                         indent=2))
     table = summarise(rows, args.methods)
     (out / "summary.md").write_text(table + "\n")
     print(table)

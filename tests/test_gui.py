@@ -129,15 +129,20 @@ def test_completion_prefers_prefixes():
     assert gm.complete("espr", names, limit=1) == ["espresso"]
 
 
-def test_bundled_folders_are_offered_and_built_when_missing(tmp_path):
+def test_bundled_folders_are_offered_and_built_when_missing(tmp_path, monkeypatch):
+    import vital.bundled
+    built = []
+    monkeypatch.setattr(vital.bundled, "build_reference_folders",
+                        lambda root: built.append(root) or (Path(root) / "espresso").mkdir(
+                            parents=True))
     root = tmp_path / "refs"
     choices = gm.bundled_choices("class", root)
     assert str(root / "espresso") in choices and str(root) not in choices
     assert str(root) in gm.bundled_choices("inner", root)
-    assert not gm.ensure_bundled([str(tmp_path / "elsewhere")], root)
-    assert gm.ensure_bundled([str(root / "espresso")], root)
-    assert len(list((root / "espresso").glob("*.png"))) > 1
-    assert not gm.ensure_bundled([str(root / "espresso")], root)    # built once
+    assert gm.is_bundled(root / "tabby" / "view_00.png", root)
+    assert not gm.ensure_bundled([str(tmp_path / "elsewhere")], root) and not built
+    assert gm.ensure_bundled([str(root / "espresso")], root) and built == [root]
+    assert not gm.ensure_bundled([str(root / "espresso")], root) and len(built) == 1
 
 
 def test_plain_error_is_one_line_without_a_traceback(capsys):
@@ -317,6 +322,12 @@ def test_errors_show_as_sentences_and_the_window_stays_usable(make_app, ref_fold
     app.buttons["run"].invoke()
     assert app.worker is None and app.status.get() == ""     # nothing started
     assert "does not exist" in app.message.get() and "Traceback" not in app.message.get()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fill(app, empty, steps=2, size=32)
+    app.buttons["run"].invoke()                  # found only by the run: a sentence too
+    pump_until(app, lambda: _idle(app))
+    assert "holds no images" in app.message.get() and app.status.get() == "not run"
     _fill(app, ref_folder, steps=2, size=32, target="not a class")
     app.buttons["run"].invoke()
     pump_until(app, lambda: _idle(app))

@@ -265,8 +265,8 @@ class VitalApp:
         spec = self.model.get().strip()
         if not spec:
             return
-        if spec in self.infos:
-            self._apply_info(spec)
+        if isinstance(self.infos.get(spec), gm.ModelInfo) or self.infos.get(spec) == "loading":
+            self._apply_info(spec)     # known (a failed load is tried again: files may appear)
             return
         self.infos[spec] = "loading"
         self.model_note.set(f"loading {spec} ...")
@@ -281,7 +281,8 @@ class VitalApp:
             self._say(info)
             return
         self.model_note.set(info.describe())
-        self._say("")
+        if self.message.get().startswith("The model "):
+            self._say("")              # an earlier model's load error no longer applies
         names = [i.name for i in info.layers]
         self.layer_box.configure(values=names)
         self.concept_layer_box.configure(values=info.all_layers)
@@ -342,7 +343,7 @@ class VitalApp:
             return False
         try:
             mode, cfg = self.current_cfg()
-        except (gm.FormError, TypeError) as err:
+        except gm.FormError as err:
             self._say(str(err))
             return False
         self.last_cfg, self.last_mode, self.run_dir = cfg, mode, None

@@ -21,6 +21,7 @@ attribution to ``--auto_prompt``) and visualises the top N.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -242,7 +243,7 @@ def layer_patch_scores(cfg: InnerCFG, target, neuron: NeuronTarget) -> PatchScor
                          crop["score_size"], progress=cfg.progress)
 
 
-def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores: PatchScores | None = None):
+def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores=None):
     return reference_patches(target, neuron, cfg.data_dir, k=cfg.num_ref, use_cache=cfg.cache,
                              progress=cfg.progress, scores=scores, **_crop_settings(cfg, target))
 
@@ -274,9 +275,10 @@ def _run_name(target, neuron: NeuronTarget, seed: int) -> str:
 
 
 def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None,
-               patch_scores: PatchScores | None = None):
+               patch_scores=None):
     """Visualise one target; returns (run_dir, result). ``patch_scores`` (from
-    ``layer_patch_scores`` with the same cfg) saves scoring the data set again."""
+    ``layer_patch_scores`` with the same cfg, or a function returning them, called only when
+    the patch cache misses) saves scoring the data set again."""
     size = pipeline.image_size(cfg, target)
     schedule = pipeline.make_schedule(cfg)
     top = _patches(cfg, target, neuron, patch_scores)
@@ -355,7 +357,8 @@ def run_auto(cfg: InnerCFG, target, argv=None):
     top = scores.topk(min(cfg.auto, len(scores)))
     print("ranked neurons of", cfg.layer, ":", ", ".join(
         f"{i} ({s:.3g})" for s, i in zip(top.values.tolist(), top.indices.tolist())))
-    dirs, result, shared = [], None, layer_patch_scores(cfg, target, probe)
+    shared = functools.cache(lambda: layer_patch_scores(cfg, target, probe))   # on a cache miss
+    dirs, result = [], None
     for rank, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
         set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
         one = dataclasses.replace(cfg, neuron=index,

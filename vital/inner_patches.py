@@ -237,9 +237,10 @@ def _store_entry(folder: Path, top: TopPatches) -> None:
 
 def reference_patches(target, neuron, folder, *, size: int, patch: int, stride: int, k: int,
                       score_size: int = 0, use_cache: bool = True, progress: bool = True,
-                      scores: PatchScores | None = None) -> TopPatches:
+                      scores=None) -> TopPatches:
     """The top-k patches of the images under ``folder`` for ``neuron``, cached on disk.
-    ``scores`` (from ``score_patches`` with the same settings) skips the scoring."""
+    ``scores`` (from ``score_patches`` with the same settings, or a function returning them,
+    called only on a cache miss) skips the scoring."""
     if k < 1:
         raise ConfigError(f"num_ref must be >= 1, got {k}")
     files = data_files(folder)
@@ -255,7 +256,7 @@ def reference_patches(target, neuron, folder, *, size: int, patch: int, stride: 
         top = top_patches(target, neuron, files, size, patch, stride, k, score_size,
                           progress=progress)
     else:
-        top = select_top(scores, neuron, k)
+        top = select_top(scores() if callable(scores) else scores, neuron, k)
     if use_cache:
         _store_entry(entry, top)
     top.info = {**info, "cache_hit": False}
