@@ -11,9 +11,11 @@ arithmetic_strip.png (base | result | add | sub), arithmetic.json (cosines, opin
 Examples:
   python class_neurons_fvis_arithmetic.py --json_cfg presets/arithmetic_king_queen_vit_b32.json
   python class_neurons_fvis_arithmetic.py --model ViT-B/32 --base KING --sub MAN --add WOMAN
-  python scripts/build_references.py --out references
-  python class_neurons_fvis_arithmetic.py --json_cfg presets/arithmetic_espresso_tabby_efficientnet.json
-  python class_neurons_fvis_arithmetic.py --base photo.jpg --add word:SNOW --add_beta 0.5 --no_determinism
+  python scripts/build_references.py --out references      # then, offline:
+  python class_neurons_fvis_arithmetic.py \
+      --json_cfg presets/arithmetic_espresso_tabby_efficientnet.json
+  python class_neurons_fvis_arithmetic.py --base photo.jpg --add word:SNOW --add_beta 0.5 \
+      --no_determinism
 """
 import sys
 from dataclasses import dataclass

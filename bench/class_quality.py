@@ -93,12 +93,16 @@ def build_refs(row: dict, root: Path, n_views: int) -> Path:
     return folder
 
 
-def render_one(over: dict, row: dict, seed: int, ref_dir: Path, args, runs: Path):
+def run_name(label: str, row: dict, seed: int) -> str:
+    return f"{label}_{row['index']}_s{seed}".replace(":", "+").replace(",", "+")
+
+
+def render_one(label: str, over: dict, row: dict, seed: int, ref_dir: Path, args, runs: Path):
     """(final image (1, 3, H, W), optimisation seconds) of one method on one class."""
     cfg = ClassCFG(model=args.model, target=str(row["index"]), ref_dir=str(ref_dir),
                    num_ref=args.n_views, steps_multires=list(args.steps_multires), seed=seed,
                    save_steps=0, progress=False, out_dir=str(runs),
-                   run_name=f"{row['index']}_s{seed}", **over)
+                   run_name=run_name(label, row, seed), **over)
     with contextlib.redirect_stdout(io.StringIO()):  # run_class prints the final path
         _, result = run_class(cfg)
     if result.stopped:
@@ -157,6 +161,8 @@ def parse_args(argv=None):
                    "on a busy shared machine 1 is much faster, see README)")
     p.add_argument("--work_dir", type=Path, help="references and runs (default: a temp folder, "
                    "removed at the end)")
+    p.add_argument("--resume", action="store_true", help="keep the scores in --out's "
+                   "partial.jsonl and the images in --work_dir/runs; render only the rest")
     return p.parse_args(argv)
 
 
@@ -175,19 +181,31 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     classes = pick_classes(read_index(args.data), args.classes)
+    if args.resume and args.work_dir is None:
+        raise SystemExit("--resume needs the --work_dir of the interrupted run")
     methods = [parse_method(m) for m in args.methods]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vital_bench_"))
     models = {"self": load_target(args.model), "judge": load_target(args.judge)}
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "class_quality.partial.jsonl"  # progress that survives an interrupt
-    partial.unlink(missing_ok=True)
-    tiles = {}
-    records = photo_records(classes, models, tiles)
+    tiles, done = {}, {}
+    if args.resume and partial.exists():
+        lines = partial.read_text().splitlines()
+        done = {(r["method"], r["class"], r["seed"]): r for r in map(json.loads, lines)}
+    elif partial.exists():
+        partial.unlink()
+    records = photo_records(classes, models, tiles) + list(done.values())
     jobs = [(m, row, s) for row in classes for m in methods for s in args.seeds]
     try:
         refs = {row["index"]: build_refs(row, work / "refs", args.n_views) for row in classes}
         for (label, over), row, seed in tqdm(jobs, desc="class quality", dynamic_ncols=True):
-            image, secs = render_one(over, row, seed, refs[row["index"]], args, work / "runs")
+            if (label, row["index"], seed) in done:  # --resume: scored before, image on disk
+                tiles.setdefault((label, row["index"]), load_image(
+                    work / "runs" / run_name(label, row, seed) / "final.png",
+                    models["self"].input_size)[None])
+                continue
+            image, secs = render_one(label, over, row, seed, refs[row["index"]], args,
+                                     work / "runs")
             records.append({"method": label, "class": row["index"], "seed": seed,
                             "seconds": secs, **score(models, image, row["index"])})
             tiles.setdefault((label, row["index"]), image)
