@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import TinyCNN, write_images
+from conftest import write_images
 from vital import inner_patches as P
 from vital.cli import main
 from vital.inner import InnerCFG, neuron_objective, resolve_target, run_inner

@@ -56,13 +56,14 @@ class InnerCFG(pipeline.RenderCFG):
     patch_size: int = opt(64, "side of the square patches in px (at data_size)")
     stride: int = opt(0, "step between patches in px (0 = patch_size // 2)")
     score_size: int = opt(0, "px at which the model scores a patch (0 = as cropped)")
-    neuron_weight: float = opt(0.1, "weight of the neuron term, normalised by the references' "
+    neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
     relevance: str = opt("lrp", "relevance weighting of sort matching: lrp (zennit for CNNs, "
                          "conservative rule for ViTs), gradxact, guided, none",
                          choices=list(rel.RULES))
-    relevance_every: int = opt(4, "recompute the synthetic image's relevance maps every N steps "
-                               "and resize them in between (1 = every step, as in the paper)")
+    relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
+                               "(1 = every step, as in the paper; > 1 is faster but reuses maps "
+                               "across jitter and flips)")
     auto: int = opt(0, "> 0: rank the layer's neurons and visualise the top N (not --neuron)")
     auto_prompt: str = opt("", "CLIP + --auto: rank by attribution to this text prompt instead "
                            "of by mean activation on the data set")
@@ -165,7 +166,8 @@ def load_direction(path, channels: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- objective pieces
 
-def neuron_objective(neuron: NeuronTarget, scale: float = 1.0, weight: float = 1.0) -> losses.Objective:
+def neuron_objective(neuron: NeuronTarget, scale: float = 1.0,
+                     weight: float = 1.0) -> losses.Objective:
     """Term ``neuron:<layer>:<n>``: minus the target's score on ctx["features"], / ``scale``."""
     scale = max(abs(float(scale)), 1e-6)
 

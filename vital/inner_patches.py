@@ -80,7 +80,8 @@ def iter_images(files: list[Path], size: int, batch: int = 8):
 
 # ---------------------------------------------------------------- cropping and scoring
 
-def crop_patches(images: torch.Tensor, patch: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_patches(images: torch.Tensor, patch: int,
+                 stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, S, S) -> patches (N, K, 3, p, p) and their top-left corners (K, 2) as (row, col)."""
     n, c, h, w = images.shape
     if not 1 <= patch <= min(h, w) or stride < 1:

@@ -276,7 +276,8 @@ class SyntheticMaps:
     """Relevance maps of the image being optimised, ``{layer: (B, C, P)}`` in [0, 1], computed on
     ``ctx["input"]`` and shared by every layer's term. With ``every`` > 1 they are recomputed
     every ``every`` steps only and resized (bilinear) in between when the input size changed
-    (scale jitter, a new stage), an approximation that trades exactness for speed."""
+    (scale jitter, a new stage): faster, but maps from one augmentation (roll, flip) then weight
+    the activations of another."""
 
     def __init__(self, target, layers, target_layer, score_fn, rule, every: int = 1):
         self.args = (layers, target_layer, score_fn, rule)
