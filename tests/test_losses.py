@@ -41,6 +41,32 @@ def test_sort_matching_gradient_equals_loop_reference():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_sort_matching_float32_cpu_path_equals_loop_reference():
+    """float32 on CPU takes the packed-key sort; loss and gradient must equal Algorithm 1."""
+    x1 = torch.randn(2, 4, 50, generator=_gen(12)).requires_grad_(True)
+    x2 = x1.detach().double().requires_grad_(True)
+    ref = torch.randn(4, 30, generator=_gen(13)).sort(-1).values
+    loss = L.sort_matching(x1, ref)
+    loss.backward()
+    expected = _sort_matching_loops(x2, ref.double())
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_sort_order_is_a_stable_sort_of_float32_with_ties_and_signs():
+    g = _gen(14)
+    x = torch.randint(-3, 4, (3, 200), generator=g).float() * 0.5   # many ties, both signs
+    x[0, :5] = torch.tensor([float("-inf"), float("inf"), -1e-30, 1e-30, -7.25])
+    x[1] = torch.randn(200, generator=g) * 1e6
+    order = L.sort_order(x)
+    assert order.dtype == torch.int64 and order.shape == x.shape
+    torch.testing.assert_close(order, x.sort(dim=-1, stable=True).indices, rtol=0, atol=0)
+    torch.testing.assert_close(L.sort_values(x), x.sort(dim=-1).values, rtol=0, atol=0)
+    strided = x.t().contiguous().t()                                  # non-contiguous input
+    torch.testing.assert_close(L.sort_order(strided), order, rtol=0, atol=0)
+
+
 def test_sort_matching_is_zero_for_the_same_distribution():
     ref = torch.randn(4, 10, generator=_gen(4)).sort(-1).values
     perms = torch.stack([torch.randperm(10, generator=_gen(5 + i)) for i in range(2 * 4)])

@@ -69,3 +69,34 @@ def test_cache_key_depends_on_content_size_and_layers(tiny_cnn_target, ref_folde
     assert key(["stage1"], 48) != base and key(["stem"], 32) != base
     files[0].write_bytes(files[1].read_bytes())
     assert key(["stem"], 48) != base
+
+
+def test_cache_hit_does_not_decode_images(tiny_cnn_target, ref_folder, isolated_cache,
+                                          monkeypatch):
+    import vital.references as R
+    files = list_images(ref_folder)
+    first, _ = reference_quantiles(tiny_cnn_target, ["stem"], files, 48, num=3, progress=False)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("a cache hit must not decode the reference images")
+    monkeypatch.setattr(R, "load_image", no_decode)
+    again, info = reference_quantiles(tiny_cnn_target, ["stem"], files, 48, num=3, progress=False)
+    assert info["cache_hit"] and info["files"] == [str(f) for f in files[:3]]
+    torch.testing.assert_close(first, again)
+
+
+def test_cache_with_an_unreadable_file_hits_on_the_readable_ones(tiny_cnn_target, ref_folder,
+                                                                   isolated_cache):
+    bad = ref_folder / "a_broken.png"          # sorts first: the fast path's candidates miss
+    bad.write_bytes(b"not a png")
+    files = list_images(ref_folder)
+    assert files[0] == bad
+    with pytest.warns(UserWarning, match="unreadable"):
+        first, info1 = reference_quantiles(tiny_cnn_target, ["stem"], files, 48, num=3,
+                                           progress=False)
+    with pytest.warns(UserWarning, match="unreadable"):
+        again, info2 = reference_quantiles(tiny_cnn_target, ["stem"], files, 48, num=3,
+                                           progress=False)
+    assert str(bad) not in info1["files"] and len(info1["files"]) == 3
+    assert not info1["cache_hit"] and info2["cache_hit"] and info1["key"] == info2["key"]
+    torch.testing.assert_close(first, again)

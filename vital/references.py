@@ -109,6 +109,7 @@ def reference_key(target, layers: list[str], files: list[Path], size: int) -> st
 def sorted_features(target, layers: list[str], images: torch.Tensor, batch_size: int = 8,
                     progress: bool = True) -> dict[str, torch.Tensor]:
     """Per layer, the (C, P) sorted features averaged over the images."""
+    from vital.losses import sort_values
     from vital.models import channels_positions  # late import keeps this module light
     layouts = {info.name: info.layout for info in target.layers()}
     sums: dict[str, torch.Tensor] = {}
@@ -118,7 +119,7 @@ def sorted_features(target, layers: list[str], images: torch.Tensor, batch_size:
             target(chunk.to(target.device))
             for name in layers:
                 x = channels_positions(feats[name], layouts[name])  # (B, C, P)
-                s = x.float().sort(dim=-1).values.sum(0)             # (C, P)
+                s = sort_values(x.float()).sum(0)                    # (C, P)
                 sums[name] = s if name not in sums else sums[name] + s
     return {name: (s / len(images)).cpu() for name, s in sums.items()}
 
@@ -161,14 +162,29 @@ def reference_quantiles(target, layers: list[str], files: list[Path], size: int,
     Returns ``(quantiles, info)``; ``info`` says which files were used, the cache key and whether
     the cache was hit.
     """
-    images, used = load_images(files, size, num)
-    key = reference_key(target, layers, used, size)
-    path = cache_dir() / "references" / f"{key}.safetensors"
-    info = {"key": key, "files": [str(p) for p in used], "size": size, "layers": list(layers)}
-    if use_cache:
-        cached = _load_cached(path)
-        if cached is not None and set(cached) == set(layers):
+    def lookup(used):
+        key = reference_key(target, layers, used, size)
+        path = cache_dir() / "references" / f"{key}.safetensors"
+        info = {"key": key, "files": [str(p) for p in used], "size": size, "layers": list(layers)}
+        cached = _load_cached(path) if use_cache else None
+        if cached is not None and set(cached) != set(layers):
+            cached = None
+        return path, info, cached
+
+    # Fast path: the first ``num`` files, hashed without decoding. An entry under their key was
+    # made from exactly these bytes, so they were all readable then and are now.
+    candidates = [Path(f) for f in (files if num is None else files[:num])]
+    if use_cache and candidates and all(f.is_file() for f in candidates):
+        path, info, cached = lookup(candidates)
+        if cached is not None:
+            if num is not None and len(candidates) < num:
+                warnings.warn(f"asked for {num} reference images, using the {len(candidates)} "
+                              f"that exist", stacklevel=2)
             return cached, {**info, "cache_hit": True}
+    images, used = load_images(files, size, num)
+    path, info, cached = lookup(used)
+    if cached is not None:
+        return cached, {**info, "cache_hit": True}
     quantiles = sorted_features(target, layers, images, progress=progress)
     if use_cache:
         _store_cached(path, quantiles, info)

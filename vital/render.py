@@ -50,7 +50,7 @@ class RenderResult:
     history: list[dict] = field(default_factory=list)   # one record per save step
     steps_done: int = 0
     stopped: str | None = None       # None, "interrupted", "stopped" (should_stop) or "nan: <term>"
-    step_seconds: float = 0.0
+    step_seconds: float = 0.0        # optimisation time per step, without save steps / callbacks
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,7 +99,7 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     alpha = torch.zeros(last_good.shape[0], *last_good.shape[-2:], device=last_good.device)
     result = RenderResult(image=last_good, alpha=alpha)
     bar = tqdm(total=schedule.total, desc="render", disable=not progress, dynamic_ncols=True)
-    step, started = 0, time.perf_counter()
+    step, started, outside = 0, time.perf_counter(), 0.0
     try:
         with target.hooks(layers) as feats:
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
@@ -133,11 +133,13 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                     bar.update(1)
                     if step % 10 == 0 or step == 1:
                         bar.set_postfix(loss=f"{loss.item():.4g}", size=stage_size)
+                    aside = time.perf_counter()
                     if save_steps and step % save_steps == 0:
                         _save(result, step, terms, callback, record_fn, bar)
                     if on_progress is not None and (step == 1 or step == schedule.total
                                                     or step % max(1, progress_every) == 0):
                         on_progress(step, schedule.total, loss.item(), result.image)
+                    outside += time.perf_counter() - aside
     except KeyboardInterrupt:
         result.stopped = "interrupted"
     except _StopRequested:
@@ -147,7 +149,7 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     finally:
         bar.close()
     result.steps_done = step
-    result.step_seconds = (time.perf_counter() - started) / max(1, step)
+    result.step_seconds = (time.perf_counter() - started - outside) / max(1, step)
     with torch.no_grad():
         final = image_fn().detach()
         if result.stopped is None and torch.isfinite(final).all():
