@@ -372,3 +372,10 @@ def test_clip_resnet_layers(clip_files):
         out = target(x)
         torch.testing.assert_close(feats["stem"], target.module.stem(target.normalize(x)))
     assert out.shape == (1, 32)
+
+
+def test_layer_info_returns_the_layer_or_names_close_matches(tiny_cnn_target):
+    info = tiny_cnn_target.layer_info("stage2")
+    assert info.name == "stage2" and info.layout == "BCHW" and info.channels == 32
+    with pytest.raises(ValueError, match=r"Did you mean stage2.*Valid layers: stem"):
+        tiny_cnn_target.layer_info("stage22")

@@ -57,11 +57,7 @@ class LayerView:
 
 def layer_view(target, name: str) -> LayerView:
     """Check that ``name`` can hold concepts (conv map, token sequence or vector)."""
-    infos = {info.name: info for info in target.layers()}
-    if name not in infos:
-        raise ValueError(f"unknown layer {name!r} for {target.spec}; valid layers: "
-                         f"{', '.join(infos)}")
-    info = infos[name]
+    info = target.layer_info(name)
     if info.layout not in _CONCEPT_LAYOUTS:
         raise ValueError(f"layer {name!r} has layout {info.layout}; concepts need a conv map "
                          f"(BCHW), tokens (BND) or a vector (BC)")

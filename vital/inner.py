@@ -103,22 +103,21 @@ class NeuronTarget:
         return self.score_means(feats[..., self.skip:].mean(-1))
 
 
-def _with_positions(infos: dict) -> str:
-    names = [n for n, i in infos.items() if i.layout in _POSITION_LAYOUTS]
+def _with_positions(infos) -> str:
+    names = [i.name for i in infos if i.layout in _POSITION_LAYOUTS]
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
 
 
 def resolve_target(target, layer: str, neuron: int = 0, direction: str = "") -> NeuronTarget:
     """Check the layer, the neuron index or the direction file against the model."""
-    infos = {info.name: info for info in target.layers()}
-    if layer not in infos:
-        raise ConfigError(f"unknown layer {layer!r} for {target.spec}; valid layers: "
-                          f"{', '.join(infos)}")
-    info = infos[layer]
+    try:
+        info = target.layer_info(layer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if info.layout not in _POSITION_LAYOUTS:
         raise ConfigError(f"layer {layer!r} has no positions to crop patches by (output "
                           f"{info.shape}); pick a layer with spatial positions or tokens, e.g. "
-                          f"{_with_positions(infos)}")
+                          f"{_with_positions(target.layers())}")
     skip = 1 if target.kind == "clip-vit" and info.layout == "BND" else 0
     base = dict(layer=layer, layout=info.layout, channels=info.channels, skip=skip)
     if direction:

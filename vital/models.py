@@ -269,6 +269,18 @@ class TargetModel:
             self._layers = self._probe_layers() if self._hookable() else []
         return list(self._layers)
 
+    def layer_info(self, name: str) -> LayerInfo:
+        """The ``LayerInfo`` of one hook point; an unknown name -> ValueError naming close
+        matches and the valid names."""
+        for info in self.layers():
+            if info.name == name:
+                return info
+        valid = [info.name for info in self.layers()]
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown layer {name!r} for {self.spec}.{hint} Valid layers: "
+                         f"{', '.join(valid)}")
+
     @torch.no_grad()
     def _probe_layers(self) -> list[LayerInfo]:
         names = self._listed_names()
