@@ -60,3 +60,17 @@ def test_ctrl_c_keeps_what_exists(tiny_cnn_target):
                     ["stem"], progress=False)
     assert result.stopped == "interrupted" and result.steps_done == 4
     assert result.image.shape == (1, 3, 32, 32)
+
+
+def test_adam_eps_damps_steps_where_the_gradient_is_tiny(tiny_cnn_target):
+    """A near-zero objective: Adam's normalisation turns it into lr-sized steps (grain) unless
+    epsilon is large compared with the gradient."""
+    def change(eps):
+        gen = torch.Generator().manual_seed(0)
+        p = param.make_param("laplacian", size=32, generator=gen)
+        start = p[1]().detach().clone()
+        result = render(tiny_cnn_target, 1e-7 * _objective(), p,
+                        Schedule((20,), lr=0.05, warmup=1, eps=eps), [], generator=gen,
+                        save_steps=0, progress=False)
+        return (result.image - start).abs().mean().item()
+    assert change(1e-8) > 10 * change(1e-3)

@@ -37,6 +37,9 @@ class RenderCFG:
                                     "(each stage doubles the size, the last is full size)")
     lr: float = opt(0.05, "peak Adam learning rate")
     warmup: int = opt(20, "linear learning-rate warm-up steps per stage")
+    adam_eps: float = opt(1e-8, "Adam epsilon: raise it (e.g. 1e-3) to damp the fine grain Adam "
+                          "adds where the gradient is almost zero (e.g. arithmetic with "
+                          "alpha = beta = 0)")
     batch: int = opt(1, "images optimised together")
     param: str = opt("laplacian", "image parameterisation",
                      choices=sorted(params_mod.PARAMETERISATIONS))
@@ -98,7 +101,10 @@ def make_schedule(cfg: RenderCFG) -> Schedule:
     if not stages or any(s <= 0 for s in stages):
         raise ConfigError(f"steps must be positive, got steps={cfg.steps} "
                           f"steps_multires={cfg.steps_multires}")
-    return Schedule(steps_multires=stages, lr=cfg.lr, warmup=cfg.warmup)
+    if not cfg.lr > 0 or not cfg.adam_eps > 0:
+        raise ConfigError(f"lr and adam_eps must be positive numbers, got lr={cfg.lr} "
+                          f"adam_eps={cfg.adam_eps}")
+    return Schedule(steps_multires=stages, lr=cfg.lr, warmup=cfg.warmup, eps=cfg.adam_eps)
 
 
 def make_augment(cfg: RenderCFG):

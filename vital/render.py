@@ -25,6 +25,7 @@ class Schedule:
     warmup: int = 50          # linear warm-up steps at the start of each stage
     min_lr_frac: float = 0.05  # cosine decay ends at lr * min_lr_frac
     betas: tuple[float, float] = (0.5, 0.99)
+    eps: float = 1e-8         # Adam epsilon; larger values damp steps where gradients are tiny
 
     def stage_sizes(self, size: int) -> list[int]:
         k = len(self.steps_multires)
@@ -103,7 +104,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     try:
         with target.hooks(layers) as feats:
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
-                optimizer = torch.optim.Adam(params, lr=schedule.lr, betas=schedule.betas)
+                optimizer = torch.optim.Adam(params, lr=schedule.lr, betas=schedule.betas,
+                                             eps=schedule.eps)
                 for t in range(n_steps):
                     if should_stop is not None and should_stop():
                         raise _StopRequested
