@@ -163,7 +163,19 @@ def parse_args(argv=None):
                    "removed at the end)")
     p.add_argument("--resume", action="store_true", help="keep the scores in --out's "
                    "partial.jsonl and the images in --work_dir/runs; render only the rest")
+    p.add_argument("--merge", type=Path, nargs="+", help="print the table of these "
+                   "class_quality.json files (shards of one run) together, render nothing")
     return p.parse_args(argv)
+
+
+def merge(paths: list[Path]) -> str:
+    """One table over several runs' class_quality.json (e.g. class shards)."""
+    records, methods = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        records += data["records"]
+        methods += [m for m in data["args"]["methods"] if m not in methods]
+    return table(records, methods)
 
 
 def photo_records(classes, models, tiles) -> list[dict]:
@@ -178,6 +190,9 @@ def photo_records(classes, models, tiles) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        print(merge(args.merge))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     classes = pick_classes(read_index(args.data), args.classes)

@@ -123,6 +123,24 @@ def summarise(rows: list[dict], methods) -> str:
     return "\n".join(lines)
 
 
+def comparison_grid(out: Path, channels: list[int], methods: list[str], tile: int = 128):
+    """One row per neuron: its top reference patches (contact sheet), then each method's image."""
+    from PIL import Image
+    from vital.outputs import grid
+    tiles, labels = [], []
+    for channel in channels:
+        sheet = next((out / m / f"n{channel}" / "references.png" for m in methods
+                      if (out / m / f"n{channel}" / "references.png").is_file()), None)
+        cells = [(sheet, f"n{channel} top patches")] + \
+            [(out / m / f"n{channel}" / "final.png", m) for m in methods]
+        for path, label in cells:
+            img = Image.open(path).convert("RGB") if path is not None and path.is_file() \
+                else Image.new("RGB", (tile, tile), "white")
+            tiles.append(img.resize((tile, tile)))
+            labels.append(label)
+    return grid(tiles, labels, cols=1 + len(methods)) if tiles else None
+
+
 def _settings(args) -> dict:
     return {**vars(args), "methods": [list(m) for m in args.methods]}
 
@@ -164,6 +182,10 @@ def main(argv=None) -> int:
                                                          indent=2))
     table = summarise(rows, args.methods)
     (out / "summary.md").write_text(table + "\n")
+    sheet = comparison_grid(out, sorted({r["neuron"] for r in rows}), [m for m, _ in args.methods])
+    if sheet is not None:
+        sheet.save(out / "grid.png")
+        print(f"grid: {out / 'grid.png'}")
     print(table)
     return 0
 
