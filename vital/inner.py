@@ -13,7 +13,7 @@ images (``vital.inner_patches``). The loss is
   + priors (TV, L2)
 
 where sort matching compares the synthetic image's activations with the reference patches'
-(resized to each stage's size); with ``--relevance lrp|gradxact|guided`` both sides are weighted by
+(resized to each stage's size); with ``--relevance gradxact|lrp|guided`` both sides are weighted by
 their relevance for the target and each channel by its importance (``vital.relevance``).
 ``--auto N`` ranks the layer's neurons (by mean activation on the data set, or for CLIP by
 attribution to ``--auto_prompt``) and visualises the top N.
@@ -58,9 +58,10 @@ class InnerCFG(pipeline.RenderCFG):
     score_size: int = opt(0, "px at which the model scores a patch (0 = as cropped)")
     neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
-    relevance: str = opt("lrp", "relevance weighting of sort matching: lrp (zennit for CNNs, "
-                         "conservative rule for ViTs), gradxact, guided, none",
-                         choices=list(rel.RULES))
+    relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
+                         "(gradient x activation), lrp (zennit for CNNs, conservative rule for "
+                         "ViTs), guided, none; lrp gave saturated high-frequency images on "
+                         "EfficientNet-Lite0 (bench/README.md)", choices=list(rel.RULES))
     relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
                                "(1 = every step, as in the paper; > 1 is faster but reuses maps "
                                "across jitter and flips)")

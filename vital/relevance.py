@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vital.losses import Objective, resample_quantiles
+from vital.losses import Objective, resample_quantiles, sort_values
 from vital.models import channels_positions
 
 RULES = ("lrp", "gradxact", "guided", "none")
@@ -233,7 +233,7 @@ def weighted_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor,
         raise ValueError(f"need x (B, C, P), ref (C, Q) and weights (C,), got {tuple(x.shape)}, "
                          f"{tuple(ref_sorted.shape)} and {tuple(channel_weights.shape)}")
     ref = resample_quantiles(ref_sorted.detach().to(x), x.shape[-1])      # (C, P)
-    per_channel = (x.sort(dim=-1).values - ref).pow(2).mean(dim=(0, 2))    # (C,)
+    per_channel = (sort_values(x) - ref).pow(2).mean(dim=(0, 2))           # (C,)
     w = channel_weights.detach().to(x)
     return (w * per_channel).sum() / w.sum().clamp_min(_EPS)
 
