@@ -12,6 +12,10 @@ Methods: vital (sort matching + class term), vital_pure (class_weight 0), am_fft
 activation maximisation, FFT parameterisation), maco (phase only, fixed magnitude spectrum of
 the class's real images); more as {"name": ..., "overrides": {...}} in the sweep file.
 
+--mode inner: inner neurons instead (models x neurons of --layer x methods x seeds), scored by
+AUC / MAD of the neuron's activation on the FV against its top --num_real real images of
+--data_dir (paper appendix B.1); methods vital, vital_pure, am_fft, maco.
+
 Each run is a normal run folder under OUT/<model>/<target>/<method>/seed<k>/ plus result.json.
 Finished runs are skipped (resume). --shard i/n splits a sweep between processes or machines
 (a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final --report merges.
@@ -20,6 +24,7 @@ Examples:
   python evaluate_fvis.py --json_cfg presets/eval_lite0.json
   python evaluate_fvis.py --json_cfg presets/eval_lite0.json --shard 0/2   # and 1/2
   python evaluate_fvis.py --json_cfg presets/eval_lite0.json --report
+  python evaluate_fvis.py --json_cfg presets/eval_inner_lite0.json          # inner neurons
   python evaluate_fvis.py --targets espresso daisy --methods vital am_fft --seeds 0 1 \\
       --settings "steps_multires=[50,100],num_ref=12" --out_dir out_eval/small
 """

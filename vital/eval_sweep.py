@@ -132,6 +132,9 @@ class EvalCFG:
     """Evaluation sweep: models x targets x methods x seeds of class visualisations, scored
     with the VITAL paper's metrics. Precedence: defaults < --json_cfg SWEEP.json < command line."""
     out_dir: str = opt("out_eval/sweep", "sweep folder: runs, result.json files and report/")
+    mode: str = opt("class", "class: class visualisations scored by accuracy, judge, FID; "
+                    "inner: inner neurons of --layer scored by AUC / MAD against their top "
+                    "real images (paper appendix B.1)", choices=["class", "inner"])
     models: list[str] = opt(["efficientnet-lite0"], "visualised models (model specs)")
     targets: list[TargetSpec] = opt(["espresso"], "classes: NAME (refs in ref_root/NAME), "
                                     "NAME=REF_DIR, or in JSON {target, ref_dir}")
@@ -140,12 +143,19 @@ class EvalCFG:
                                     f"({', '.join(BUILTIN_METHODS)}) or in JSON "
                                     "{name, overrides, base}")
     seeds: list[int] = opt([0], "random seeds")
-    settings: Overrides = opt({}, "ClassCFG settings for every run, e.g. "
-                              "steps_multires=[100,200],num_ref=12 (JSON: an object)")
+    settings: Overrides = opt({}, "ClassCFG (inner mode: InnerCFG) settings for every run, "
+                              "e.g. steps_multires=[100,200],num_ref=12 (JSON: an object)")
     judge: str = opt("efficientnet-lite1", "second classifier ('another model's opinion')")
     fid_model: str = opt("", "model whose penultimate features FID compares (empty = judge)")
     clip_judge: str = opt("", "CLIP model for zero-shot top-1/top-5 (empty = none)")
     fid_shrinkage: float = opt(0.0, "covariance shrinkage toward a scaled identity for FID")
+    layer: str = opt("", "inner mode: the layer whose neurons (channels) are visualised")
+    neurons: list[int] = opt([], "inner mode: these channels of --layer")
+    random_neurons: int = opt(10, "inner mode without --neurons: this many channels drawn "
+                              "with seed 0")
+    data_dir: str = opt("", "inner mode: images for the top patches (references) and the top "
+                        "real images the metrics compare with")
+    num_real: int = opt(50, "inner mode: top real images per neuron for AUC / MAD")
     shard: str = opt("", "i/n: run every n-th run starting at i (0 <= i < n); no report")
     report: bool = opt(False, "only merge the result.json files under out_dir into a report")
     redo: bool = opt(False, "rerun runs whose result.json holds other settings")

@@ -171,6 +171,8 @@ def main(cfg_cls, argv: list[str] | None = None) -> int:
     from vital.eval_report import write_report
     cfg = config.parse_cfg(cfg_cls, argv)
     try:
+        if cfg.mode == "inner":
+            return _main_inner(cfg)
         if not cfg.report:
             run_sweep(cfg)
         if cfg.report or not (cfg.shard or cfg.list_runs):
@@ -182,4 +184,14 @@ def main(cfg_cls, argv: list[str] | None = None) -> int:
     except known_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    return 0
+
+
+def _main_inner(cfg: EvalCFG) -> int:
+    """``--mode inner``: run the inner-neuron sweep (``vital.eval_inner``), then report."""
+    from vital.eval_inner import run_inner_sweep, write_inner_report
+    if not cfg.report:
+        run_inner_sweep(cfg)
+    if cfg.report or not (cfg.shard or cfg.list_runs):
+        print(write_inner_report(cfg.out_dir))
     return 0

@@ -1,0 +1,124 @@
+"""The harness's inner-neuron mode (--mode inner) on a tiny random CNN: runs are scored with
+AUC / MAD against the neuron's top real images, resume without rendering, shards merge to the
+same report, bad input fails before any run."""
+import json
+
+import pytest
+import torch
+
+from vital import eval_inner, metrics
+from vital.config import ConfigError
+from vital.evaluate import EvalCFG, main
+
+from conftest import write_images
+
+TINY = "module:tests.conftest:TinyCNN"
+
+
+def _cfg(root, out="out", **kw):
+    base = dict(mode="inner", out_dir=str(root / out), models=[TINY], layer="stage2",
+                neurons=[3, 7], data_dir=str(root / "data"), num_real=5,
+                methods=["vital", "am_fft"], seeds=[0], device="cpu", progress=False,
+                settings={"size": 32, "steps_multires": [2, 2], "save_steps": 4, "num_ref": 3,
+                          "data_size": 40, "patch_size": 20})
+    base.update(kw)
+    return EvalCFG(**base)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inner_sweep")
+    write_images(root / "data", 6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITAL_CACHE", str(root / "cache"))
+        whole = eval_inner.run_inner_sweep(_cfg(root))
+        halves = [eval_inner.run_inner_sweep(_cfg(root, "sharded", shard=f"{i}/2"))
+                  for i in range(2)]
+    return root, whole, halves
+
+
+def test_runs_are_scored_against_the_top_real_images(swept):
+    root, whole, _ = swept
+    assert [(r["neuron"], r["method"]) for r in whole] == \
+        [(3, "vital"), (3, "am_fft"), (7, "vital"), (7, "am_fft")]
+    from vital.inner_patches import data_files
+    from vital.models import load_target
+    target = load_target(TINY)
+    real = eval_inner.real_activations(target, "stage2", data_files(root / "data"), 32)
+    for r in whole:
+        run_dir = root / "out" / "module_tests.conftest_TinyCNN" / "stage2" / r["method"] / \
+            "seed0" / f"n{r['neuron']}"
+        assert (run_dir / "final.png").is_file() and (run_dir / "result.json").is_file()
+        top = real[:, r["neuron"]].topk(5).values
+        fv = torch.tensor(json.loads((run_dir / "neuron.json").read_text())["visualisation"])
+        expected = metrics.auc_mad(fv, top)
+        assert r["auc"] == pytest.approx(expected["auc"]) and r["mad"] == pytest.approx(expected["mad"])
+        assert r["num_real"] == 5 and r["real_mean"] == pytest.approx(float(top.mean()))
+
+
+def test_rerun_skips_finished_runs(swept, monkeypatch):
+    root, whole, _ = swept
+    import vital.inner as inner
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run must not render again")
+    monkeypatch.setattr(inner, "run_neuron", fail)
+    monkeypatch.setenv("VITAL_CACHE", str(root / "cache"))
+    again = eval_inner.run_inner_sweep(_cfg(root))
+    assert [(r["auc"], r["mad"]) for r in again] == [(r["auc"], r["mad"]) for r in whole]
+
+
+def test_shards_merge_to_the_unsharded_report(swept):
+    root, whole, halves = swept
+    assert sorted(len(h) for h in halves) == [2, 2]
+    table = eval_inner.write_inner_report(root / "out")
+    sharded = eval_inner.write_inner_report(root / "sharded")
+    assert "| vital |" in table and "| am_fft |" in table
+    scores = lambda d: sorted((r["neuron"], r["method"], r["auc"], r["mad"])  # noqa: E731
+                              for r in eval_inner.collect(d))
+    assert scores(root / "out") == scores(root / "sharded") and len(scores(root / "out")) == 4
+    no_timing = lambda t: [line.rsplit("|", 3)[0] for line in t.splitlines()]  # noqa: E731
+    assert no_timing(table) == no_timing(sharded)
+    assert (root / "out" / "report" / "inner_grid_module_tests.conftest_TinyCNN.png").is_file()
+
+
+def test_changed_settings_refuse_to_reuse_without_redo(swept, monkeypatch):
+    root, _, _ = swept
+    monkeypatch.setenv("VITAL_CACHE", str(root / "cache"))
+    cfg = _cfg(root, neurons=[3], methods=["vital"])
+    cfg.settings = {**cfg.settings, "tv_weight": 0.2}
+    with pytest.raises(ConfigError, match="other settings .*tv_weight.*--redo"):
+        eval_inner.run_inner_sweep(cfg)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layer": ""}, "needs --layer"),
+    ({"layer": "nope"}, "unknown layer 'nope'"),
+    ({"layer": "fc"}, "no positions"),
+    ({"neurons": [99]}, r"out of range for stage2: valid 0\.\.31"),
+    ({"methods": ["vital", "bogus"]}, "unknown inner method 'bogus'; valid: vital, vital_pure"),
+    ({"settings": {"class_weight": 1}}, "unknown setting.*class_weight.*valid InnerCFG keys"),
+    ({"settings": {"layer": "stem"}}, "sets \\['layer'\\]"),
+    ({"num_real": 1}, "num_real must be >= 2"),
+])
+def test_bad_inner_sweeps_fail_before_any_run(tmp_path, change, message, monkeypatch):
+    write_images(tmp_path / "data", 3)
+    import vital.inner as inner
+    monkeypatch.setattr(inner, "run_neuron", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(ValueError, match=message):
+        eval_inner.run_inner_sweep(_cfg(tmp_path, **change))
+
+
+def test_script_entry_point_runs_inner_mode(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / "data", 4)
+    monkeypatch.setenv("VITAL_CACHE", str(tmp_path / "cache"))
+    code = main(EvalCFG, ["--mode", "inner", "--models", TINY, "--layer", "stage2",
+                          "--neurons", "1", "--data_dir", str(tmp_path / "data"),
+                          "--num_real", "3", "--methods", "am_fft", "--out_dir",
+                          str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--settings",
+                          "size=32,steps=2,num_ref=2,data_size=40,patch_size=20"])
+    assert code == 0
+    assert "| am_fft |" in capsys.readouterr().out
+    assert (tmp_path / "o" / "report" / "inner_report.md").is_file()
+    assert main(EvalCFG, ["--mode", "inner", "--out_dir", str(tmp_path / "o"),
+                          "--layer", "stage2", "--data_dir", "x", "--report"]) == 0
