@@ -236,3 +236,15 @@ def test_vit_rules_give_maps_per_token(tiny_clip_file, rule):
             target(images)
             act = feats["block.0"].transpose(1, 2)
         assert ((maps["block.0"] == 0) | (torch.sign(maps["block.0"]) == torch.sign(act))).all()
+
+
+def test_spatial_weights_floor_keeps_every_activation_in_the_matching():
+    from vital.relevance import spatial_weights
+    r = torch.tensor([[[0.0, 1.0, 3.0, -1.0]]])
+    plain = spatial_weights(r)
+    torch.testing.assert_close(plain, torch.tensor([[[0.25, 0.5, 1.0, 0.0]]]))
+    floored = spatial_weights(r, 0.5)
+    torch.testing.assert_close(floored, 0.5 + 0.5 * plain)
+    assert floored.min().item() == 0.5 and floored.max().item() == 1.0
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1\)"):
+        spatial_weights(r, 1.0)

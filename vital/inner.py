@@ -62,6 +62,10 @@ class InnerCFG(pipeline.RenderCFG):
                          "(gradient x activation), lrp (zennit for CNNs, conservative rule for "
                          "ViTs), guided, none; lrp gave saturated high-frequency images on "
                          "EfficientNet-Lite0 (bench/README.md)", choices=list(rel.RULES))
+    relevance_floor: float = opt(0.5, "weight of an activation where its relevance is lowest "
+                                 "(weights run from this floor to 1); 0 = the paper's "
+                                 "plain min-max maps, which leave irrelevant activations "
+                                 "unconstrained (noisy images with lrp)")
     relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
                                "(1 = every step, as in the paper; > 1 is faster but reuses maps "
                                "across jitter and flips)")
@@ -213,7 +217,8 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
             refs[size] = sorted_features(target, layers, images, progress=cfg.progress)
         else:
             refs[size], importance[size] = rel.weighted_references(
-                target, images, layers, neuron.layer, neuron.score, cfg.relevance)
+                target, images, layers, neuron.layer, neuron.score, cfg.relevance,
+                floor=cfg.relevance_floor)
             info[str(size)] = {k: v.topk(min(5, len(v))).indices.tolist()
                                for k, v in importance[size].items()}
         refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
@@ -221,7 +226,7 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
         obj = pipeline.staged_sort_matching(refs, dict(zip(layers, weights)))
     else:
         maps = rel.SyntheticMaps(target, layers, neuron.layer, neuron.score, cfg.relevance,
-                                 cfg.relevance_every)
+                                 cfg.relevance_every, floor=cfg.relevance_floor)
         obj = rel.relevance_sort_matching(refs, importance, dict(zip(layers, weights)), maps)
     return cfg.feat_weight * obj, {"top_channels_by_relevance": info}
 
@@ -376,6 +381,8 @@ def run_auto(cfg: InnerCFG, target, argv=None):
 
 def run_inner(cfg: InnerCFG, argv=None):
     """Inner neuron visualisation (or --auto); returns (run_dir or run_dirs, last result)."""
+    if not 0.0 <= cfg.relevance_floor < 1.0:
+        raise ConfigError(f"--relevance_floor must be in [0, 1), got {cfg.relevance_floor}")
     if cfg.auto < 0 or cfg.relevance_every < 1:
         raise ConfigError(f"--auto must be >= 0 and --relevance_every >= 1, got {cfg.auto} and "
                           f"{cfg.relevance_every}")

@@ -210,11 +210,17 @@ def layer_relevance(target, images, layers, target_layer, score_fn, rule="gradxa
 
 # ---------------------------------------------------------------- VITAL weighting
 
-def spatial_weights(rel: torch.Tensor) -> torch.Tensor:
-    """(B, C, P) relevance -> (B, C, P) in [0, 1]: min-max over positions per image and channel."""
+def spatial_weights(rel: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """(B, C, P) relevance -> (B, C, P) in [floor, 1]: min-max over positions per image and
+    channel, then ``floor + (1 - floor) * w``. A floor > 0 keeps every activation in the
+    matching (with less weight where it is irrelevant); at 0 activations at positions without
+    relevance are multiplied by ~0 and left unconstrained."""
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"relevance floor must be in [0, 1), got {floor}")
     low = rel.amin(-1, keepdim=True)
     high = rel.amax(-1, keepdim=True)
-    return (rel - low) / (high - low).clamp_min(_EPS)
+    w = (rel - low) / (high - low).clamp_min(_EPS)
+    return w if floor == 0.0 else floor + (1.0 - floor) * w
 
 
 def channel_importance(rel: torch.Tensor) -> torch.Tensor:
@@ -239,16 +245,17 @@ def weighted_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor,
 
 
 @torch.no_grad()
-def _accumulate(rel: dict, feats: dict, sums: dict, imp: dict) -> None:
+def _accumulate(rel: dict, feats: dict, sums: dict, imp: dict, floor: float = 0.0) -> None:
     for name, r in rel.items():
-        weighted = (spatial_weights(r) * feats[name]).sort(dim=-1).values.sum(0)   # (C, P)
+        weighted = sort_values(spatial_weights(r, floor) * feats[name]).sum(0)      # (C, P)
         sums[name] = weighted if name not in sums else sums[name] + weighted
         i = channel_importance(r) * r.shape[0]
         imp[name] = i if name not in imp else imp[name] + i
 
 
 def weighted_references(target, images: torch.Tensor, layers: list[str], target_layer: str,
-                        score_fn: ScoreFn, rule: str, batch_size: int = 8) -> tuple[dict, dict]:
+                        score_fn: ScoreFn, rule: str, batch_size: int = 8,
+                        floor: float = 0.0) -> tuple[dict, dict]:
     """Reference side of relevance-weighted sort matching, for images (N, 3, S, S):
     ``({layer: (C, P)} sorted relevance-weighted features averaged over the images,
     {layer: (C,)} channel importance)``."""
@@ -256,7 +263,7 @@ def weighted_references(target, images: torch.Tensor, layers: list[str], target_
     for chunk in images.split(batch_size):
         rel, feats = relevance_and_features(target, chunk, layers, target_layer, score_fn, rule,
                                             batch_size)
-        _accumulate(rel, feats, sums, imp)
+        _accumulate(rel, feats, sums, imp, floor)
     n = images.shape[0]
     return {k: v / n for k, v in sums.items()}, {k: v / n for k, v in imp.items()}
 
@@ -279,8 +286,10 @@ class SyntheticMaps:
     (scale jitter, a new stage): faster, but maps from one augmentation (roll, flip) then weight
     the activations of another."""
 
-    def __init__(self, target, layers, target_layer, score_fn, rule, every: int = 1):
+    def __init__(self, target, layers, target_layer, score_fn, rule, every: int = 1,
+                 floor: float = 0.0):
         self.args = (layers, target_layer, score_fn, rule)
+        self.floor = floor
         self.target, self.every = target, max(1, int(every))
         self.lead = 1 if target.kind == "clip-vit" else 0      # a ViT's class token
         self.step, self.maps = None, None
@@ -290,7 +299,7 @@ class SyntheticMaps:
         x = ctx["input"]
         rel = layer_relevance(self.target, x, layers, target_layer, score_fn, rule,
                               batch_size=x.shape[0])
-        self.maps = {k: spatial_weights(v).to(x.device) for k, v in rel.items()}
+        self.maps = {k: spatial_weights(v, self.floor).to(x.device) for k, v in rel.items()}
         self.step = ctx.get("step", 0)
 
     def _fitted(self, ctx) -> dict | None:
