@@ -56,6 +56,7 @@ class InnerRun:
     seed: int
     cfg: object            # InnerCFG, resolved
     run_dir: Path
+    method_order: int = 0  # the method's place in the sweep (orders the report)
 
     @property
     def key(self) -> str:
@@ -138,14 +139,14 @@ def expand(cfg, model: str, neurons: list[int]) -> list[InnerRun]:
     settings = _check_overrides(_parsed(Overrides, cfg.settings), "settings")
     runs = []
     for neuron in neurons:
-        for method, over in methods.items():
+        for order, (method, over) in enumerate(methods.items()):
             for seed in cfg.seeds:
                 folder = Path(cfg.out_dir) / slug(model) / slug(cfg.layer) / method / f"seed{seed}"
                 values = {**settings, **over, "model": model, "layer": cfg.layer,
                           "neuron": neuron, "data_dir": cfg.data_dir, "seed": int(seed),
                           "out_dir": str(folder), "run_name": f"n{neuron}"}
                 runs.append(InnerRun(len(runs), model, neuron, method, int(seed), cls(**values),
-                                     folder / f"n{neuron}"))
+                                     folder / f"n{neuron}", order))
     return runs
 
 
@@ -196,7 +197,8 @@ def _execute(run: InnerRun, cfg, target, real: torch.Tensor, scores) -> tuple[di
     fv = torch.tensor(report["visualisation"])
     top = real[:, run.neuron].topk(min(cfg.num_real, len(real))).values
     record = {"model": run.model, "layer": cfg.layer, "neuron": run.neuron,
-              "method": run.method, "seed": run.seed, "status": result.stopped or "finished",
+              "method": run.method, "method_order": run.method_order, "seed": run.seed,
+              "status": result.stopped or "finished",
               **metrics.auc_mad(fv, top), "fv_activation": fv.tolist(),
               "real_mean": float(top.mean()), "real_std": float(top.std()),
               "num_real": int(len(top)), "seconds_per_step": result.step_seconds,
@@ -250,8 +252,11 @@ def run_inner_sweep(cfg) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 def collect(out_dir) -> list[dict]:
-    return [r for r in (json.loads(p.read_text()) for p in
-                        sorted(Path(out_dir).rglob(RESULT_FILE))) if "auc" in r and "neuron" in r]
+    """Every finished inner run under ``out_dir``, in sweep order of method, then neuron."""
+    records = [r for r in (json.loads(p.read_text()) for p in
+                           sorted(Path(out_dir).rglob(RESULT_FILE))) if "auc" in r and "neuron" in r]
+    return sorted(records, key=lambda r: (r["model"], r.get("method_order", 0), r["neuron"],
+                                          r["seed"]))
 
 
 def report_table(records: list[dict]) -> str:
