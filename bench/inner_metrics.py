@@ -35,8 +35,9 @@ import torch  # noqa: E402
 
 from vital import metrics  # noqa: E402
 from vital.config import set_determinism  # noqa: E402
+from vital.eval_inner import real_activations, report_table  # noqa: E402
 from vital.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron  # noqa: E402
-from vital.inner_patches import channel_means, data_files, iter_images  # noqa: E402
+from vital.inner_patches import data_files  # noqa: E402
 from vital.models import load_target  # noqa: E402
 
 DATA = REPO.parent / "shared" / "imagenet-dev"
@@ -85,13 +86,6 @@ def pick_channels(args, channels: int) -> list[int]:
     return sorted(torch.randperm(channels, generator=gen)[:args.neurons].tolist())
 
 
-def real_activations(target, layer: str, files, size: int) -> torch.Tensor:
-    """(N, C) mean activation of every channel on every real image at ``size`` px."""
-    probe = resolve_target(target, layer, 0)
-    return torch.cat([channel_means(target, layer, probe.layout, images, probe.skip)
-                      for images, _ in iter_images(files, size)])
-
-
 def make_cfg(args, neuron: int, name: str = "", over: dict | None = None) -> InnerCFG:
     return InnerCFG(model=args.model, layer=args.layer, neuron=neuron, data_dir=args.data_dir,
                     num_ref=args.num_ref, size=args.size,
@@ -108,19 +102,6 @@ def run_method(args, target, neuron, name: str, over: dict, scores) -> tuple[tor
         run_dir, result = run_neuron(cfg, target, neuron, patch_scores=scores)
     report = json.loads((run_dir / "neuron.json").read_text())
     return torch.tensor(report["visualisation"]), result.step_seconds
-
-
-def summarise(rows: list[dict], methods) -> str:
-    lines = ["| method | AUC (mean ± sd) | MAD (mean ± sd) | s / step | neurons |",
-             "| --- | --- | --- | --- | --- |"]
-    for name, _ in methods:
-        mine = [r for r in rows if r["method"] == name]
-        auc, auc_sd = metrics.mean_spread(r["auc"] for r in mine)
-        mad, mad_sd = metrics.mean_spread(r["mad"] for r in mine)
-        sec, _ = metrics.mean_spread(r["seconds_per_step"] for r in mine)
-        lines.append(f"| {name} | {auc:.3f} ± {auc_sd:.3f} | {mad:.2f} ± {mad_sd:.2f} | "
-                     f"{sec:.3f} | {len(mine)} |")
-    return "\n".join(lines)
 
 
 def comparison_grid(out: Path, channels: list[int], methods: list[str], tile: int = 128):
@@ -180,7 +161,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             (out / "results.json").write_text(json.dumps({"args": _settings(args), "rows": rows},
                                                          indent=2))
-    table = summarise(rows, args.methods)
+    table = report_table([{"model": args.model, "layer": args.layer, **r} for r in rows])
     (out / "summary.md").write_text(table + "\n")
     sheet = comparison_grid(out, sorted({r["neuron"] for r in rows}), [m for m, _ in args.methods])
     if sheet is not None:

@@ -96,7 +96,7 @@ def test_changed_settings_refuse_to_reuse_without_redo(swept, monkeypatch):
     ({"layer": "nope"}, "unknown layer 'nope'"),
     ({"layer": "fc"}, "no positions"),
     ({"neurons": [99]}, r"out of range for stage2: valid 0\.\.31"),
-    ({"methods": ["vital", "bogus"]}, "unknown inner method 'bogus'; valid: vital, vital_pure"),
+    ({"methods": ["vital", "bogus"]}, "unknown method 'bogus'; valid: vital, vital_pure, am_fft"),
     ({"settings": {"class_weight": 1}}, "unknown setting.*class_weight.*valid InnerCFG keys"),
     ({"settings": {"layer": "stem"}}, "sets \\['layer'\\]"),
     ({"num_real": 1}, "num_real must be >= 2"),

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from vital import config, metrics
+from vital import config, eval_sweep, metrics
 from vital.config import ConfigError, write_json
-from vital.eval_sweep import (MethodSpec, Overrides, _parsed, flat_diff, parse_shard,
-                              select_shard, settings_hash, slug)
+from vital.eval_sweep import (Overrides, _parsed, flat_diff, parse_shard, select_shard,
+                              settings_hash, slug)
 
 RESULT_FILE = "result.json"
 METRICS_VERSION = 1
@@ -84,25 +84,8 @@ def _check_overrides(values: dict, what: str) -> dict:
 
 def resolve_methods(entries) -> dict[str, dict]:
     """Method name -> InnerCFG overrides: built-ins (vital, vital_pure, am_fft, maco) or
-    {"name", "overrides", "base"} entries."""
-    out = {}
-    for e in (_parsed(MethodSpec, e) for e in entries):
-        name = e["name"]
-        if name in out:
-            raise ConfigError(f"method {name!r} appears twice in the sweep")
-        if e["overrides"] is None:
-            if name not in INNER_METHODS:
-                raise ConfigError(f"unknown inner method {name!r}; valid: "
-                                  f"{', '.join(INNER_METHODS)} (or define it as "
-                                  f"{{\"name\": ..., \"overrides\": {{...}}}})")
-            out[name] = dict(INNER_METHODS[name])
-            continue
-        if e["base"] and e["base"] not in INNER_METHODS:
-            raise ConfigError(f"method {name!r}: unknown base {e['base']!r}; valid: "
-                              f"{', '.join(INNER_METHODS)}")
-        out[name] = {**INNER_METHODS.get(e["base"], {}),
-                     **_check_overrides(e["overrides"], f"method {name!r}")}
-    return out
+    {"name", "overrides", "base"} entries (the class harness's rules)."""
+    return eval_sweep.resolve_methods(entries, INNER_METHODS, _check_overrides)
 
 
 def _check(cfg) -> None:

@@ -207,8 +207,13 @@ def _check_overrides(overrides: dict, what: str) -> dict:
     return config._coerce(ClassCFG, overrides)   # JSON values -> the fields' types
 
 
-def resolve_methods(entries) -> dict[str, dict]:
-    """Method name -> ClassCFG overrides; unknown names list the valid ones."""
+def resolve_methods(entries, builtins: dict[str, dict] | None = None,
+                    check=None) -> dict[str, dict]:
+    """Method name -> overrides of the run's CFG; unknown names list the valid ones.
+    ``builtins`` (default: the class methods) and ``check(overrides, what)`` (default: against
+    ClassCFG) let another mode (``vital.eval_inner``) use the same rules."""
+    builtins = BUILTIN_METHODS if builtins is None else builtins
+    check = check or _check_overrides
     entries = [_parsed(MethodSpec, e) for e in entries]
     defined = {e["name"] for e in entries if e["overrides"] is not None}
     out = {}
@@ -219,17 +224,16 @@ def resolve_methods(entries) -> dict[str, dict]:
         if name in out:
             raise ConfigError(f"method {name!r} appears twice in the sweep")
         if e["overrides"] is None:
-            if name not in BUILTIN_METHODS:
+            if name not in builtins:
                 raise ConfigError(f"unknown method {name!r}; valid: "
-                                  f"{', '.join(list(BUILTIN_METHODS) + sorted(defined))} "
+                                  f"{', '.join(list(builtins) + sorted(defined))} "
                                   f"(or define it as {{\"name\": ..., \"overrides\": {{...}}}})")
-            out[name] = dict(BUILTIN_METHODS[name])
+            out[name] = dict(builtins[name])
             continue
-        if e["base"] and e["base"] not in BUILTIN_METHODS:
+        if e["base"] and e["base"] not in builtins:
             raise ConfigError(f"method {name!r}: unknown base {e['base']!r}; valid: "
-                              f"{', '.join(BUILTIN_METHODS)}")
-        base = dict(BUILTIN_METHODS.get(e["base"], {}))
-        out[name] = {**base, **_check_overrides(e["overrides"], f"method {name!r}")}
+                              f"{', '.join(builtins)}")
+        out[name] = {**builtins.get(e["base"], {}), **check(e["overrides"], f"method {name!r}")}
     return out
 
 
