@@ -69,17 +69,8 @@ def _inner_cfg_cls():
 
 
 def _check_overrides(values: dict, what: str) -> dict:
-    cls = _inner_cfg_cls()
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in values if k not in valid]
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown} in {what}; valid InnerCFG keys: "
-                          f"{', '.join(k for k in valid if k not in RESERVED)}")
-    reserved = [k for k in values if k in RESERVED]
-    if reserved:
-        raise ConfigError(f"{what} sets {reserved}, which the inner sweep sets per run "
-                          f"(models, layer, neurons, data_dir, seeds, out_dir, --device)")
-    return config._coerce(cls, values)
+    return eval_sweep.check_settings(values, what, _inner_cfg_cls(), RESERVED,
+                                     "models, layer, neurons, data_dir, seeds, out_dir, --device")
 
 
 def resolve_methods(entries) -> dict[str, dict]:

@@ -190,21 +190,21 @@ def slug(text: str) -> str:
     return safe or "x"
 
 
-def _class_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(ClassCFG)]
-
-
-def _check_overrides(overrides: dict, what: str) -> dict:
-    valid = _class_fields()
+def check_settings(overrides: dict, what: str, cls=ClassCFG, reserved_keys=RESERVED_KEYS,
+                   per_run: str = "models, targets, seeds, out_dir, --device") -> dict:
+    """``overrides`` checked against ``cls``'s fields (unknown and per-run keys fail, naming
+    the valid ones) and coerced to the fields' types."""
+    valid = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in overrides if k not in valid]
     if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown} in {what}; valid ClassCFG keys: "
-                          f"{', '.join(k for k in valid if k not in RESERVED_KEYS)}")
-    reserved = [k for k in overrides if k in RESERVED_KEYS]
+        raise ConfigError(f"unknown setting(s) {unknown} in {what}; valid {cls.__name__} keys: "
+                          f"{', '.join(k for k in valid if k not in reserved_keys)}")
+    reserved = [k for k in overrides if k in reserved_keys]
     if reserved:
         raise ConfigError(f"{what} sets {reserved}, which the sweep itself sets per run "
-                          f"(models, targets, seeds, out_dir, --device)")
-    return config._coerce(ClassCFG, overrides)   # JSON values -> the fields' types
+                          f"({per_run})")
+    return config._coerce(cls, overrides)   # JSON values -> the fields' types
+
 
 
 def resolve_methods(entries, builtins: dict[str, dict] | None = None,
@@ -213,7 +213,7 @@ def resolve_methods(entries, builtins: dict[str, dict] | None = None,
     ``builtins`` (default: the class methods) and ``check(overrides, what)`` (default: against
     ClassCFG) let another mode (``vital.eval_inner``) use the same rules."""
     builtins = BUILTIN_METHODS if builtins is None else builtins
-    check = check or _check_overrides
+    check = check or check_settings
     entries = [_parsed(MethodSpec, e) for e in entries]
     defined = {e["name"] for e in entries if e["overrides"] is not None}
     out = {}
@@ -267,7 +267,7 @@ def expand(cfg: EvalCFG) -> list[Run]:
     """Every run of the sweep in a fixed order (model, target, method, seed); checks every key."""
     _check_axes(cfg)
     methods = resolve_methods(cfg.methods)
-    settings = _check_overrides(_parsed(Overrides, cfg.settings), "settings")
+    settings = check_settings(_parsed(Overrides, cfg.settings), "settings")
     runs = []
     for model in cfg.models:
         for t in resolve_targets(cfg):
@@ -317,7 +317,7 @@ def _result_cfg(cfg: ClassCFG, drop=()) -> dict:
 def base_settings(cfg: EvalCFG) -> dict:
     """What every run of a sweep shares: ClassCFG defaults + settings, and the scoring setup.
     A report refuses to merge runs whose base settings differ."""
-    settings = _check_overrides(_parsed(Overrides, cfg.settings), "settings")
+    settings = check_settings(_parsed(Overrides, cfg.settings), "settings")
     return {"class": _result_cfg(ClassCFG(**settings), drop=AXIS_KEYS),
             "eval": eval_settings(cfg)}
 
