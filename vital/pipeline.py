@@ -37,9 +37,9 @@ class RenderCFG:
                                     "(each stage doubles the size, the last is full size)")
     lr: float = opt(0.05, "peak Adam learning rate")
     warmup: int = opt(20, "linear learning-rate warm-up steps per stage")
-    adam_eps: float = opt(1e-8, "Adam epsilon: raise it (e.g. 1e-3) to damp the fine grain Adam "
-                          "adds where the gradient is almost zero (e.g. arithmetic with "
-                          "alpha = beta = 0)")
+    adam_eps: float = opt(1e-8, "Adam epsilon: larger values (e.g. 0.1) damp the fine grain Adam "
+                          "adds where the gradient is almost zero (arithmetic with alpha = beta "
+                          "= 0) but also weaken real steering (README, Embedding arithmetic)")
     batch: int = opt(1, "images optimised together")
     param: str = opt("laplacian", "image parameterisation",
                      choices=sorted(params_mod.PARAMETERISATIONS))
