@@ -13,7 +13,7 @@ Examples:
 import sys
 from dataclasses import dataclass
 
-from vital.class_vis import ClassCFG, run_class
+from vital.modes.class_mode import ClassCFG, run_class
 from vital.cli import main
 
 

@@ -20,7 +20,7 @@ Examples:
 import sys
 from dataclasses import dataclass
 
-from vital.arithmetic import ArithmeticCFG, run_arithmetic
+from vital.modes.arithmetic import ArithmeticCFG, run_arithmetic
 from vital.cli import main
 
 

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from vital.cli import main
-from vital.concept_vis import ConceptCFG, run_concepts
+from vital.modes.concepts import ConceptCFG, run_concepts
 
 
 @dataclass

@@ -31,7 +31,7 @@ Examples:
 import sys
 from dataclasses import dataclass
 
-from vital.evaluate import EvalCFG, main
+from vital.eval.harness import EvalCFG, main
 
 
 @dataclass

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from vital.cli import main
-from vital.concept_vis import FacetCFG, run_facets
+from vital.modes.concepts import FacetCFG, run_facets
 
 
 @dataclass

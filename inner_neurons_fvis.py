@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from vital.cli import main
-from vital.inner import InnerCFG, run_inner
+from vital.modes.inner import InnerCFG, run_inner
 
 
 @dataclass

@@ -9,7 +9,7 @@ Examples:
 """
 import sys
 
-from vital.gui import main
+from vital.app.gui import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,11 +30,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from vital.bundled import views  # noqa: E402
-from vital.class_vis import ClassCFG, run_class  # noqa: E402
+from vital.refs.bundled import views  # noqa: E402
+from vital.modes.class_mode import ClassCFG, run_class  # noqa: E402
 from vital.models import load_target  # noqa: E402
-from vital.outputs import grid, to_pil  # noqa: E402
-from vital.references import load_image  # noqa: E402
+from vital.imaging import grid, to_pil  # noqa: E402
+from vital.refs.images import load_image  # noqa: E402
 
 DATA = REPO.parent / "shared" / "imagenet-dev"
 METHODS = {

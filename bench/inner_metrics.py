@@ -4,7 +4,7 @@
 For each of ``--neurons`` random channels of ``--layer`` (seeded), every method visualises the
 channel with the same step budget. The channel's activation (mean over positions) on each
 visualisation is compared with its activation on its top-``--num_real`` real images of the data
-set (all images at the visualisation size), with ``vital.metrics.auc_mad``:
+set (all images at the visualisation size), with ``vital.eval.metrics.auc_mad``:
 
   AUC  P(activation on the FV > activation on a top real image); 0.5 = like the top real
        images, 1 = above all of them
@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from vital import metrics  # noqa: E402
 from vital.config import set_determinism  # noqa: E402
-from vital.eval_inner import real_activations, report_table  # noqa: E402
-from vital.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron  # noqa: E402
-from vital.inner_patches import data_files  # noqa: E402
+from vital.eval.inner import real_activations, report_table  # noqa: E402
+from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron  # noqa: E402
+from vital.refs.patches import data_files  # noqa: E402
 from vital.models import load_target  # noqa: E402
 
 DATA = REPO.parent / "shared" / "imagenet-dev"
@@ -107,7 +107,7 @@ def run_method(args, target, neuron, name: str, over: dict, scores) -> tuple[tor
 def comparison_grid(out: Path, channels: list[int], methods: list[str], tile: int = 128):
     """One row per neuron: its top reference patches (contact sheet), then each method's image."""
     from PIL import Image
-    from vital.outputs import grid
+    from vital.imaging import grid
     tiles, labels = [], []
     for channel in channels:
         sheet = next((out / m / f"n{channel}" / "references.png" for m in methods

@@ -3,7 +3,7 @@
 
 Per model, the class-visualisation objective of ``ClassCFG`` (sort matching at the default
 layers + class term + TV) is built with the pipeline helpers and rendered for ``--steps`` steps at
-full size through ``vital.render.render`` (``result.step_seconds``). The same model then runs
+full size through ``vital.optvis.render.render`` (``result.step_seconds``). The same model then runs
 ``--steps`` bare forward + backward passes w.r.t. an input of the same size. The rest of a step
 (parameterisation, augmentation, sort matching, priors, optimiser, hooks) is the difference.
 Both are measured ``--repeats`` times, alternating, and the medians are reported, in wall time
@@ -36,11 +36,11 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from vital import pipeline  # noqa: E402
-from vital.bundled import PHOTOS, build_reference_folders  # noqa: E402
-from vital.class_vis import ClassCFG, class_term  # noqa: E402
+from vital.refs.bundled import PHOTOS, build_reference_folders  # noqa: E402
+from vital.modes.class_mode import ClassCFG, class_term  # noqa: E402
 from vital.models import load_target  # noqa: E402
-from vital.references import list_images  # noqa: E402
-from vital.render import Schedule, render  # noqa: E402
+from vital.refs.images import list_images  # noqa: E402
+from vital.optvis.render import Schedule, render  # noqa: E402
 
 WARMUP_STEPS = 3
 

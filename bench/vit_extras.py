@@ -41,12 +41,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vital import field_refs, neural_field as nf, pipeline, vit_extras as vx  # noqa: E402
-from vital.bundled import PHOTOS, build_reference_folders  # noqa: E402
-from vital.class_vis import ClassCFG, class_term  # noqa: E402
+from vital.refs.bundled import PHOTOS, build_reference_folders  # noqa: E402
+from vital.modes.class_mode import ClassCFG, class_term  # noqa: E402
 from vital.models import load_target  # noqa: E402
-from vital.outputs import grid, to_pil  # noqa: E402
-from vital.references import list_images, load_images  # noqa: E402
-from vital.render import render  # noqa: E402
+from vital.imaging import grid, to_pil  # noqa: E402
+from vital.refs.images import list_images, load_images  # noqa: E402
+from vital.optvis.render import render  # noqa: E402
 
 IMAGENET_DEV = REPO.parent / "shared" / "imagenet-dev"
 SHAPES = {"vit-b32": dict(layers=12, width=768, patch_size=32, image_size=224, embed=512),

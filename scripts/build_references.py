@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vital.bundled import PHOTOS, build_reference_folders  # noqa: E402
+from vital.refs.bundled import PHOTOS, build_reference_folders  # noqa: E402
 
 
 def main() -> int:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vital.arithmetic import (ArithmeticCFG, Operand, parse_operand, run_arithmetic,
+from vital.modes.arithmetic import (ArithmeticCFG, Operand, parse_operand, run_arithmetic,
                               target_embedding)
-from vital.bundled import PHOTOS, photo_path
+from vital.refs.bundled import PHOTOS, photo_path
 from vital.cli import main
 from vital.config import ConfigError, parse_cfg
 

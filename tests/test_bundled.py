@@ -1,8 +1,8 @@
 """Bundled reference photos: they exist, show their class, and build deterministic folders."""
 import torch
 
-from vital.bundled import PHOTOS, build_reference_folders, photo_path
-from vital.references import list_images, load_image
+from vital.refs.bundled import PHOTOS, build_reference_folders, photo_path
+from vital.refs.images import list_images, load_image
 
 
 def test_each_photo_shows_its_class(tmp_path):

@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from vital.class_vis import ClassCFG, clip_text_target, run_class
+from vital.models.labels import clip_text_target
+from vital.modes.class_mode import ClassCFG, run_class
 from vital.models import load_target
 
 

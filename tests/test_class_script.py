@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vital.class_vis import ClassCFG, run_class
+from vital.modes.class_mode import ClassCFG, run_class
 from vital.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

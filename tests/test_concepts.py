@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vital import concepts as C, pipeline, sobol
-from vital.bank import BankError, ConceptBank, load_bank, save_bank, bank_paths
-from vital.concept_vis import ConceptCFG, run_concepts
+from vital.concepts import extract as C
+from vital.modes import runner as pipeline
+from vital.concepts import sobol
+from vital.concepts.bank import BankError, ConceptBank, load_bank, save_bank, bank_paths
+from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.models import load_target
-from vital.references import load_images
+from vital.refs.images import load_images
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "module:tests.conftest:TinyCNN"

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from vital import eval_inner, metrics
+from vital.eval import inner as eval_inner
+from vital.eval import metrics
 from vital.config import ConfigError
-from vital.evaluate import EvalCFG, main
+from vital.eval.harness import EvalCFG, main
 
 from conftest import write_images
 
@@ -41,7 +42,7 @@ def test_runs_are_scored_against_the_top_real_images(swept):
     root, whole, _ = swept
     assert [(r["neuron"], r["method"]) for r in whole] == \
         [(3, "vital"), (3, "am_fft"), (7, "vital"), (7, "am_fft")]
-    from vital.inner_patches import data_files
+    from vital.refs.patches import data_files
     from vital.models import load_target
     target = load_target(TINY)
     real = eval_inner.real_activations(target, "stage2", data_files(root / "data"), 32)
@@ -58,7 +59,7 @@ def test_runs_are_scored_against_the_top_real_images(swept):
 
 def test_rerun_skips_finished_runs(swept, monkeypatch):
     root, whole, _ = swept
-    import vital.inner as inner
+    import vital.modes.inner as inner
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished run must not render again")
@@ -103,7 +104,7 @@ def test_changed_settings_refuse_to_reuse_without_redo(swept, monkeypatch):
 ])
 def test_bad_inner_sweeps_fail_before_any_run(tmp_path, change, message, monkeypatch):
     write_images(tmp_path / "data", 3)
-    import vital.inner as inner
+    import vital.modes.inner as inner
     monkeypatch.setattr(inner, "run_neuron", lambda *a, **k: pytest.fail("ran"))
     with pytest.raises(ValueError, match=message):
         eval_inner.run_inner_sweep(_cfg(tmp_path, **change))

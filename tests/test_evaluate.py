@@ -8,14 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vital import class_vis, eval_scoring, evaluate
+from vital.models import labels
+from vital.eval import scoring as eval_scoring
+from vital.eval import harness as evaluate
 from vital.config import ConfigError, parse_cfg
-from vital.eval_report import QUALITY, write_report
-from vital.eval_sweep import MethodSpec, Overrides, TargetSpec
-from vital.evaluate import (EvalCFG, expand, parse_shard, run_sweep, select_shard,
+from vital.eval.report import QUALITY, write_report
+from vital.eval.sweep import MethodSpec, Overrides, TargetSpec
+from vital.eval.harness import (EvalCFG, expand, parse_shard, run_sweep, select_shard,
                             settings_hash)
-from vital.metrics import zeroshot_classifier
-from vital.opinion import encode_texts
+from vital.eval.metrics import zeroshot_classifier
+from vital.models.labels import encode_texts
 
 from conftest import write_images
 
@@ -259,8 +261,8 @@ class _BagOfTokens(torch.nn.Module):
 
 def test_clip_zero_shot_uses_template_averaged_class_embeddings(monkeypatch):
     names, templates = ["goldfish", "volcano", "teapot"], ["a photo of a {}.", "a {} in art."]
-    monkeypatch.setattr(class_vis, "clip_classnames", lambda: names)
-    monkeypatch.setattr(class_vis, "imagenet_templates", lambda: templates)
+    monkeypatch.setattr(labels, "clip_classnames", lambda: names)
+    monkeypatch.setattr(labels, "imagenet_templates", lambda: templates)
     clip = _BagOfTokens()
     fake = SimpleNamespace(clip=clip, weight_hash="fake-clip", device=torch.device("cpu"),
                            input_size=16, class_names=None, spec="fake")

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_images
-from vital import pipeline
-from vital.bank import BankError, BankMismatch, load_bank
+from vital.modes import runner as pipeline
+from vital.concepts.bank import BankError, BankMismatch, load_bank
 from vital.cli import main
-from vital.concept_vis import ConceptCFG, FacetCFG, facet_rows, run_concepts, run_facets
+from vital.modes.concepts import ConceptCFG, FacetCFG, facet_rows, run_concepts, run_facets
 
 TINY = "module:tests.conftest:TinyCNN"
 
@@ -127,7 +127,7 @@ def test_embedded_model_facets_at_64px(tmp_path, refs):
 
 
 def test_facet_objective_rewards_the_own_facet_over_its_siblings():
-    from vital.concepts import facet_objective
+    from vital.concepts.extract import facet_objective
     dirs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 1.0]])
     feats = dirs[:, :, None].expand(3, 3, 4).clone()     # image b = facet b at every position
     obj = facet_objective("x", dirs, "relu", contrast=1.0)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vital import gui_modes as gm, pipeline
-from vital.render import Schedule, render
+from vital.app import forms as gm
+from vital.modes import runner as pipeline
+from vital.optvis.render import Schedule, render
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "module:tests.conftest:TinyCNN"
@@ -28,7 +29,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 # ---------------------------------------------------------------- render hooks (no X needed)
 
 def _render(target, **hooks):
-    from vital import losses, param
+    from vital.optvis import losses
+    from vital.optvis import param
     gen = torch.Generator().manual_seed(0)
     p = param.make_param("laplacian", size=32, batch=1, generator=gen)
     objective = losses.class_logprob_objective(1) + 0.05 * losses.tv_objective()
@@ -59,7 +61,7 @@ def test_should_stop_ends_the_run_like_ctrl_c(tiny_cnn_target):
 
 def test_run_hooks_reach_a_mode_that_does_not_pass_them(tmp_path):
     """Arithmetic's run function calls pipeline.run without hooks; run_hooks still applies."""
-    from vital.arithmetic import ArithmeticCFG, run_arithmetic
+    from vital.modes.arithmetic import ArithmeticCFG, run_arithmetic
     cfg = ArithmeticCFG(model=TINY, base="KING", add=["WOMAN"], sub=["MAN"], size=32,
                         steps=50, save_steps=2, out_dir=str(tmp_path), progress=False,
                         device="cpu", ref_views=1)
@@ -130,9 +132,9 @@ def test_completion_prefers_prefixes():
 
 
 def test_bundled_folders_are_offered_and_built_when_missing(tmp_path, monkeypatch):
-    import vital.bundled
+    import vital.refs.bundled
     built = []
-    monkeypatch.setattr(vital.bundled, "build_reference_folders",
+    monkeypatch.setattr(vital.refs.bundled, "build_reference_folders",
                         lambda root: built.append(root) or (Path(root) / "espresso").mkdir(
                             parents=True))
     root = tmp_path / "refs"
@@ -146,7 +148,7 @@ def test_bundled_folders_are_offered_and_built_when_missing(tmp_path, monkeypatc
 
 
 def test_plain_error_is_one_line_without_a_traceback(capsys):
-    from vital.references import ReferenceError
+    from vital.refs.images import ReferenceError
     assert gm.plain_error(ReferenceError("folder x\n does not exist")) == \
         "folder x does not exist"
     try:
@@ -208,7 +210,7 @@ def display():
 def make_app(display, tmp_path):
     import tkinter as tk
 
-    from vital.gui import VitalApp
+    from vital.app.gui import VitalApp
     apps = []
 
     def make(model=TINY):

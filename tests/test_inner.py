@@ -10,9 +10,9 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import write_images
-from vital import inner_patches as P
+from vital.refs import patches as P
 from vital.cli import main
-from vital.inner import InnerCFG, neuron_objective, resolve_target, run_inner
+from vital.modes.inner import InnerCFG, neuron_objective, resolve_target, run_inner
 from vital.models import load_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +236,8 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, args, message):
 
 
 def test_tiny_vit_end_to_end(tmp_path, tiny_clip_file, monkeypatch):
-    from vital import opinion, pipeline
+    from vital.models import opinion
+    from vital.modes import runner as pipeline
     # the opinion over the full 49k-word vocabulary is tested in test_class_clip; a few words here
     monkeypatch.setattr(pipeline, "make_opinion", lambda target, *a, **k: opinion.ClipOpinion(
         target, [], words=["bird", "wing", "neck"], progress=False))
@@ -274,8 +275,8 @@ def test_presets_parse(preset):
 
 def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_target):
     import torch.nn.functional as F
-    from vital.inner import rank_neurons
-    from vital.opinion import encode_texts
+    from vital.modes.inner import rank_neurons
+    from vital.models.labels import encode_texts
     data = write_images(tmp_path / "data", 1, size=32)
     files = sorted(data.iterdir())
     with pytest.raises(ValueError, match="needs a CLIP"):

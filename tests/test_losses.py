@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vital import losses as L
+from vital.optvis import losses as L
 
 
 def _sort_matching_loops(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""vital.metrics on hand-made inputs with known answers, and against slow references
+"""vital.eval.metrics on hand-made inputs with known answers, and against slow references
 (plain loops, scipy's matrix square root, scikit-learn's ROC AUC)."""
 import math
 
@@ -8,7 +8,7 @@ import torch
 from scipy import linalg
 from sklearn.metrics import roc_auc_score
 
-from vital import metrics
+from vital.eval import metrics
 
 
 # ---------------------------------------------------------------- accuracy

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from skimage import data
 
-from vital import _sources
+from vital.models import loaders as _sources
 from vital.models import LayerInfo, channels_positions, imagenet_classes, load_target
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
@@ -51,7 +51,7 @@ def test_efficientnet_lite_classifies_real_photos(spec, lite0):
 def test_efficientnet_lite_matches_reference_package(lite0):
     """Our shape-read EfficientNet-Lite equals the efficientnet_lite_pytorch implementation."""
     from efficientnet_lite_pytorch import EfficientNet
-    from vital._efficientnet import weights_file
+    from vital.models.efficientnet import weights_file
     ref = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic SAME padding
     ref.load_state_dict(torch.load(weights_file("efficientnet-lite0"), weights_only=True))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

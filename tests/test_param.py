@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from vital import param as P
+from vital.optvis import param as P
 
 SIZE = 32
 FIT_STEPS = 200

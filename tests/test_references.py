@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from vital.models import channels_positions
-from vital.references import (ReferenceError, list_images, load_images, reference_quantiles,
-                              sorted_features)
+from vital.refs.images import ReferenceError, list_images, load_images
+from vital.refs.references import reference_quantiles, sorted_features
 
 
 def test_missing_and_empty_folders(tmp_path):
@@ -73,7 +73,7 @@ def test_cache_key_depends_on_content_size_and_layers(tiny_cnn_target, ref_folde
 
 def test_cache_hit_does_not_decode_images(tiny_cnn_target, ref_folder, isolated_cache,
                                           monkeypatch):
-    import vital.references as R
+    import vital.refs.images as R
     files = list_images(ref_folder)
     first, _ = reference_quantiles(tiny_cnn_target, ["stem"], files, 48, num=3, progress=False)
 

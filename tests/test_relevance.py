@@ -1,11 +1,12 @@
-"""vital.relevance: conservation of LRP / gradient x activation on bias-free tiny models,
+"""vital.optvis.relevance: conservation of LRP / gradient x activation on bias-free tiny models,
 guided backprop against a hand-written backward pass, and the relevance-weighted loss."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vital import losses, relevance as rel
+from vital.optvis import losses
+from vital.optvis import relevance as rel
 from vital.models import load_target
 
 
@@ -80,7 +81,7 @@ def test_lrp_matches_hand_written_zplus_rule():
 
 
 def _bias_free_lite():
-    from vital._efficientnet import EfficientNetLite
+    from vital.models.efficientnet import EfficientNetLite
     torch.manual_seed(2)
     net = EfficientNetLite(stem=8, blocks=[(8, 8, 8, 3, 1), (8, 16, 8, 3, 1), (8, 16, 12, 3, 2)],
                            head=16, classes=5)
@@ -239,7 +240,7 @@ def test_vit_rules_give_maps_per_token(tiny_clip_file, rule):
 
 
 def test_spatial_weights_floor_keeps_every_activation_in_the_matching():
-    from vital.relevance import spatial_weights
+    from vital.optvis.relevance import spatial_weights
     r = torch.tensor([[[0.0, 1.0, 3.0, -1.0]]])
     plain = spatial_weights(r)
     torch.testing.assert_close(plain, torch.tensor([[[0.25, 0.5, 1.0, 0.0]]]))

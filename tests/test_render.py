@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from vital import losses, param
-from vital.render import Schedule, render
+from vital.optvis import losses
+from vital.optvis import param
+from vital.optvis.render import Schedule, render
 
 
 def _objective(index=3):

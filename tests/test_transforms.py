@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vital import transforms as T
+from vital.optvis import transforms as T
 
 
 def _grid(n=3):

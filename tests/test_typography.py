@@ -1,4 +1,4 @@
-"""vital.typography: word images are deterministic, distinct, centred, and fail clearly."""
+"""vital.refs.words: word images are deterministic, distinct, centred, and fail clearly."""
 import hashlib
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vital import typography
-from vital.typography import default_font_path, render_word, word_tensor
+from vital.refs import words as typography
+from vital.refs.words import default_font_path, render_word, word_tensor
 
 
 def _ink(image) -> np.ndarray:

@@ -8,11 +8,14 @@ import torch
 from PIL import Image
 
 from conftest import write_images
-from vital import field_refs, neural_field as nf, pipeline, vit_extras as vx
-from vital.class_vis import ClassCFG, run_class
+from vital.refs import fields as field_refs
+from vital.optvis import neural_field as nf
+from vital.modes import runner as pipeline
+from vital.modes import vit_extras as vx
+from vital.modes.class_mode import ClassCFG, run_class
 from vital.config import ConfigError
 from vital.models import load_target
-from vital.references import list_images
+from vital.refs.images import list_images
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ EXIT_INTERRUPTED = 130
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from vital.references import ReferenceError
+    from vital.refs.images import ReferenceError
     # bad input raises ValueError (ConfigError, ReferenceError, unknown models/layers/classes)
     # or FileNotFoundError; anything else is a bug and keeps its traceback
     return (ConfigError, ReferenceError, FileNotFoundError, ValueError)

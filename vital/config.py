@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vital.cache import write_json
+
 __all__ = ["opt", "parse_cfg", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
            "set_determinism", "resolve_device", "run_metadata", "ConfigError"]
 
@@ -164,18 +166,6 @@ def cfg_to_dict(cfg) -> dict:
 def dump_cfg(cfg, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, cfg_to_dict(cfg))
-
-
-def write_json(path: str | os.PathLike, data) -> None:
-    """Write JSON atomically (temp file + rename), so a full disk never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def make_run_dir(out_dir: str | os.PathLike, run_name: str) -> Path:

@@ -1,0 +1,198 @@
+"""The evaluation harness: runs a sweep of class visualisations (see ``vital.eval.sweep``) with
+equal budgets, scores each run with ``vital.eval.metrics`` (via ``vital.eval.scoring``), resumes
+finished runs and splits a sweep into shards; ``vital.eval.report`` merges the results.
+
+Layout under ``out_dir``: ``<model>/<target>/<method>/seed<k>/`` is the normal run folder
+(final.png, steps/, config.json, metrics.json) plus ``fid_features.safetensors`` and, written
+last, ``result.json``. A run whose result.json holds the same settings hash is skipped; a run
+folder without result.json is unfinished and is run again from scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from vital import config
+from vital.modes.class_mode import run_class
+from vital.config import ConfigError
+from vital.cache import write_json
+from vital.eval.sweep import (  # noqa: F401  (re-exported: vital.eval.harness is the entry point)
+    BUILTIN_METHODS, FEATURES_FILE, RESULT_FILE, EvalCFG, Run, base_settings, expand, flat_diff,
+    parse_shard, run_settings, same_settings, select_shard, settings_diff, settings_hash)
+
+
+# ---------------------------------------------------------------- execution
+
+def validate(runs: list[Run], scorer) -> dict[tuple[str, str], object]:
+    """Resolve every (model, target) on every model and list every reference folder, so that
+    bad input fails before any run starts. Returns (model, target) -> ClassRef."""
+    from vital.refs.images import list_images
+    classes = {}
+    for run in runs:
+        key = (run.model, run.target)
+        if key not in classes:
+            classes[key] = scorer.resolve(run.model, run.target)
+            list_images(run.ref_dir)
+    return classes
+
+
+def check_resumable(runs: list[Run], cfg: EvalCFG) -> None:
+    """Without --redo, a finished run made with other settings stops the sweep before it starts."""
+    if cfg.redo:
+        return
+    for run in runs:
+        done = load_result(run.run_dir)
+        settings = run_settings(run, cfg)
+        if done is not None and not _reusable(done, settings):
+            keys = settings_diff(done.get("settings", {}), settings) or ["(unknown)"]
+            raise ConfigError(f"{run.key} was run with other settings ({', '.join(keys)}); "
+                              f"pass --redo to rerun such runs or choose another --out_dir")
+
+
+def load_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None   # a torn file: the run counts as unfinished
+
+
+def _reusable(done: dict, settings: dict) -> bool:
+    return same_settings(settings, done.get("settings", {}), done.get("settings_hash", ""))
+
+
+def _prepare_dir(run: Run, settings: dict, redo: bool) -> dict | None:
+    """The finished result to reuse, or None after clearing the folder for a fresh run."""
+    done = load_result(run.run_dir)
+    if done is not None and _reusable(done, settings):
+        return done
+    if done is not None and not redo:
+        raise ConfigError(f"{run.key} was run with other settings; pass --redo")
+    if run.run_dir.exists():
+        shutil.rmtree(run.run_dir)   # unfinished (no result.json) or being redone
+    return None
+
+
+def _render(run: Run, device: str, progress: bool):
+    cfg = dataclasses.replace(run.cfg, out_dir=str(run.run_dir.parent),
+                              run_name=run.run_dir.name, device=device, progress=progress)
+    started = time.perf_counter()
+    run_dir, result = run_class(cfg, argv=["evaluate_fvis.py", run.key])
+    if Path(run_dir) != run.run_dir:
+        raise RuntimeError(f"run folder {run_dir} is not the expected {run.run_dir}")
+    if result.stopped == "interrupted":
+        raise KeyboardInterrupt
+    return result, time.perf_counter() - started
+
+
+def _timing(result, wall: float) -> dict:
+    render_seconds = result.step_seconds * result.steps_done
+    return {"seconds_per_step": result.step_seconds,
+            "seconds_per_image": render_seconds / result.image.shape[0],
+            "seconds_run": wall}
+
+
+def execute(run: Run, cfg: EvalCFG, scorer, cls, device: str) -> tuple[dict, bool]:
+    """Render and score one run (or reuse its result); returns (result, was_skipped)."""
+    settings = run_settings(run, cfg)
+    digest = settings_hash(settings)
+    done = _prepare_dir(run, settings, cfg.redo)
+    if done is not None:
+        return done, True
+    result, wall = _render(run, device, cfg.progress)
+    record = {
+        "index": run.index, "model": run.model, "target": run.target, "method": run.method,
+        "seed": run.seed, "ref_dir": run.ref_dir, "target_label": cls.label,
+        "class_index": cls.index, "status": result.stopped or "finished",
+        "steps_done": result.steps_done, "settings_hash": digest, "settings": settings,
+        "base_settings": base_settings(cfg), "method_overrides": run.overrides,
+        **_score(run, scorer, cls, result, wall),
+    }
+    write_json(run.run_dir / RESULT_FILE, record)   # last: marks the run finished
+    return record, False
+
+
+def _score(run: Run, scorer, cls, result, wall: float) -> dict:
+    """Metrics of the final images, of the references, of the saved steps; FID features."""
+    from vital.eval.scoring import quantise
+    images = quantise(result.image)   # what final.png holds, for every image of the batch
+    num_ref = run.cfg.num_ref
+    features = scorer.fid_features(images, run.ref_dir, num_ref)
+    save_file({k: v.contiguous() for k, v in features.items()}, str(run.run_dir / FEATURES_FILE))
+    steps = sorted((run.run_dir / "steps").glob("step_*.png"))
+    return {"metrics": {**scorer.score(run.model, cls, images, run.ref_dir, num_ref),
+                        **_timing(result, wall)},
+            "real": scorer.score_real(run.model, cls, run.ref_dir, num_ref),
+            "curve": scorer.curve(run.model, cls, steps),
+            "features": FEATURES_FILE}
+
+
+def _line(record: dict, skipped: bool) -> str:
+    if skipped:
+        return "finished earlier, skipped"
+    m = record["metrics"]
+    return (f"self top-1 {m['self_top1']:.2f}, judge top-1 {m['judge_top1']:.2f}, "
+            f"{m['seconds_per_step']:.3f} s/step")
+
+
+def run_sweep(cfg: EvalCFG) -> list[dict]:
+    """Run this shard's part of the sweep; bad input fails before the first run."""
+    from vital.config import resolve_device
+    from vital.eval.scoring import Scorer
+    runs = expand(cfg)
+    mine = select_shard(runs, parse_shard(cfg.shard))
+    if cfg.list_runs:
+        for run in mine:
+            print(f"{run.index:4d}  {run.key}")
+        return []
+    device = resolve_device(cfg.device)
+    scorer = Scorer(cfg.judge, cfg.fid_model, cfg.clip_judge, device=device,
+                    progress=cfg.progress)
+    classes = validate(runs, scorer)
+    check_resumable(mine, cfg)
+    records = []
+    for k, run in enumerate(mine, 1):
+        record, skipped = execute(run, cfg, scorer, classes[(run.model, run.target)], str(device))
+        print(f"[{k}/{len(mine)}] {run.key}: {_line(record, skipped)}", flush=True)
+        records.append(record)
+    return records
+
+
+def main(cfg_cls, argv: list[str] | None = None) -> int:
+    """The script's entry point: run the sweep (and report unless sharded) or only report."""
+    from vital.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, known_errors
+    from vital.eval.report import write_report
+    cfg = config.parse_cfg(cfg_cls, argv)
+    try:
+        if cfg.mode == "inner":
+            return _main_inner(cfg)
+        if not cfg.report:
+            run_sweep(cfg)
+        if cfg.report or not (cfg.shard or cfg.list_runs):
+            print(write_report(cfg.out_dir, expected=expand(cfg)))
+    except KeyboardInterrupt:
+        print("interrupted: finished runs keep their result.json; run the same command again "
+              "to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except known_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _main_inner(cfg: EvalCFG) -> int:
+    """``--mode inner``: run the inner-neuron sweep (``vital.eval.inner``), then report."""
+    from vital.eval.inner import run_inner_sweep, write_inner_report
+    if not cfg.report:
+        run_inner_sweep(cfg)
+    if cfg.report or not (cfg.shard or cfg.list_runs):
+        print(write_inner_report(cfg.out_dir))
+    return 0

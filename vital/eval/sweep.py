@@ -1,0 +1,363 @@
+"""An evaluation sweep: its settings (``EvalCFG``, the entries of a sweep file), its expansion
+into runs (models x targets x methods x seeds, in a fixed order), shards, and the settings that
+decide whether a finished run can be reused or merged. Executed by ``vital.eval.harness``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vital import config
+from vital.modes.class_mode import ClassCFG
+from vital.config import ConfigError, opt
+
+RESULT_FILE = "result.json"
+FEATURES_FILE = "fid_features.safetensors"
+METRICS_VERSION = 1   # bump when a metric changes: old results then no longer match
+
+# Methods compared in the VITAL paper's Table 1, as ClassCFG overrides (same budget and
+# augmentations for all; the activation-maximisation baselines drop sort matching and TV).
+BUILTIN_METHODS: dict[str, dict] = {
+    "vital": {},
+    "vital_pure": {"class_weight": 0.0},
+    "am_fft": {"param": "fft", "feat_weight": 0.0, "class_weight": 1.0, "tv_weight": 0.0},
+    "maco": {"param": "maco", "feat_weight": 0.0, "class_weight": 1.0, "tv_weight": 0.0},
+}
+AXIS_KEYS = ("model", "target", "ref_dir", "seed")
+# set by the harness for every run; a sweep may not override them
+RESERVED_KEYS = AXIS_KEYS + ("out_dir", "run_name", "device", "progress")
+# do not change what a run computes, so they are left out of its settings hash
+NON_RESULT_KEYS = ("device", "progress", "out_dir", "run_name", "cache", "prompts_file", "top_k")
+_NAME = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+
+
+# ---------------------------------------------------------------- entries of the sweep file
+
+def _check_keys(entry: dict, valid: tuple, what: str) -> None:
+    unknown = [k for k in entry if k not in valid]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown key(s) {unknown} in {what} {entry!r}; "
+                                         f"valid keys: {', '.join(valid)}")
+
+
+class TargetSpec:
+    """A target: ``"espresso"`` (references in ``ref_root/espresso``), ``"espresso=DIR"`` or
+    ``{"target": "espresso", "ref_dir": "DIR"}``. Parsing returns a plain dict."""
+
+    def __new__(cls, value) -> dict:
+        if isinstance(value, dict):
+            _check_keys(value, ("target", "ref_dir"), "target")
+            if "target" not in value:
+                raise argparse.ArgumentTypeError(f"target entry {value!r} needs a 'target' key")
+            return {"target": str(value["target"]), "ref_dir": str(value.get("ref_dir") or "")}
+        name, _, ref_dir = str(value).partition("=")
+        if not name.strip():
+            raise argparse.ArgumentTypeError(f"empty target in {value!r}")
+        return {"target": name.strip(), "ref_dir": ref_dir.strip()}
+
+
+class MethodSpec:
+    """A method: a built-in name (``vital``, ``vital_pure``, ``am_fft``, ``maco``) or
+    ``{"name": ..., "overrides": {ClassCFG key: value}, "base": built-in name (optional)}``."""
+
+    def __new__(cls, value) -> dict:
+        if isinstance(value, dict):
+            _check_keys(value, ("name", "overrides", "base"), "method")
+            overrides = value.get("overrides", {})
+            if "name" not in value or not isinstance(overrides, (dict, type(None))):
+                raise argparse.ArgumentTypeError(f"method entry {value!r} needs a 'name' and "
+                                                 f"an 'overrides' object")
+            return {"name": str(value["name"]),   # overrides None: a built-in by name
+                    "overrides": None if overrides is None else dict(overrides),
+                    "base": str(value.get("base") or "")}
+        return {"name": str(value).strip(), "overrides": None, "base": ""}
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside brackets and quotes: "a=[1,2],b=x" -> ["a=[1,2]", "b=x"]."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+class Overrides:
+    """ClassCFG settings for every run: a JSON object, or ``key=value,key=value`` on the
+    command line (values are read as JSON when they parse, else as text)."""
+
+    def __new__(cls, value) -> dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if not isinstance(value, str):
+            raise argparse.ArgumentTypeError(f"settings must be an object or key=value text, "
+                                             f"got {value!r}")
+        out = {}
+        for item in filter(None, (s.strip() for s in _split_top(str(value)))):
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"settings item {item!r} is not key=value")
+            try:
+                out[key.strip()] = json.loads(text)
+            except json.JSONDecodeError:
+                out[key.strip()] = text
+        return out
+
+
+def _parsed(kind, value):
+    """``kind(value)`` with its complaint as a ConfigError (entries built in Python skip the
+    command-line parser)."""
+    try:
+        return kind(value)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(str(err)) from None
+
+
+@dataclass
+class EvalCFG:
+    """Evaluation sweep: models x targets x methods x seeds of class visualisations, scored
+    with the VITAL paper's metrics. Precedence: defaults < --json_cfg SWEEP.json < command line."""
+    out_dir: str = opt("out_eval/sweep", "sweep folder: runs, result.json files and report/")
+    mode: str = opt("class", "class: class visualisations scored by accuracy, judge, FID; "
+                    "inner: inner neurons of --layer scored by AUC / MAD against their top "
+                    "real images (paper appendix B.1)", choices=["class", "inner"])
+    models: list[str] = opt(["efficientnet-lite0"], "visualised models (model specs)")
+    targets: list[TargetSpec] = opt(["espresso"], "classes: NAME (refs in ref_root/NAME), "
+                                    "NAME=REF_DIR, or in JSON {target, ref_dir}")
+    ref_root: str = opt("references", "parent folder of per-class reference folders")
+    methods: list[MethodSpec] = opt(list(BUILTIN_METHODS), "built-in methods "
+                                    f"({', '.join(BUILTIN_METHODS)}) or in JSON "
+                                    "{name, overrides, base}")
+    seeds: list[int] = opt([0], "random seeds")
+    settings: Overrides = opt({}, "ClassCFG (inner mode: InnerCFG) settings for every run, "
+                              "e.g. steps_multires=[100,200],num_ref=12 (JSON: an object)")
+    judge: str = opt("efficientnet-lite1", "second classifier ('another model's opinion')")
+    fid_model: str = opt("", "model whose penultimate features FID compares (empty = judge)")
+    clip_judge: str = opt("", "CLIP model for zero-shot top-1/top-5 (empty = none)")
+    fid_shrinkage: float = opt(0.0, "covariance shrinkage toward a scaled identity for FID")
+    layer: str = opt("", "inner mode: the layer whose neurons (channels) are visualised")
+    neurons: list[int] = opt([], "inner mode: these channels of --layer")
+    random_neurons: int = opt(10, "inner mode without --neurons: this many channels drawn "
+                              "with seed 0")
+    data_dir: str = opt("", "inner mode: images for the top patches (references) and the top "
+                        "real images the metrics compare with")
+    num_real: int = opt(50, "inner mode: top real images per neuron for AUC / MAD")
+    shard: str = opt("", "i/n: run every n-th run starting at i (0 <= i < n); no report")
+    report: bool = opt(False, "only merge the result.json files under out_dir into a report")
+    redo: bool = opt(False, "rerun runs whose result.json holds other settings")
+    list_runs: bool = opt(False, "print the runs (of this shard) and exit")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    progress: bool = opt(True, "show progress bars")
+
+
+# ---------------------------------------------------------------- expansion
+
+@dataclass
+class Run:
+    """One cell of the sweep."""
+    index: int
+    model: str
+    target: str
+    ref_dir: str
+    method: str
+    seed: int
+    overrides: dict          # the method's ClassCFG overrides
+    cfg: ClassCFG            # resolved: defaults < settings < method < axes
+    run_dir: Path
+
+    @property
+    def key(self) -> str:
+        return "/".join(self.run_dir.parts[-4:])
+
+
+def slug(text: str) -> str:
+    """A folder name for a model spec or class name."""
+    safe = "".join(c if c.isalnum() or c in "-_.+=" else "_" for c in str(text)).strip("._")
+    return safe or "x"
+
+
+def check_settings(overrides: dict, what: str, cls=ClassCFG, reserved_keys=RESERVED_KEYS,
+                   per_run: str = "models, targets, seeds, out_dir, --device") -> dict:
+    """``overrides`` checked against ``cls``'s fields (unknown and per-run keys fail, naming
+    the valid ones) and coerced to the fields' types."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in overrides if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown} in {what}; valid {cls.__name__} keys: "
+                          f"{', '.join(k for k in valid if k not in reserved_keys)}")
+    reserved = [k for k in overrides if k in reserved_keys]
+    if reserved:
+        raise ConfigError(f"{what} sets {reserved}, which the sweep itself sets per run "
+                          f"({per_run})")
+    return config._coerce(cls, overrides)   # JSON values -> the fields' types
+
+
+
+def resolve_methods(entries, builtins: dict[str, dict] | None = None,
+                    check=None) -> dict[str, dict]:
+    """Method name -> overrides of the run's CFG; unknown names list the valid ones.
+    ``builtins`` (default: the class methods) and ``check(overrides, what)`` (default: against
+    ClassCFG) let another mode (``vital.eval.inner``) use the same rules."""
+    builtins = BUILTIN_METHODS if builtins is None else builtins
+    check = check or check_settings
+    entries = [_parsed(MethodSpec, e) for e in entries]
+    defined = {e["name"] for e in entries if e["overrides"] is not None}
+    out = {}
+    for e in entries:
+        name = e["name"]
+        if not _NAME.match(name):
+            raise ConfigError(f"method name {name!r} must use letters, digits and _ . + = -")
+        if name in out:
+            raise ConfigError(f"method {name!r} appears twice in the sweep")
+        if e["overrides"] is None:
+            if name not in builtins:
+                raise ConfigError(f"unknown method {name!r}; valid: "
+                                  f"{', '.join(list(builtins) + sorted(defined))} "
+                                  f"(or define it as {{\"name\": ..., \"overrides\": {{...}}}})")
+            out[name] = dict(builtins[name])
+            continue
+        if e["base"] and e["base"] not in builtins:
+            raise ConfigError(f"method {name!r}: unknown base {e['base']!r}; valid: "
+                              f"{', '.join(builtins)}")
+        out[name] = {**builtins.get(e["base"], {}), **check(e["overrides"], f"method {name!r}")}
+    return out
+
+
+def resolve_targets(cfg: EvalCFG) -> list[dict]:
+    targets = [_parsed(TargetSpec, t) for t in cfg.targets]
+    names = [t["target"] for t in targets]
+    if not targets:
+        raise ConfigError("the sweep has no targets")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a target appears twice in {names}")
+    for t in targets:
+        if not t["ref_dir"]:
+            if not cfg.ref_root:
+                raise ConfigError(f"target {t['target']!r} has no ref_dir and ref_root is empty")
+            t["ref_dir"] = str(Path(cfg.ref_root) / slug(t["target"]))
+    return targets
+
+
+def _check_axes(cfg: EvalCFG) -> None:
+    if not cfg.models or not cfg.seeds:
+        raise ConfigError("the sweep needs at least one model and one seed")
+    for what, values in (("model", cfg.models), ("seed", cfg.seeds)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"a {what} appears twice in {values}")
+    slugs = [slug(m) for m in cfg.models]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"models {cfg.models} map to the same folder names {slugs}")
+
+
+def expand(cfg: EvalCFG) -> list[Run]:
+    """Every run of the sweep in a fixed order (model, target, method, seed); checks every key."""
+    _check_axes(cfg)
+    methods = resolve_methods(cfg.methods)
+    settings = check_settings(_parsed(Overrides, cfg.settings), "settings")
+    runs = []
+    for model in cfg.models:
+        for t in resolve_targets(cfg):
+            for method, overrides in methods.items():
+                for seed in cfg.seeds:
+                    values = {**settings, **overrides, "model": model, "target": t["target"],
+                              "ref_dir": t["ref_dir"], "seed": int(seed)}
+                    run_dir = (Path(cfg.out_dir) / slug(model) / slug(t["target"]) / method
+                               / f"seed{int(seed)}")
+                    runs.append(Run(len(runs), model, t["target"], t["ref_dir"], method,
+                                    int(seed), overrides, ClassCFG(**values), run_dir))
+    return runs
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; empty -> None."""
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(f"--shard {text!r} must look like i/n, e.g. 0/4")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need n >= 1 and 0 <= i < n (for n = {n}: "
+                          f"i in 0..{max(n - 1, 0)})")
+    return i, n
+
+
+def select_shard(runs: list[Run], shard: tuple[int, int] | None) -> list[Run]:
+    """Every n-th run starting at i; together the n shards hold every run exactly once."""
+    return runs if shard is None else runs[shard[0]::shard[1]]
+
+
+# ---------------------------------------------------------------- settings and hashes
+
+def eval_settings(cfg: EvalCFG) -> dict:
+    return {"judge": cfg.judge, "fid_model": cfg.fid_model or cfg.judge,
+            "clip_judge": cfg.clip_judge, "fid_shrinkage": float(cfg.fid_shrinkage),
+            "metrics_version": METRICS_VERSION}
+
+
+def _result_cfg(cfg: ClassCFG, drop=()) -> dict:
+    values = config.cfg_to_dict(cfg)
+    return {k: v for k, v in values.items() if k not in NON_RESULT_KEYS and k not in drop}
+
+
+def base_settings(cfg: EvalCFG) -> dict:
+    """What every run of a sweep shares: ClassCFG defaults + settings, and the scoring setup.
+    A report refuses to merge runs whose base settings differ."""
+    settings = check_settings(_parsed(Overrides, cfg.settings), "settings")
+    return {"class": _result_cfg(ClassCFG(**settings), drop=AXIS_KEYS),
+            "eval": eval_settings(cfg)}
+
+
+def run_settings(run: Run, cfg: EvalCFG) -> dict:
+    """Everything a run's result depends on; its hash decides whether a result is reusable."""
+    return {"class": _result_cfg(run.cfg), "eval": eval_settings(cfg)}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def comparable(current: dict, stored: dict) -> dict:
+    """``current`` settings without the class settings that ``stored`` lacks and that hold
+    their default: a field added to ClassCFG after a run, at its default, did not change it."""
+    defaults = _result_cfg(ClassCFG())
+    known = stored.get("class", {})
+    kept = {k: v for k, v in current.get("class", {}).items()
+            if k in known or k not in defaults or v != defaults[k]}
+    return {**current, "class": kept}
+
+
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose settings differ (see ``comparable``)."""
+    return flat_diff(comparable(a, b), comparable(b, a))
+
+
+def same_settings(current: dict, stored: dict, stored_hash: str) -> bool:
+    return settings_hash(comparable(current, stored)) == stored_hash
+
+
+def flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += flat_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

@@ -1,0 +1,397 @@
+"""Inner neuron visualisation: what one neuron, channel or direction of a layer responds to.
+
+Target: a neuron / channel of ``--layer`` (a CNN channel, a ViT residual-stream channel or MLP
+neuron), or a direction in its channel space (``--direction FILE``). Its score is the mean over
+positions (spatial positions, or patch tokens without the class token) of the activation, or of
+the projection on the unit direction.
+
+References (VITAL paper, sec. 3): the top-k patches of a data set for the target, from distinct
+images (``vital.refs.patches``). The loss is
+
+    neuron_weight * (-score / mean score of the references)          term ``neuron:<layer>:<n>``
+  + feat_weight * sum_l w_l * sort matching at the layers below the target    ``sort:<layer>``
+  + priors (TV, L2)
+
+where sort matching compares the synthetic image's activations with the reference patches'
+(resized to each stage's size); with ``--relevance gradxact|lrp|guided`` both sides are weighted by
+their relevance for the target and each channel by its importance (``vital.optvis.relevance``).
+``--auto N`` ranks the layer's neurons (by mean activation on the data set, or for CLIP by
+attribution to ``--auto_prompt``) and visualises the top N.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vital.optvis import losses
+from vital.modes import runner as pipeline
+from vital.optvis import relevance as rel
+from vital.config import ConfigError, opt, set_determinism
+from vital.cache import write_json
+from vital.refs.patches import PatchScores, channel_means, contact_sheet, data_files, \
+    iter_images, reference_patches, score_patches
+from vital.models import channels_positions
+from vital.refs.images import resize_images
+from vital.refs.references import sorted_features
+
+_POSITION_LAYOUTS = ("BCHW", "BND")
+
+
+@dataclass
+class InnerCFG(pipeline.RenderCFG):
+    """Inner neuron visualisation (VITAL)."""
+    layer: str = opt("blocks.10", "layer of the neuron (query_model_layers.py lists them)")
+    neuron: int = opt(0, "neuron / channel index in --layer")
+    direction: str = opt("", "file with one value per channel (.pt, .npy, .safetensors, .txt): "
+                         "visualise this direction instead of --neuron")
+    data_dir: str = opt("references", "folder of real images (searched recursively) to crop "
+                        "the reference patches from")
+    num_ref: int = opt(50, "top-k patches (from distinct images) used as references")
+    data_size: int = opt(0, "images are resized and centre-cropped to this many px before "
+                         "cropping patches (0 = the model's input size)")
+    patch_size: int = opt(64, "side of the square patches in px (at data_size)")
+    stride: int = opt(0, "step between patches in px (0 = patch_size // 2)")
+    score_size: int = opt(0, "px at which the model scores a patch (0 = as cropped)")
+    neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
+                               "mean score (0 = pure VITAL)")
+    relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
+                         "(gradient x activation), lrp (zennit for CNNs, conservative rule for "
+                         "ViTs), guided, none; lrp gave saturated high-frequency images on "
+                         "EfficientNet-Lite0 (bench/README.md)", choices=list(rel.RULES))
+    relevance_floor: float = opt(0.5, "weight of an activation where its relevance is lowest "
+                                 "(weights run from this floor to 1); 0 = the paper's "
+                                 "plain min-max maps, which leave irrelevant activations "
+                                 "unconstrained (noisy images with lrp)")
+    relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
+                               "(1 = every step, as in the paper; > 1 is faster but reuses maps "
+                               "across jitter and flips)")
+    auto: int = opt(0, "> 0: rank the layer's neurons and visualise the top N (not --neuron)")
+    auto_prompt: str = opt("", "CLIP + --auto: rank by attribution to this text prompt instead "
+                           "of by mean activation on the data set")
+
+
+# ---------------------------------------------------------------- the target
+
+@dataclass(eq=False)
+class NeuronTarget:
+    """A neuron / channel ``index`` of ``layer``, or a unit ``direction`` (C,) in its channels."""
+    layer: str
+    layout: str
+    channels: int
+    index: int | None = None
+    direction: torch.Tensor | None = None
+    skip: int = 0      # leading positions left out of the score (1 = a CLIP ViT's class token)
+
+    @property
+    def label(self) -> str:
+        if self.direction is None:
+            return f"{self.layer}:{self.index}"
+        return f"{self.layer}:dir-{self.direction_digest()[:8]}"
+
+    def direction_digest(self) -> str | None:
+        if self.direction is None:
+            return None
+        return hashlib.sha256(self.direction.double().numpy().tobytes()).hexdigest()
+
+    def score_means(self, means: torch.Tensor) -> torch.Tensor:
+        """(B, C) per-channel means -> (B,) scores."""
+        if self.direction is None:
+            return means[:, self.index]
+        return means @ self.direction.to(means)
+
+    def score(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, C, P) features (``channels_positions`` layout) -> (B,) scores."""
+        return self.score_means(feats[..., self.skip:].mean(-1))
+
+
+def _with_positions(infos) -> str:
+    names = [i.name for i in infos if i.layout in _POSITION_LAYOUTS]
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def resolve_target(target, layer: str, neuron: int = 0, direction: str = "") -> NeuronTarget:
+    """Check the layer, the neuron index or the direction file against the model."""
+    try:
+        info = target.layer_info(layer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if info.layout not in _POSITION_LAYOUTS:
+        raise ConfigError(f"layer {layer!r} has no positions to crop patches by (output "
+                          f"{info.shape}); pick a layer with spatial positions or tokens, e.g. "
+                          f"{_with_positions(target.layers())}")
+    skip = 1 if target.kind == "clip-vit" and info.layout == "BND" else 0
+    base = dict(layer=layer, layout=info.layout, channels=info.channels, skip=skip)
+    if direction:
+        return NeuronTarget(direction=load_direction(direction, info.channels), **base)
+    if not 0 <= neuron < info.channels:
+        raise ConfigError(f"neuron {neuron} is out of range for {layer} of {target.spec}: it "
+                          f"has {info.channels} neurons, valid 0..{info.channels - 1}")
+    return NeuronTarget(index=int(neuron), **base)
+
+
+def _read_vector(path: Path) -> torch.Tensor:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        tensors = list(load_file(str(path)).values())
+    elif suffix in (".pt", ".pth"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = list(data.values()) if isinstance(data, dict) else [data]
+    elif suffix == ".npy":
+        tensors = [torch.from_numpy(np.load(path, allow_pickle=False))]
+    elif suffix in (".txt", ".csv"):
+        tensors = [torch.from_numpy(np.loadtxt(path, delimiter="," if suffix == ".csv" else None))]
+    else:
+        raise ConfigError(f"direction file {path} has an unknown type; valid: .pt, .pth, .npy, "
+                          ".safetensors, .txt, .csv")
+    if len(tensors) != 1 or not torch.is_tensor(tensors[0]):
+        raise ConfigError(f"direction file {path} must hold exactly one tensor, found "
+                          f"{len(tensors)}")
+    return tensors[0]
+
+
+def load_direction(path, channels: int) -> torch.Tensor:
+    """A direction file as a unit vector (channels,) in float64."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"direction file {path} does not exist")
+    vec = _read_vector(path).double().reshape(-1)
+    if vec.numel() != channels:
+        raise ConfigError(f"direction in {path} has {vec.numel()} values; the layer has "
+                          f"{channels} channels")
+    if not torch.isfinite(vec).all() or vec.norm() == 0:
+        raise ConfigError(f"direction in {path} must be finite and non-zero")
+    return vec / vec.norm()
+
+
+# ---------------------------------------------------------------- objective pieces
+
+def neuron_objective(neuron: NeuronTarget, scale: float = 1.0,
+                     weight: float = 1.0) -> losses.Objective:
+    """Term ``neuron:<layer>:<n>``: minus the target's score on ctx["features"], / ``scale``."""
+    scale = max(abs(float(scale)), 1e-6)
+
+    def fn(ctx):
+        return -neuron.score(ctx["features"][neuron.layer]).mean() / scale
+    return weight * losses.Objective(fn, f"neuron:{neuron.label}")
+
+
+def forward_order(target, names: list[str]) -> list[str]:
+    """``names`` in the order their outputs are computed (one forward at the input size)."""
+    with torch.no_grad(), target.hooks(names) as feats:
+        size = target.input_size
+        target(torch.zeros(1, 3, size, size, device=target.device))
+        return list(feats)
+
+
+def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str], list[float]]:
+    """Sort-matching layers computed before the target (``--layers`` or the model's defaults)."""
+    layers, weights = pipeline.resolve_layers(cfg, target)
+    order = forward_order(target, list(dict.fromkeys(layers + [neuron.layer])))
+    layouts = {info.name: info.layout for info in target.layers()}
+    below = order[:order.index(neuron.layer)]
+    kept = [(n, w) for n, w in zip(layers, weights)
+            if n in below and layouts[n] in _POSITION_LAYOUTS]
+    dropped = [n for n in layers if n not in dict(kept)]
+    if dropped and cfg.layers:
+        warnings.warn(f"layers {dropped} are not below {neuron.layer} (or have no positions); "
+                      f"they are left out of sort matching", stacklevel=2)
+    if not kept:
+        warnings.warn(f"no layer below {neuron.layer} to sort-match; only the neuron term and "
+                      f"the priors shape the image", stacklevel=2)
+    return [n for n, _ in kept], [w for _, w in kept]
+
+
+def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weights,
+                      patches: torch.Tensor, sizes) -> tuple[losses.Objective, dict]:
+    """Sort matching against the patches at each stage size (relevance-weighted unless
+    ``--relevance none``); returns (objective, info with the most important channels)."""
+    refs, importance, info = {}, {}, {}
+    for size in sorted(set(sizes)):
+        images = resize_images(patches, size)
+        if cfg.relevance == "none":
+            refs[size] = sorted_features(target, layers, images, progress=cfg.progress)
+        else:
+            refs[size], importance[size] = rel.weighted_references(
+                target, images, layers, neuron.layer, neuron.score, cfg.relevance,
+                floor=cfg.relevance_floor)
+            info[str(size)] = {k: v.topk(min(5, len(v))).indices.tolist()
+                               for k, v in importance[size].items()}
+        refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
+    if cfg.relevance == "none":
+        obj = pipeline.staged_sort_matching(refs, dict(zip(layers, weights)))
+    else:
+        maps = rel.SyntheticMaps(target, layers, neuron.layer, neuron.score, cfg.relevance,
+                                 cfg.relevance_every, floor=cfg.relevance_floor)
+        obj = rel.relevance_sort_matching(refs, importance, dict(zip(layers, weights)), maps)
+    return cfg.feat_weight * obj, {"top_channels_by_relevance": info}
+
+
+# ---------------------------------------------------------------- one run
+
+def _crop_settings(cfg: InnerCFG, target) -> dict:
+    if cfg.score_size and not 8 <= cfg.score_size <= 4096:
+        raise ConfigError(f"--score_size {cfg.score_size} is impossible; use 8..4096 px "
+                          f"(0 = score each patch as cropped)")
+    return {"size": cfg.data_size or target.input_size, "patch": cfg.patch_size,
+            "stride": cfg.stride or max(1, cfg.patch_size // 2), "score_size": cfg.score_size}
+
+
+def layer_patch_scores(cfg: InnerCFG, target, neuron: NeuronTarget) -> PatchScores:
+    """Every channel of ``neuron.layer`` scored on every patch of the data set, once, to share
+    between the neurons of the layer (``run_neuron(..., patch_scores=)``)."""
+    crop = _crop_settings(cfg, target)
+    return score_patches(target, neuron.layer, neuron.layout, neuron.skip,
+                         data_files(cfg.data_dir), crop["size"], crop["patch"], crop["stride"],
+                         crop["score_size"], progress=cfg.progress)
+
+
+def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores=None):
+    return reference_patches(target, neuron, cfg.data_dir, k=cfg.num_ref, use_cache=cfg.cache,
+                             progress=cfg.progress, scores=scores, **_crop_settings(cfg, target))
+
+
+def _objective(cfg, target, neuron, top, size, schedule) -> tuple[losses.Objective, list, dict]:
+    scale = float(np.mean(top.scores))
+    objective = neuron_objective(neuron, scale, cfg.neuron_weight) + pipeline.priors(cfg)
+    layers, weights = lower_layers(cfg, target, neuron)
+    meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale}
+    if cfg.feat_weight and layers:
+        feat, info = feature_objective(cfg, target, neuron, layers, weights, top.images,
+                                       schedule.stage_sizes(size))
+        objective, meta = feat + objective, {**meta, **info}
+    if not isinstance(objective, losses.Objective) or not objective.names:
+        raise ConfigError("every weight is zero: nothing to optimise")
+    return objective, layers, meta
+
+
+def _param_extras(cfg: InnerCFG, patches: torch.Tensor, size: int) -> dict:
+    """MACO keeps a natural amplitude spectrum fixed: that of the reference patches."""
+    if cfg.param != "maco":
+        return {}
+    from vital.optvis.param import magnitude_spectrum
+    return {"magnitude": magnitude_spectrum(resize_images(patches, size))}
+
+
+def _run_name(target, neuron: NeuronTarget, seed: int) -> str:
+    return f"{neuron.label.replace(':', '-')}_{Path(str(target.spec)).name}_s{seed}"
+
+
+def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None,
+               patch_scores=None):
+    """Visualise one target; returns (run_dir, result). ``patch_scores`` (from
+    ``layer_patch_scores`` with the same cfg, or a function returning them, called only when
+    the patch cache misses) saves scoring the data set again."""
+    size = pipeline.image_size(cfg, target)
+    schedule = pipeline.make_schedule(cfg)
+    top = _patches(cfg, target, neuron, patch_scores)
+    objective, layers, meta = _objective(cfg, target, neuron, top, size, schedule)
+    gen = pipeline.generator_for(cfg, target.device)
+    param = pipeline.make_param(cfg, size, target.device, gen,
+                                **_param_extras(cfg, top.images, size))
+    meta.update(target_label=neuron.label, neuron=neuron.index, direction=cfg.direction or None,
+                relevance=cfg.relevance, references=_reference_meta(top), **(extra or {}))
+    run_dir, result = pipeline.run(cfg, "inner", target, objective,
+                                   list(dict.fromkeys(layers + [neuron.layer])), param, gen,
+                                   _run_name(target, neuron, cfg.seed), meta, argv=argv)
+    contact_sheet(top, run_dir / "references.png")
+    write_neuron_report(target, neuron, result.image, top, size, run_dir)
+    return run_dir, result
+
+
+def _reference_meta(top) -> dict:
+    return {**top.info, "scores": top.scores, "sources": top.sources,
+            "corners": [list(c) for c in top.corners]}
+
+
+def write_neuron_report(target, neuron: NeuronTarget, image, top, size: int, run_dir: Path) -> dict:
+    """neuron.json: the target's score on the visualisation and on the reference patches (both
+    at the image size), printed as one line."""
+    def scores(images):
+        means = channel_means(target, neuron.layer, neuron.layout, images, neuron.skip, size)
+        return neuron.score_means(means).tolist()
+    report = {"target": neuron.label, "visualisation": scores(image),
+              "references": scores(top.images), "reference_patches_at": size}
+    write_json(run_dir / "neuron.json", report)
+    print(f"{neuron.label}: score {np.mean(report['visualisation']):.4g} on the visualisation, "
+          f"{np.mean(report['references']):.4g} on the top-{len(top.scores)} patches "
+          f"(references.png)")
+    return report
+
+
+# ---------------------------------------------------------------- --auto
+
+def _prompt_attribution(target, neuron: NeuronTarget, images, text) -> torch.Tensor:
+    """(B, C): each channel's activation x gradient of the image-text cosine, summed over
+    positions."""
+    with target.hooks([neuron.layer]) as feats:
+        x = images.to(target.device).requires_grad_(True)   # so activations carry a graph
+        cos = F.cosine_similarity(target.embed(x).float(), text[None], dim=-1)
+        act = feats[neuron.layer]
+        (grad,) = torch.autograd.grad(cos.sum(), act)
+        attr = channels_positions((act * grad).detach(), neuron.layout)[..., neuron.skip:]
+        return attr.sum(-1).float().cpu()                   # (B, C, P) -> (B, C)
+
+
+def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "") -> torch.Tensor:
+    """(C,) ranking scores for the channels of ``neuron.layer`` over the images ``files`` (at
+    ``size`` px, streamed): mean activation, or with ``prompt`` (CLIP) the mean attribution to
+    the image-text cosine."""
+    if prompt and getattr(target, "clip", None) is None:
+        raise ConfigError(f"--auto_prompt needs a CLIP model; {target.spec} has no text tower "
+                          f"(leave it empty to rank by activation on the data set)")
+    text = None
+    if prompt:
+        from vital.models.labels import encode_texts
+        text = encode_texts(target.clip, [prompt], target.device)[0].to(target.device)
+    total, count = 0, 0
+    for images, _ in iter_images(files, size):
+        part = _prompt_attribution(target, neuron, images, text) if prompt else \
+            channel_means(target, neuron.layer, neuron.layout, images, neuron.skip)
+        total, count = total + part.sum(0), count + len(images)
+    return total / max(count, 1)
+
+
+def run_auto(cfg: InnerCFG, target, argv=None):
+    """Rank the layer's neurons, visualise the top ``cfg.auto``; returns (run_dirs, result)."""
+    probe = resolve_target(target, cfg.layer, 0)
+    size = cfg.data_size or target.input_size
+    scores = rank_neurons(target, probe, data_files(cfg.data_dir), size, cfg.auto_prompt)
+    top = scores.topk(min(cfg.auto, len(scores)))
+    print("ranked neurons of", cfg.layer, ":", ", ".join(
+        f"{i} ({s:.3g})" for s, i in zip(top.values.tolist(), top.indices.tolist())))
+    shared = functools.cache(lambda: layer_patch_scores(cfg, target, probe))   # on a cache miss
+    dirs, result = [], None
+    for rank, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
+        one = dataclasses.replace(cfg, neuron=index,
+                                  run_name=f"{cfg.run_name}_{index}" if cfg.run_name else "")
+        extra = {"auto": {"rank": rank, "score": value, "by": cfg.auto_prompt or "activation"}}
+        run_dir, result = run_neuron(one, target, resolve_target(target, cfg.layer, index),
+                                     argv, extra, patch_scores=shared)
+        dirs.append(run_dir)
+        if result.stopped == "interrupted":
+            break
+    return dirs, result
+
+
+def run_inner(cfg: InnerCFG, argv=None):
+    """Inner neuron visualisation (or --auto); returns (run_dir or run_dirs, last result)."""
+    if not 0.0 <= cfg.relevance_floor < 1.0:
+        raise ConfigError(f"--relevance_floor must be in [0, 1), got {cfg.relevance_floor}")
+    if cfg.auto < 0 or cfg.relevance_every < 1:
+        raise ConfigError(f"--auto must be >= 0 and --relevance_every >= 1, got {cfg.auto} and "
+                          f"{cfg.relevance_every}")
+    _, target = pipeline.prepare(cfg)
+    if cfg.auto:
+        return run_auto(cfg, target, argv)
+    neuron = resolve_target(target, cfg.layer, cfg.neuron, cfg.direction)
+    return run_neuron(cfg, target, neuron, argv)

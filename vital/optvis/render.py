@@ -1,0 +1,174 @@
+"""The optimisation loop: multi-resolution schedule, Adam with warm-up and cosine decay,
+the transparency map, NaN detection and Ctrl-C handling.
+
+The loop knows nothing about files or the terminal beyond a progress bar: every ``save_steps``
+it hands the current image and record to a callback (see ``vital.modes.outputs.RunWriter``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vital.models import channels_positions
+
+
+@dataclass
+class Schedule:
+    """Steps per resolution stage, low to high: (400, 1200) = 400 at half size, 1200 at full."""
+    steps_multires: tuple[int, ...] = (400, 1200)
+    lr: float = 0.05          # peak Adam learning rate
+    warmup: int = 50          # linear warm-up steps at the start of each stage
+    min_lr_frac: float = 0.05  # cosine decay ends at lr * min_lr_frac
+    betas: tuple[float, float] = (0.5, 0.99)
+    eps: float = 1e-8         # Adam epsilon; larger values damp steps where gradients are tiny
+
+    def stage_sizes(self, size: int) -> list[int]:
+        k = len(self.steps_multires)
+        return [max(16, size // 2 ** (k - 1 - i)) for i in range(k)]
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.steps_multires))
+
+    def lr_at(self, t: int, n: int) -> float:
+        """Learning rate at step ``t`` of a stage of ``n`` steps."""
+        if t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        progress = (t - self.warmup) / max(1, n - self.warmup)
+        low = self.lr * self.min_lr_frac
+        return low + 0.5 * (self.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class RenderResult:
+    image: torch.Tensor              # (B, 3, H, W) in [0, 1], last good image
+    alpha: torch.Tensor              # (B, H, W) accumulated |gradient|, normalised to [0, 1]
+    history: list[dict] = field(default_factory=list)   # one record per save step
+    steps_done: int = 0
+    stopped: str | None = None       # None, "interrupted", "stopped" (should_stop) or "nan: <term>"
+    step_seconds: float = 0.0        # optimisation time per step, without save steps / callbacks
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the term."""
+
+
+class _StopRequested(Exception):
+    """``should_stop()`` said yes: end the run like Ctrl-C, keeping what exists."""
+
+
+def _first_bad_term(terms: dict[str, torch.Tensor]) -> str:
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            return name
+    return "total"
+
+
+def _step_features(target, feats: dict, layouts: dict) -> dict[str, torch.Tensor]:
+    return {name: channels_positions(t, layouts[name]) for name, t in feats.items()}
+
+
+def render(target, objective, param, schedule: Schedule, layers: list[str],
+           augment: Callable | None = None, generator: torch.Generator | None = None,
+           save_steps: int = 200, callback: Callable | None = None,
+           progress: bool = True, record_fn: Callable | None = None,
+           on_progress: Callable | None = None, progress_every: int = 5,
+           should_stop: Callable[[], bool] | None = None) -> RenderResult:
+    """Optimise ``param`` = (params, image_fn) so that ``objective`` falls.
+
+    ``objective.terms(ctx)`` returns the named, already weighted loss terms; their sum is the
+    loss. ``ctx`` holds "image" (full size, [0,1]), "input" (what the model saw), "features"
+    ({layer: (B, C, P)}), "output", "stage", "size" and "step". ``callback(step, image, record)``
+    runs every ``save_steps`` and at the end; ``record_fn(image)`` may add fields (e.g. the model's
+    opinion) to those records. ``on_progress(step, total, loss, image)`` (optional) runs after
+    step 1, every ``progress_every`` steps and after the last; ``should_stop()`` (optional) is
+    asked before every step and ends the run like Ctrl-C (``stopped = "stopped"``). Neither
+    touches a random generator, so they never change the result.
+    """
+    import time
+    params, image_fn = param
+    layouts = {info.name: info.layout for info in target.layers()}
+    size = image_fn().shape[-1]
+    sizes = schedule.stage_sizes(size)
+    with torch.no_grad():
+        last_good = image_fn().detach().clone()
+    alpha = torch.zeros(last_good.shape[0], *last_good.shape[-2:], device=last_good.device)
+    result = RenderResult(image=last_good, alpha=alpha)
+    bar = tqdm(total=schedule.total, desc="render", disable=not progress, dynamic_ncols=True)
+    step, started, outside = 0, time.perf_counter(), 0.0
+    try:
+        with target.hooks(layers) as feats:
+            for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
+                optimizer = torch.optim.Adam(params, lr=schedule.lr, betas=schedule.betas,
+                                             eps=schedule.eps)
+                for t in range(n_steps):
+                    if should_stop is not None and should_stop():
+                        raise _StopRequested
+                    for group in optimizer.param_groups:
+                        group["lr"] = schedule.lr_at(t, n_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                    image = image_fn()
+                    image.retain_grad()
+                    x = image if stage_size == size else F.interpolate(
+                        image, size=(stage_size, stage_size), mode="area")
+                    if augment is not None:
+                        x = augment(x, generator)
+                    output = target(x)
+                    ctx = {"image": image, "input": x, "output": output, "stage": stage,
+                           "size": stage_size, "step": step,
+                           "features": _step_features(target, feats, layouts)}
+                    terms = objective.terms(ctx)
+                    loss = sum(terms.values())
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"loss became non-finite at step {step} in term "
+                                            f"{_first_bad_term(terms)!r}")
+                    loss.backward()
+                    alpha += image.grad.detach().abs().sum(1)
+                    optimizer.step()
+                    result.image = image.detach()
+                    step += 1
+                    bar.update(1)
+                    if step % 10 == 0 or step == 1:
+                        bar.set_postfix(loss=f"{loss.item():.4g}", size=stage_size)
+                    aside = time.perf_counter()
+                    if save_steps and step % save_steps == 0:
+                        _save(result, step, terms, callback, record_fn, bar)
+                    if on_progress is not None and (step == 1 or step == schedule.total
+                                                    or step % max(1, progress_every) == 0):
+                        on_progress(step, schedule.total, loss.item(), result.image)
+                    outside += time.perf_counter() - aside
+    except KeyboardInterrupt:
+        result.stopped = "interrupted"
+    except _StopRequested:
+        result.stopped = "stopped"
+    except NonFiniteLoss as err:
+        result.stopped = f"nan: {err}"
+    finally:
+        bar.close()
+    result.steps_done = step
+    result.step_seconds = (time.perf_counter() - started - outside) / max(1, step)
+    with torch.no_grad():
+        final = image_fn().detach()
+        if result.stopped is None and torch.isfinite(final).all():
+            result.image = final
+    peak = alpha.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    result.alpha = (alpha / peak).clamp(0, 1)
+    return result
+
+
+def _save(result: RenderResult, step: int, terms: dict, callback, record_fn, bar) -> None:
+    record = {"step": step, "loss": float(sum(v.item() for v in terms.values())),
+              "terms": {k: float(v.item()) for k, v in terms.items()}}
+    if record_fn is not None:
+        with torch.no_grad():
+            record.update(record_fn(result.image))
+    result.history.append(record)
+    if callback is not None:
+        callback(step, result.image, record)
+    if record.get("opinion_text"):
+        bar.write(f"step {step}: loss {record['loss']:.4g} | {record['opinion_text']}")

@@ -1,0 +1,74 @@
+"""Real images as tensors: listing a folder, loading (short side resized, centre crop),
+resizing, and the error a reference set that cannot be used raises."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+PREPROCESS_TAG = "rgb|resize-short-bicubic|center-crop|[0,1]"
+
+
+class ReferenceError(ValueError):
+    """A reference set that cannot be used; the message says why and what is valid."""
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ReferenceError(f"reference folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ReferenceError(f"reference folder {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ReferenceError(f"reference folder {folder} holds no images "
+                             f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """One image as (3, size, size) in [0, 1]: short side resized (bicubic), centre crop."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(size, size, 3).permute(2, 0, 1).float() / 255.0  # HWC -> CHW
+
+
+def load_images(paths: list[Path], size: int, num: int | None = None) -> tuple[torch.Tensor, list[Path]]:
+    """Load up to ``num`` readable images; unreadable ones are skipped with a warning."""
+    images, used = [], []
+    for path in paths:
+        if num is not None and len(images) >= num:
+            break
+        try:
+            images.append(load_image(path, size))
+            used.append(Path(path))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            warnings.warn(f"skipping unreadable reference image {path}: {err}", stacklevel=2)
+    if not images:
+        raise ReferenceError(f"none of the {len(paths)} reference images could be read")
+    if num is not None and len(images) < num:
+        warnings.warn(f"asked for {num} reference images, using the {len(images)} that exist",
+                      stacklevel=2)
+    return torch.stack(images), used
+
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Area-resample a (B, 3, H, W) batch to ``size`` px (for low-resolution stages)."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="area" if size < images.shape[-1] else "bicubic",
+                         align_corners=None).clamp(0, 1)
