@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from vital.cli import main
-from vital.modes.concepts import FacetCFG, run_facets
+from vital.modes.facets import FacetCFG, run_facets
 
 
 @dataclass

@@ -23,18 +23,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
 
-from vital.refs.bundled import views  # noqa: E402
-from vital.modes.class_mode import ClassCFG, run_class  # noqa: E402
-from vital.models import load_target  # noqa: E402
-from vital.imaging import grid, to_pil  # noqa: E402
-from vital.refs.images import load_image  # noqa: E402
+from vital.refs.bundled import views
+from vital.modes.class_mode import ClassCFG, run_class
+from vital.models import load_target
+from vital.imaging import grid, to_pil
+from vital.refs.images import load_image
 
 DATA = REPO.parent / "shared" / "imagenet-dev"
 METHODS = {

@@ -29,16 +29,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from vital import metrics  # noqa: E402
-from vital.config import set_determinism  # noqa: E402
-from vital.eval.inner import real_activations, report_table  # noqa: E402
-from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron  # noqa: E402
-from vital.refs.patches import data_files  # noqa: E402
-from vital.models import load_target  # noqa: E402
+from vital.eval import metrics
+from vital.config import set_determinism
+from vital.eval.inner import real_activations, report_table
+from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron
+from vital.refs.patches import data_files
+from vital.models import load_target
 
 DATA = REPO.parent / "shared" / "imagenet-dev"
 METHODS = {

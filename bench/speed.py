@@ -24,23 +24,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
-from vital import pipeline  # noqa: E402
-from vital.refs.bundled import PHOTOS, build_reference_folders  # noqa: E402
-from vital.modes.class_mode import ClassCFG, class_term  # noqa: E402
-from vital.models import load_target  # noqa: E402
-from vital.refs.images import list_images  # noqa: E402
-from vital.optvis.render import Schedule, render  # noqa: E402
+from vital.modes import common as pipeline
+from vital.refs.bundled import PHOTOS, build_reference_folders
+from vital.modes.class_mode import ClassCFG, class_term
+from vital.models import load_target
+from vital.refs.images import list_images
+from vital.optvis.render import Schedule, render
 
 WARMUP_STEPS = 3
 
@@ -69,7 +67,7 @@ def model_specs(work: Path, names: list[str]) -> dict[str, str]:
 def timed_references(cfg, target, layers, weights, size) -> tuple:
     """(objective, seconds, cache_hit) of one reference computation at full size."""
     start = time.perf_counter()
-    obj, info = pipeline.reference_objective(cfg, target, layers, weights,
+    obj, info, _ = pipeline.reference_objective(cfg, target, layers, weights,
                                              list_images(cfg.ref_dir), [size], cfg.num_ref)
     return obj, time.perf_counter() - start, info[size]["cache_hit"]
 

@@ -35,18 +35,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from vital import field_refs, neural_field as nf, pipeline, vit_extras as vx  # noqa: E402
-from vital.refs.bundled import PHOTOS, build_reference_folders  # noqa: E402
-from vital.modes.class_mode import ClassCFG, class_term  # noqa: E402
-from vital.models import load_target  # noqa: E402
-from vital.imaging import grid, to_pil  # noqa: E402
-from vital.refs.images import list_images, load_images  # noqa: E402
-from vital.optvis.render import render  # noqa: E402
+from vital.optvis import attention as att
+from vital.optvis import neural_field as nf
+from vital.refs import fields as field_refs
+from vital.refs.bundled import PHOTOS, build_reference_folders
+from vital.modes.class_mode import ClassCFG, plan_class
+from vital.models import load_target
+from vital.imaging import grid, to_pil
+from vital.refs.images import list_images, load_images
+from vital.optvis.render import render
 
 IMAGENET_DEV = REPO.parent / "shared" / "imagenet-dev"
 SHAPES = {"vit-b32": dict(layers=12, width=768, patch_size=32, image_size=224, embed=512),
@@ -78,24 +79,14 @@ def class_cfg(spec: str, ref_dir: Path, **kw) -> ClassCFG:
 
 
 def build(cfg: ClassCFG, target):
-    """(objective, hooked layers, size, schedule): what ``run_class`` renders, without the
-    run folder and the live opinion."""
-    size = pipeline.image_size(cfg, target)
-    layers, weights = pipeline.resolve_layers(cfg, target)
-    schedule = pipeline.make_schedule(cfg)
-    steer, steer_layers, _ = vx.attention_steering(cfg, target)
-    refs, _, _ = vx.reference_objective(cfg, target, layers, weights, list_images(cfg.ref_dir),
-                                        schedule.stage_sizes(size), cfg.num_ref)
-    objective = refs + class_term(cfg, target)[0] + pipeline.priors(cfg) + steer
-    return objective, layers + [n for n in steer_layers if n not in layers], size, schedule
+    """The plan ``run_class`` renders (objective, hooked layers, parameterisation ...), without
+    the run folder and the live opinion."""
+    return plan_class(cfg, target)
 
 
-def render_built(cfg: ClassCFG, target, built):
-    objective, layers, size, schedule = built
-    gen = pipeline.generator_for(cfg, target.device)
-    param = pipeline.make_param(cfg, size, target.device, gen)
-    return render(target, objective, param, schedule, layers, augment=pipeline.make_augment(cfg),
-                  generator=gen, save_steps=cfg.save_steps, progress=False)
+def render_built(cfg: ClassCFG, target, plan):
+    return render(target, plan.objective, plan.param, plan.schedule, plan.layers,
+                  augment=plan.augment, generator=plan.generator, save_steps=0, progress=False)
 
 
 def render_cfg(cfg: ClassCFG, target):
@@ -133,9 +124,9 @@ def attention_stats(target, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
     layer = f"block.{len(target.module.transformer.resblocks) - 1}.attn"
     with target.hooks([layer]) as feats:
         target(image)
-        p = vx.class_token_attention(feats[layer])  # (B, H, N)
+        p = att.class_token_attention(feats[layer])  # (B, H, N)
     side = nf.grid_side(p.shape[-1])
-    entropy = vx.attention_entropy(p).mean() / math.log(p.shape[-1])
+    entropy = att.attention_entropy(p).mean() / math.log(p.shape[-1])
     c = (torch.arange(side) + 0.5) / side - 0.5
     d2 = (c[:, None] ** 2 + c[None, :] ** 2).flatten()  # (side*side,), side = 1
     box = ((c[:, None].abs() < 0.25) & (c[None, :].abs() < 0.25)).flatten().float()

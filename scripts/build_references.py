@@ -6,10 +6,8 @@ packages (scikit-image, scikit-learn, matplotlib). Nothing is downloaded.
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vital.refs.bundled import PHOTOS, build_reference_folders  # noqa: E402
+from vital.refs.bundled import PHOTOS, build_reference_folders
 
 
 def main() -> int:

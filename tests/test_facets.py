@@ -10,7 +10,8 @@ from conftest import write_images
 from vital.modes import runner as pipeline
 from vital.concepts.bank import BankError, BankMismatch, load_bank
 from vital.cli import main
-from vital.modes.concepts import ConceptCFG, FacetCFG, facet_rows, run_concepts, run_facets
+from vital.modes.concepts import ConceptCFG, run_concepts
+from vital.modes.facets import FacetCFG, facet_rows, run_facets
 
 TINY = "module:tests.conftest:TinyCNN"
 

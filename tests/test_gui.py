@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vital.app import forms as gm
-from vital.modes import runner as pipeline
+from vital.modes.runner import Callbacks
 from vital.optvis.render import Schedule, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,17 +59,17 @@ def test_should_stop_ends_the_run_like_ctrl_c(tiny_cnn_target):
     assert torch.isfinite(result.image).all() and result.alpha.max() == 1
 
 
-def test_run_hooks_reach_a_mode_that_does_not_pass_them(tmp_path):
-    """Arithmetic's run function calls pipeline.run without hooks; run_hooks still applies."""
+def test_callbacks_reach_the_render_of_a_mode(tmp_path):
+    """A mode's run function passes its callbacks to the runner: watch, record and stop."""
     from vital.modes.arithmetic import ArithmeticCFG, run_arithmetic
     cfg = ArithmeticCFG(model=TINY, base="KING", add=["WOMAN"], sub=["MAN"], size=32,
                         steps=50, save_steps=2, out_dir=str(tmp_path), progress=False,
                         device="cpu", ref_views=1)
     seen, records = [], []
-    with pipeline.run_hooks(on_progress=lambda s, *_: seen.append(s), progress_every=2,
-                            on_record=lambda s, r: records.append(s),
-                            should_stop=lambda: len(seen) >= 3):
-        run_dir, result = run_arithmetic(cfg, [])
+    callbacks = Callbacks(on_progress=lambda s, *_: seen.append(s), progress_every=2,
+                          on_record=lambda s, r: records.append(s),
+                          should_stop=lambda: len(seen) >= 3)
+    run_dir, result = run_arithmetic(cfg, [], callbacks)
     assert result.stopped == "stopped" and result.steps_done == 4 and seen == [1, 2, 4]
     assert records == [2, 4, 4]        # two save steps, then the final opinion
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "stopped"

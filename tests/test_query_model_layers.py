@@ -8,8 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "query_model_layers.py"
-sys.path.insert(0, str(ROOT))
-import query_model_layers as Q  # noqa: E402
+from vital.models import layer_table as Q
 
 
 def _run(*args):

@@ -9,8 +9,9 @@ from PIL import Image
 
 from conftest import write_images
 from vital.refs import fields as field_refs
+from vital.optvis import attention as att
 from vital.optvis import neural_field as nf
-from vital.modes import runner as pipeline
+from vital.modes import common, runner
 from vital.modes import vit_extras as vx
 from vital.modes.class_mode import ClassCFG, run_class
 from vital.config import ConfigError
@@ -21,7 +22,7 @@ from vital.refs.images import list_images
 @pytest.fixture
 def no_opinion(monkeypatch):
     """The live opinion embeds CLIP's 49k-word vocabulary (slow); it is not under test here."""
-    monkeypatch.setattr(pipeline, "make_opinion", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "make_opinion", lambda *a, **k: None)
 
 
 def _class_cfg(tmp_path, model, refs, **kw):
@@ -90,7 +91,7 @@ def test_reference_sizes_options():
     sizes = [16, 32, 64]
 
     def pick(choice):
-        return pipeline.reference_sizes(SimpleNamespace(ref_size=choice), target, sizes)
+        return common.reference_sizes(SimpleNamespace(ref_size=choice), target, sizes)
     assert pick("auto") == {16: 16, 32: 32, 64: 32}
     assert pick("stage") == pick("0") == {16: 16, 32: 32, 64: 64}
     assert pick("native") == {16: 32, 32: 32, 64: 32}
@@ -121,14 +122,14 @@ def test_entropy_term_equals_hand_computation():
     attn = torch.rand(2, 3, 6, 6, generator=gen, dtype=torch.float64).softmax(-1)
     for target in (0.2, 0.9):
         expected = _hand_entropy_loss(attn, target)
-        assert vx.entropy_loss(attn, target).item() == pytest.approx(expected, rel=1e-9)
+        assert att.entropy_loss(attn, target).item() == pytest.approx(expected, rel=1e-9)
         flat = attn.flatten(2)  # what the render loop's features hold: (B, H, L*L)
-        assert vx.entropy_loss(flat, target).item() == pytest.approx(expected, rel=1e-9)
+        assert att.entropy_loss(flat, target).item() == pytest.approx(expected, rel=1e-9)
 
 
 def _entropy_frac(logits):
-    p = vx.class_token_attention(logits.softmax(-1))
-    return (vx.attention_entropy(p).mean() / math.log(p.shape[-1])).item()
+    p = att.class_token_attention(logits.softmax(-1))
+    return (att.attention_entropy(p).mean() / math.log(p.shape[-1])).item()
 
 
 @pytest.mark.parametrize("target", [0.3, 0.98])
@@ -140,7 +141,7 @@ def test_entropy_gradient_moves_entropy_toward_target(target):
     opt = torch.optim.Adam([logits], lr=0.1)
     for _ in range(40):
         opt.zero_grad()
-        vx.entropy_loss(logits.softmax(-1), target).backward()
+        att.entropy_loss(logits.softmax(-1), target).backward()
         opt.step()
     end = _entropy_frac(logits)
     assert abs(end - target) < 0.5 * abs(start - target)
@@ -159,32 +160,32 @@ def _peaked(side, row, col, sharp=6.0):
 
 def test_spatial_prior_prefers_a_centred_map():
     side = 7
-    prior = vx.centre_prior(side, 0.3)
+    prior = att.centre_prior(side, 0.3)
     centre, corner = _peaked(side, 3, 3), _peaked(side, 0, 6)
     uniform = torch.full((1, 1, 50, 50), 1 / 50)
-    losses = [vx.spatial_loss(a, prior).item() for a in (centre, uniform, corner)]
+    losses = [att.spatial_loss(a, prior).item() for a in (centre, uniform, corner)]
     assert losses[0] < losses[1] < losses[2]
     mask = torch.zeros(side, side)
     mask[:, :3] = 1.0  # look at the left
-    left = vx.mask_prior(mask, side)
-    assert vx.spatial_loss(_peaked(side, 3, 1), left) < vx.spatial_loss(_peaked(side, 3, 5), left)
+    left = att.mask_prior(mask, side)
+    assert att.spatial_loss(_peaked(side, 3, 1), left) < att.spatial_loss(_peaked(side, 3, 5), left)
 
 
 def test_spatial_gradient_pulls_attention_to_the_centre():
     side = 5
     logits = torch.log(_peaked(side, 0, 0)).clamp_min(-30).requires_grad_(True)
-    prior = vx.centre_prior(side, 0.25)
+    prior = att.centre_prior(side, 0.25)
     c = (torch.arange(side) - (side - 1) / 2).float()
     dist2 = (c[:, None] ** 2 + c[None, :] ** 2).flatten()
 
     def mean_dist2():
         with torch.no_grad():
-            return float((vx.class_token_attention(logits.softmax(-1))[0, 0] * dist2).sum())
+            return float((att.class_token_attention(logits.softmax(-1))[0, 0] * dist2).sum())
     start = mean_dist2()
     opt = torch.optim.Adam([logits], lr=0.2)
     for _ in range(30):
         opt.zero_grad()
-        vx.spatial_loss(logits.softmax(-1), prior).backward()
+        att.spatial_loss(logits.softmax(-1), prior).backward()
         opt.step()
     assert mean_dist2() < 0.5 * start
 

@@ -11,10 +11,10 @@ EXIT_INTERRUPTED = 130
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    from vital.refs.images import ReferenceError
-    # bad input raises ValueError (ConfigError, ReferenceError, unknown models/layers/classes)
-    # or FileNotFoundError; anything else is a bug and keeps its traceback
-    return (ConfigError, ReferenceError, FileNotFoundError, ValueError)
+    # bad input raises ValueError (ConfigError, ReferenceError, BankError, unknown models,
+    # layers and classes are all ValueErrors) or FileNotFoundError; anything else is a bug and
+    # keeps its traceback
+    return (ConfigError, FileNotFoundError, ValueError)
 
 
 def main(cfg_cls, run_fn, argv: list[str] | None = None) -> int:

@@ -115,7 +115,7 @@ def load_json_cfg(cfg_cls, path: str | os.PathLike) -> dict:
     return {k: v for k, v in data.items() if k not in _META_KEYS}
 
 
-def _coerce(cfg_cls, values: dict) -> dict:
+def coerce(cfg_cls, values: dict) -> dict:
     """Give JSON values the field's type (lists for sequence fields, float for ints in float fields)."""
     out = {}
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
@@ -149,7 +149,7 @@ def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = 
         if "json_cfg" in args:
             values.update(load_json_cfg(cfg_cls, args["json_cfg"]))
         values.update({k: v for k, v in args.items() if k not in _META_KEYS})
-        cfg = cfg_cls(**_coerce(cfg_cls, values))
+        cfg = cfg_cls(**coerce(cfg_cls, values))
     except ConfigError as err:
         parser.error(str(err))
     if "dump_cfg" in args:

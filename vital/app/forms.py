@@ -1,6 +1,6 @@
 """The desktop GUI's logic without Tk: the modes it offers, form fields -> the mode's CFG (the
 same dataclass the scripts parse), model facts for completion, bundled reference folders, and
-the worker thread that runs a mode's run function with ``pipeline.run_hooks``.
+the worker thread that runs a mode's run function with its own ``Callbacks``.
 
 Nothing here touches a widget: the worker talks to the window only through a queue of tuples,
 which the window drains with ``after`` (Tk is not thread-safe).
@@ -44,7 +44,7 @@ class Mode:
     key: str                       # "class", "inner", "arithmetic", "concept"
     title: str                     # shown on the radio button
     cfg_cls: type                  # the CFG dataclass the script parses
-    run_fn: Callable               # run_fn(cfg, argv) -> (run_dir, result)
+    run_fn: Callable               # run_fn(cfg, argv, callbacks) -> (run_dir, result)
     script: str                    # the script that accepts the saved JSON (--json_cfg)
     ref_field: str | None          # the CFG field of the reference folder, if any
     keys: tuple[Key, ...]          # the one or two key settings
@@ -299,17 +299,17 @@ class RunWorker:
             self.out.put(("opinion", record["opinion_text"]))
 
     def _body(self) -> None:
-        from vital.modes import runner as pipeline
+        from vital.modes.runner import Callbacks
+        callbacks = Callbacks(on_progress=self._progress, on_record=self._record,
+                              should_stop=self.stop_event.is_set,
+                              progress_every=self.progress_every)
         try:
             with TORCH_LOCK:
                 if ensure_bundled(cfg_paths(self.mode, self.cfg)):
                     self.out.put(("phase", f"built the bundled reference folders in "
                                            f"{BUNDLED_ROOT}/"))
                 self.out.put(("phase", "loading the model and the references ..."))
-                with pipeline.run_hooks(on_progress=self._progress, on_record=self._record,
-                                        should_stop=self.stop_event.is_set,
-                                        progress_every=self.progress_every):
-                    run_dir, result = self.mode.run_fn(self.cfg, ["vital_gui.py"])
+                run_dir, result = self.mode.run_fn(self.cfg, ["vital_gui.py"], callbacks)
             if isinstance(run_dir, list):       # inner --auto: one folder per neuron
                 run_dir = run_dir[-1]
             self.out.put(("done", str(run_dir), result.stopped or "finished",

@@ -32,7 +32,7 @@ from vital.eval import sweep as eval_sweep
 from vital.eval import metrics
 from vital.config import ConfigError
 from vital.cache import write_json
-from vital.eval.sweep import (Overrides, _parsed, flat_diff, parse_shard, select_shard,
+from vital.eval.sweep import (Overrides, parsed, flat_diff, parse_shard, select_shard,
                               settings_hash, slug)
 
 RESULT_FILE = "result.json"
@@ -113,7 +113,7 @@ def expand(cfg, model: str, neurons: list[int]) -> list[InnerRun]:
     """The runs of one model, in a fixed order (neuron, method, seed)."""
     cls = _inner_cfg_cls()
     methods = resolve_methods(cfg.methods)
-    settings = _check_overrides(_parsed(Overrides, cfg.settings), "settings")
+    settings = _check_overrides(parsed(Overrides, cfg.settings), "settings")
     runs = []
     for neuron in neurons:
         for order, (method, over) in enumerate(methods.items()):
@@ -191,7 +191,7 @@ def run_inner_sweep(cfg) -> list[dict]:
     from vital.modes.inner import layer_patch_scores, resolve_target
     from vital.refs.patches import data_files
     from vital.models import load_target
-    from vital.modes.runner import image_size
+    from vital.modes.common import image_size
     _check(cfg)
     shard = parse_shard(cfg.shard)
     files = data_files(cfg.data_dir)

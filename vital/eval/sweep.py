@@ -118,7 +118,7 @@ class Overrides:
         return out
 
 
-def _parsed(kind, value):
+def parsed(kind, value):
     """``kind(value)`` with its complaint as a ConfigError (entries built in Python skip the
     command-line parser)."""
     try:
@@ -203,7 +203,7 @@ def check_settings(overrides: dict, what: str, cls=ClassCFG, reserved_keys=RESER
     if reserved:
         raise ConfigError(f"{what} sets {reserved}, which the sweep itself sets per run "
                           f"({per_run})")
-    return config._coerce(cls, overrides)   # JSON values -> the fields' types
+    return config.coerce(cls, overrides)   # JSON values -> the fields' types
 
 
 
@@ -214,7 +214,7 @@ def resolve_methods(entries, builtins: dict[str, dict] | None = None,
     ClassCFG) let another mode (``vital.eval.inner``) use the same rules."""
     builtins = BUILTIN_METHODS if builtins is None else builtins
     check = check or check_settings
-    entries = [_parsed(MethodSpec, e) for e in entries]
+    entries = [parsed(MethodSpec, e) for e in entries]
     defined = {e["name"] for e in entries if e["overrides"] is not None}
     out = {}
     for e in entries:
@@ -238,7 +238,7 @@ def resolve_methods(entries, builtins: dict[str, dict] | None = None,
 
 
 def resolve_targets(cfg: EvalCFG) -> list[dict]:
-    targets = [_parsed(TargetSpec, t) for t in cfg.targets]
+    targets = [parsed(TargetSpec, t) for t in cfg.targets]
     names = [t["target"] for t in targets]
     if not targets:
         raise ConfigError("the sweep has no targets")
@@ -267,7 +267,7 @@ def expand(cfg: EvalCFG) -> list[Run]:
     """Every run of the sweep in a fixed order (model, target, method, seed); checks every key."""
     _check_axes(cfg)
     methods = resolve_methods(cfg.methods)
-    settings = check_settings(_parsed(Overrides, cfg.settings), "settings")
+    settings = check_settings(parsed(Overrides, cfg.settings), "settings")
     runs = []
     for model in cfg.models:
         for t in resolve_targets(cfg):
@@ -317,7 +317,7 @@ def _result_cfg(cfg: ClassCFG, drop=()) -> dict:
 def base_settings(cfg: EvalCFG) -> dict:
     """What every run of a sweep shares: ClassCFG defaults + settings, and the scoring setup.
     A report refuses to merge runs whose base settings differ."""
-    settings = check_settings(_parsed(Overrides, cfg.settings), "settings")
+    settings = check_settings(parsed(Overrides, cfg.settings), "settings")
     return {"class": _result_cfg(ClassCFG(**settings), drop=AXIS_KEYS),
             "eval": eval_settings(cfg)}
 

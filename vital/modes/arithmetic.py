@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vital.modes import runner as pipeline
+from vital.modes import common
+from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.config import ConfigError, opt
 from vital.cache import write_json
-from vital.optvis.losses import Objective
+from vital.optvis.losses import Objective, staged_sort_matching
 from vital.models.opinion import make_opinion
 from vital.imaging import grid, save_png, to_pil
 from vital.refs.images import IMAGE_EXTENSIONS, load_image, resize_images
@@ -40,7 +41,7 @@ _ZERO_NORM = 1e-6   # a target shorter than this has no direction
 
 
 @dataclass
-class ArithmeticCFG(pipeline.RenderCFG):
+class ArithmeticCFG(common.RenderCFG):
     """Embedding arithmetic steering: base - alpha * mean(sub) + beta * mean(add)."""
     base: str = opt("", "base image: an image file or a word drawn as a typographic image "
                     "(prefix file: or word: to force one reading)")
@@ -161,16 +162,16 @@ def embed_images(target, images: list[torch.Tensor]) -> torch.Tensor | None:
     return target.embed(torch.stack(images).to(target.device)).float().cpu()
 
 
-def steering_objective(goal: torch.Tensor, grabbed: dict, weight: float = 1.0) -> Objective:
+def steering_objective(goal: torch.Tensor, weight: float = 1.0) -> Objective:
     """Term ``arithmetic``: 1 - cosine of the image's embedding with ``goal`` (E,).
 
-    The embedding comes from ``grabbed`` (``TargetModel.embed_hook``, filled by the render
-    loop's own forward) or, for models whose embedding is their output, ``ctx["output"]``.
+    The embedding is ``ctx["embed"]``, which the render loop reads during its own forward when
+    the plan asks for it (``Plan.embed``); without it, ``ctx["output"]``.
     """
     goal = goal.detach()
 
     def fn(ctx) -> torch.Tensor:
-        emb = grabbed.get("embed", ctx["output"])
+        emb = ctx.get("embed", ctx["output"])
         return 1.0 - F.cosine_similarity(emb, goal.to(emb).expand_as(emb), dim=-1).mean()
     return weight * Objective(fn, "arithmetic")
 
@@ -208,28 +209,34 @@ def formula(inputs: Inputs, cfg: ArithmeticCFG) -> str:
 
 # ----------------------------------------------------------------- one run
 
-def run_arithmetic(cfg: ArithmeticCFG, argv=None):
-    """One arithmetic steering run; returns (run_dir, result)."""
-    device, target = pipeline.prepare(cfg)
-    size = pipeline.image_size(cfg, target)
-    layers, weights = pipeline.resolve_layers(
+def plan_arithmetic(cfg: ArithmeticCFG, target) -> tuple[Plan, Inputs, torch.Tensor]:
+    """The arithmetic run as a value, with its inputs and unit target embedding."""
+    size = common.image_size(cfg, target)
+    layers, weights = common.resolve_layers(
         replace(cfg, layers=list(cfg.layers) or shallow_layers(target)), target)
-    stage_sizes = pipeline.make_schedule(cfg).stage_sizes(size)
+    schedule = common.make_schedule(cfg)
     inputs = load_inputs(cfg, size)
     goal = goal_of(target, inputs, cfg)
     text = formula(inputs, cfg)
     name = f"{text}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "")
-    meta = _meta(cfg, inputs, layers, weights)
-    with target.embed_hook() as grabbed:   # the loop's forward also yields the embedding
-        objective = _objective(cfg, target, layers, weights, inputs.base[1], stage_sizes,
-                               goal, grabbed)
-        gen = pipeline.generator_for(cfg, device)
-        init = None if cfg.init_image else inputs.base[1][None]   # --init_image overrides
-        param = pipeline.make_param(cfg, size, device, gen, init=init)
-        run_dir, result = pipeline.run(cfg, "arithmetic", target, objective, layers, param,
-                                       gen, name, meta, argv=argv)
-    write_report(cfg, target, run_dir, result, inputs, goal, text)
-    return run_dir, result
+    objective = _objective(cfg, target, layers, weights, inputs.base[1],
+                           schedule.stage_sizes(size), goal)
+    gen = common.generator_for(cfg, target.device)
+    init = None if cfg.init_image else inputs.base[1][None]   # --init_image overrides
+    param = common.make_param(cfg, size, target.device, gen, init=init)
+    plan = Plan("arithmetic", target, objective, layers, param, schedule,
+                common.make_augment(cfg), gen, name, _meta(cfg, inputs, layers, weights),
+                embed=True,
+                after=lambda run_dir, result: write_report(cfg, target, run_dir, result,
+                                                           inputs, goal, text))
+    return plan, inputs, goal
+
+
+def run_arithmetic(cfg: ArithmeticCFG, argv=None, callbacks: Callbacks | None = None):
+    """One arithmetic steering run; returns (run_dir, result)."""
+    _, target = prepare(cfg)
+    plan, _, _ = plan_arithmetic(cfg, target)
+    return run_plan(cfg, plan, argv, callbacks)
 
 
 def shallow_layers(target) -> list[str]:
@@ -248,16 +255,16 @@ def goal_of(target, inputs: Inputs, cfg: ArithmeticCFG) -> torch.Tensor:
                             cfg.add_beta, cfg.sub_alpha)
 
 
-def _objective(cfg, target, layers, weights, base, sizes, goal, grabbed) -> Objective:
-    objective = cfg.target_weight * steering_objective(goal.to(target.device), grabbed)
-    objective = objective + pipeline.priors(cfg)
+def _objective(cfg, target, layers, weights, base, sizes, goal) -> Objective:
+    objective = cfg.target_weight * steering_objective(goal.to(target.device))
+    objective = objective + common.priors(cfg)
     if cfg.ref_views < 0:
         raise ConfigError(f"ref_views must be >= 0 (augmented copies of the base), got "
                           f"{cfg.ref_views}")
     if cfg.feat_weight:
-        refs = base_references(target, layers, base, sizes, pipeline.make_augment(cfg),
+        refs = base_references(target, layers, base, sizes, common.make_augment(cfg),
                                cfg.ref_views, cfg.seed)
-        objective = cfg.feat_weight * pipeline.staged_sort_matching(
+        objective = cfg.feat_weight * staged_sort_matching(
             refs, dict(zip(layers, weights))) + objective
     if not isinstance(objective, Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")

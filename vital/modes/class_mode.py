@@ -1,22 +1,24 @@
 """Class neuron visualisation: sort matching to real images of the class, plus an optional class
 term (classifier: log-probability; CLIP: cosine to the class text embedding averaged over the 80
 ImageNet prompt templates, or to a free prompt). ``class_weight = 0`` is pure VITAL.
+
+    run_class(cfg) = run_plan(cfg, plan_class(cfg, target))
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from vital.optvis import losses
-from vital.modes import runner as pipeline
-from vital.modes import vit_extras
 from vital.config import ConfigError, opt
 from vital.models.labels import clip_text_target
+from vital.modes import common, vit_extras
+from vital.modes.runner import Callbacks, Plan, prepare, run_plan
+from vital.optvis import losses
 from vital.refs.images import list_images
 
+
 @dataclass
-class ClassCFG(vit_extras.ViTExtrasCFG, pipeline.RenderCFG):
+class ClassCFG(vit_extras.ViTExtrasCFG, common.RenderCFG):
     """Class neuron visualisation (VITAL)."""
     target: str = opt("espresso", "class name or index; for CLIP also a free prompt")
     ref_dir: str = opt("references/espresso", "folder of real images of the class")
@@ -38,35 +40,51 @@ def class_term(cfg: ClassCFG, target) -> tuple[losses.Objective | int, str, dict
     return cfg.class_weight * losses.class_logprob_objective(index), label, {"class_index": index}
 
 
-def run_class(cfg: ClassCFG, argv=None):
-    """One class visualisation; returns (run_dir, result)."""
-    device, target = pipeline.prepare(cfg)
-    size = pipeline.image_size(cfg, target)
-    layers, weights = pipeline.resolve_layers(cfg, target)
-    schedule = pipeline.make_schedule(cfg)
+def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
+    """(sort-matching objective, metadata) against the class's real images; a CLIP ViT with
+    ``--neural_field`` removes the field from both sides."""
+    vit = target.kind == "clip-vit"
+    if vit and cfg.neural_field:
+        obj, info, meta = vit_extras.field_reference_objective(cfg, target, layers, weights,
+                                                               files, sizes, cfg.num_ref)
+    else:
+        obj, info, meta = common.reference_objective(cfg, target, layers, weights, files, sizes,
+                                                     cfg.num_ref)
+        if vit:
+            meta["neural_field"] = {"active": False}
+    return obj, {"references": {str(k): v for k, v in info.items()}, **meta}
+
+
+def plan_class(cfg: ClassCFG, target) -> Plan:
+    """The class run as a value (see ``vital.modes.runner``)."""
+    size = common.image_size(cfg, target)
+    layers, weights = common.resolve_layers(cfg, target)
+    schedule = common.make_schedule(cfg)
     cls_obj, label, meta = class_term(cfg, target)
     meta.update(layers=layers, layer_weights=weights)
-    steer_obj, steer_layers, meta["attn_steering"] = vit_extras.attention_steering(cfg, target)
-    objective = cls_obj + pipeline.priors(cfg) + steer_obj
+    objective, hooked = cls_obj + common.priors(cfg), list(layers)
+    if target.kind == "clip-vit":
+        steer, steer_layers, meta["attn_steering"] = vit_extras.attention_steering(cfg, target)
+        objective = objective + steer
+        hooked += [layer for layer in steer_layers if layer not in hooked]
+    files = list_images(cfg.ref_dir) if cfg.feat_weight or cfg.param == "maco" else []
     if cfg.feat_weight:
-        files = list_images(cfg.ref_dir)
-        ref_obj, info, extras = vit_extras.reference_objective(
-            cfg, target, layers, weights, files, schedule.stage_sizes(size), cfg.num_ref)
+        ref_obj, ref_meta = _references(cfg, target, layers, weights, files,
+                                        schedule.stage_sizes(size))
         objective = ref_obj + objective
-        meta["references"] = {str(k): v for k, v in info.items()}
-        meta.update(extras)  # ref_sizes, neural_field
+        meta.update(ref_meta)
     if not isinstance(objective, losses.Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")
-    gen = pipeline.generator_for(cfg, device)
-    param = pipeline.make_param(cfg, size, device, gen, **_param_extras(cfg, size))
+    gen = common.generator_for(cfg, target.device)
+    extras = {"magnitude": common.maco_magnitude(files, size, cfg.num_ref)} \
+        if cfg.param == "maco" else {}   # MACO: the references' natural amplitude spectrum
+    param = common.make_param(cfg, size, target.device, gen, **extras)
     name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
-    hooked = layers + [layer for layer in steer_layers if layer not in layers]
-    return pipeline.run(cfg, "class", target, objective, hooked, param, gen, name,
-                        {"target_label": label, **meta}, argv=argv)
+    return Plan("class", target, objective, hooked, param, schedule, common.make_augment(cfg),
+                gen, name, {"target_label": label, **meta})
 
 
-def _param_extras(cfg: ClassCFG, size: int) -> dict:
-    """MACO keeps a natural-image amplitude spectrum fixed: that of the class's references."""
-    if cfg.param != "maco":
-        return {}
-    return {"magnitude": pipeline.maco_magnitude(list_images(cfg.ref_dir), size, cfg.num_ref)}
+def run_class(cfg: ClassCFG, argv=None, callbacks: Callbacks | None = None):
+    """One class visualisation; returns (run_dir, result)."""
+    _, target = prepare(cfg)
+    return run_plan(cfg, plan_class(cfg, target), argv, callbacks)

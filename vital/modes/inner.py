@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from vital.optvis import losses
-from vital.modes import runner as pipeline
+from vital.optvis.losses import staged_sort_matching
+from vital.modes import common
+from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import relevance as rel
 from vital.config import ConfigError, opt, set_determinism
 from vital.cache import write_json
@@ -46,7 +48,7 @@ _POSITION_LAYOUTS = ("BCHW", "BND")
 
 
 @dataclass
-class InnerCFG(pipeline.RenderCFG):
+class InnerCFG(common.RenderCFG):
     """Inner neuron visualisation (VITAL)."""
     layer: str = opt("blocks.10", "layer of the neuron (query_model_layers.py lists them)")
     neuron: int = opt(0, "neuron / channel index in --layer")
@@ -194,7 +196,7 @@ def forward_order(target, names: list[str]) -> list[str]:
 
 def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str], list[float]]:
     """Sort-matching layers computed before the target (``--layers`` or the model's defaults)."""
-    layers, weights = pipeline.resolve_layers(cfg, target)
+    layers, weights = common.resolve_layers(cfg, target)
     order = forward_order(target, list(dict.fromkeys(layers + [neuron.layer])))
     layouts = {info.name: info.layout for info in target.layers()}
     below = order[:order.index(neuron.layer)]
@@ -227,7 +229,7 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
                                for k, v in importance[size].items()}
         refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
     if cfg.relevance == "none":
-        obj = pipeline.staged_sort_matching(refs, dict(zip(layers, weights)))
+        obj = staged_sort_matching(refs, dict(zip(layers, weights)))
     else:
         maps = rel.SyntheticMaps(target, layers, neuron.layer, neuron.score, cfg.relevance,
                                  cfg.relevance_every, floor=cfg.relevance_floor)
@@ -261,7 +263,7 @@ def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores=None):
 
 def _objective(cfg, target, neuron, top, size, schedule) -> tuple[losses.Objective, list, dict]:
     scale = float(np.mean(top.scores))
-    objective = neuron_objective(neuron, scale, cfg.neuron_weight) + pipeline.priors(cfg)
+    objective = neuron_objective(neuron, scale, cfg.neuron_weight) + common.priors(cfg)
     layers, weights = lower_layers(cfg, target, neuron)
     meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale}
     if cfg.feat_weight and layers:
@@ -285,26 +287,33 @@ def _run_name(target, neuron: NeuronTarget, seed: int) -> str:
     return f"{neuron.label.replace(':', '-')}_{Path(str(target.spec)).name}_s{seed}"
 
 
-def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None,
-               patch_scores=None):
-    """Visualise one target; returns (run_dir, result). ``patch_scores`` (from
-    ``layer_patch_scores`` with the same cfg, or a function returning them, called only when
-    the patch cache misses) saves scoring the data set again."""
-    size = pipeline.image_size(cfg, target)
-    schedule = pipeline.make_schedule(cfg)
+def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None = None,
+                patch_scores=None) -> Plan:
+    """One target's run as a value. ``patch_scores`` (from ``layer_patch_scores`` with the same
+    cfg, or a function returning them, called only when the patch cache misses) saves scoring
+    the data set again."""
+    size = common.image_size(cfg, target)
+    schedule = common.make_schedule(cfg)
     top = _patches(cfg, target, neuron, patch_scores)
     objective, layers, meta = _objective(cfg, target, neuron, top, size, schedule)
-    gen = pipeline.generator_for(cfg, target.device)
-    param = pipeline.make_param(cfg, size, target.device, gen,
-                                **_param_extras(cfg, top.images, size))
+    gen = common.generator_for(cfg, target.device)
+    param = common.make_param(cfg, size, target.device, gen,
+                              **_param_extras(cfg, top.images, size))
     meta.update(target_label=neuron.label, neuron=neuron.index, direction=cfg.direction or None,
                 relevance=cfg.relevance, references=_reference_meta(top), **(extra or {}))
-    run_dir, result = pipeline.run(cfg, "inner", target, objective,
-                                   list(dict.fromkeys(layers + [neuron.layer])), param, gen,
-                                   _run_name(target, neuron, cfg.seed), meta, argv=argv)
-    contact_sheet(top, run_dir / "references.png")
-    write_neuron_report(target, neuron, result.image, top, size, run_dir)
-    return run_dir, result
+
+    def after(run_dir, result):
+        contact_sheet(top, run_dir / "references.png")
+        write_neuron_report(target, neuron, result.image, top, size, run_dir)
+    return Plan("inner", target, objective, list(dict.fromkeys(layers + [neuron.layer])), param,
+                schedule, common.make_augment(cfg), gen, _run_name(target, neuron, cfg.seed),
+                meta, after=after)
+
+
+def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None,
+               patch_scores=None, callbacks: Callbacks | None = None):
+    """Visualise one target; returns (run_dir, result)."""
+    return run_plan(cfg, plan_neuron(cfg, target, neuron, extra, patch_scores), argv, callbacks)
 
 
 def _reference_meta(top) -> dict:
@@ -360,7 +369,7 @@ def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "
     return total / max(count, 1)
 
 
-def run_auto(cfg: InnerCFG, target, argv=None):
+def run_auto(cfg: InnerCFG, target, argv=None, callbacks: Callbacks | None = None):
     """Rank the layer's neurons, visualise the top ``cfg.auto``; returns (run_dirs, result)."""
     probe = resolve_target(target, cfg.layer, 0)
     size = cfg.data_size or target.input_size
@@ -376,22 +385,22 @@ def run_auto(cfg: InnerCFG, target, argv=None):
                                   run_name=f"{cfg.run_name}_{index}" if cfg.run_name else "")
         extra = {"auto": {"rank": rank, "score": value, "by": cfg.auto_prompt or "activation"}}
         run_dir, result = run_neuron(one, target, resolve_target(target, cfg.layer, index),
-                                     argv, extra, patch_scores=shared)
+                                     argv, extra, patch_scores=shared, callbacks=callbacks)
         dirs.append(run_dir)
-        if result.stopped == "interrupted":
+        if result.stopped in ("interrupted", "stopped"):
             break
     return dirs, result
 
 
-def run_inner(cfg: InnerCFG, argv=None):
+def run_inner(cfg: InnerCFG, argv=None, callbacks: Callbacks | None = None):
     """Inner neuron visualisation (or --auto); returns (run_dir or run_dirs, last result)."""
     if not 0.0 <= cfg.relevance_floor < 1.0:
         raise ConfigError(f"--relevance_floor must be in [0, 1), got {cfg.relevance_floor}")
     if cfg.auto < 0 or cfg.relevance_every < 1:
         raise ConfigError(f"--auto must be >= 0 and --relevance_every >= 1, got {cfg.auto} and "
                           f"{cfg.relevance_every}")
-    _, target = pipeline.prepare(cfg)
+    _, target = prepare(cfg)
     if cfg.auto:
-        return run_auto(cfg, target, argv)
+        return run_auto(cfg, target, argv, callbacks)
     neuron = resolve_target(target, cfg.layer, cfg.neuron, cfg.direction)
-    return run_neuron(cfg, target, neuron, argv)
+    return run_neuron(cfg, target, neuron, argv, callbacks=callbacks)

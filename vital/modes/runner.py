@@ -1,196 +1,31 @@
-"""What every visualisation mode shares: the common CFG fields and the steps of one run
-(load the model, resolve layers, build references, parameterisation, augmentation and schedule,
-render, write the run folder). Mode modules (``vital.modes.class_mode``, ...) add their target terms.
+"""The one runner of every visualisation mode: a mode builds a :class:`Plan` (objective, hooked
+layers, parameterisation, schedule, run name, metadata) and :func:`run_plan` prepares the run
+folder, renders and writes the outputs.
+
+    script -> mode (``plan_class(cfg, target)``) -> ``run_plan(cfg, plan)`` -> render -> outputs
+
+Observers (progress, stop, records; the GUI passes its own) are a :class:`Callbacks` value
+passed as an argument; nothing is read from global state.
 """
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vital.optvis import losses
-from vital.optvis import param as params_mod
-from vital.optvis import transforms
-from vital.config import ConfigError, make_run_dir, opt, resolve_device, run_metadata, set_determinism
-from vital.optvis.losses import Objective
+from vital.config import make_run_dir, resolve_device, run_metadata, set_determinism
 from vital.models import load_target
 from vital.models.opinion import make_opinion
 from vital.modes.outputs import RunWriter
-from vital.refs.images import load_image
-from vital.refs.references import reference_quantiles
-from vital.optvis.render import Schedule, render
-
-
-@dataclass
-class RenderCFG:
-    """Settings shared by every visualisation mode."""
-    model: str = opt("efficientnet-lite0", "model spec: efficientnet-lite0, ViT-B/32, RN50, "
-                     "hf-hub:ORG/REPO, torchvision:NAME, or a weights file")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    size: int = opt(0, "image size in px (0 = the model's input size)")
-    ref_size: str = opt("auto", "px of the reference images: auto (the stage size up to the "
-                        "model's input size, the input size above it), stage, native, or a number")
-    steps: int = opt(0, "total steps at full size; > 0 overrides steps_multires")
-    steps_multires: list[int] = opt([200, 400], "steps per resolution stage, low to high "
-                                    "(each stage doubles the size, the last is full size)")
-    lr: float = opt(0.05, "peak Adam learning rate")
-    warmup: int = opt(20, "linear learning-rate warm-up steps per stage")
-    adam_eps: float = opt(1e-8, "Adam epsilon: larger values (e.g. 0.1) damp the fine grain Adam "
-                          "adds where the gradient is almost zero (arithmetic with alpha = beta "
-                          "= 0) but also weaken real steering (README, Embedding arithmetic)")
-    batch: int = opt(1, "images optimised together")
-    param: str = opt("laplacian", "image parameterisation",
-                     choices=sorted(params_mod.PARAMETERISATIONS))
-    pyramid_levels: int = opt(4, "levels of the Laplacian pyramid")
-    init_image: str = opt("", "start from this image instead of noise")
-    layers: list[str] = opt([], "layers for sort matching (empty = the model's defaults; "
-                            "see query_model_layers.py)")
-    layer_weights: list[float] = opt([], "one weight per layer (empty = all 1)")
-    feat_weight: float = opt(1.0, "weight of the sort-matching terms (0 = none)")
-    tv_weight: float = opt(0.05, "total-variation prior weight")
-    l2_weight: float = opt(0.0, "L2 prior weight (pulls pixels toward grey)")
-    jitter: int = opt(8, "max roll jitter in px per step")
-    scales: list[float] = opt([0.95, 1.0, 1.05], "random scale factors per step")
-    flip: bool = opt(True, "random horizontal flips")
-    noise: float = opt(0.0, "std of additive Gaussian noise per step")
-    seed: int = opt(0, "random seed")
-    deterministic: bool = opt(True, "seed everything and fix cuDNN algorithms")
-    hard_determinism: bool = opt(False, "also torch.use_deterministic_algorithms + CUBLAS config")
-    save_steps: int = opt(200, "save a PNG and the opinion every N steps (0 = only the end)")
-    out_dir: str = opt("", "parent folder of the run folder (default out_<mode>)")
-    run_name: str = opt("", "run folder name (default from the target); never overwritten")
-    prompts_file: str = opt("input_prompts/prompts.txt", "CLIP: prompts scored at each save")
-    top_k: int = opt(5, "how many words / classes the opinion shows")
-    cache: bool = opt(True, "cache reference features on disk ($VITAL_CACHE)")
-    progress: bool = opt(True, "show progress bars")
-
-
-def prepare(cfg: RenderCFG):
-    """Seed, pick the device and load the model."""
-    set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
-    device = resolve_device(cfg.device)
-    return device, load_target(cfg.model, device=device)
-
-
-def image_size(cfg: RenderCFG, target) -> int:
-    size = cfg.size or target.input_size
-    if not 16 <= size <= 4096:
-        raise ConfigError(f"--size {size} is impossible; use 16..4096 px (0 = the model's "
-                          f"input size, {target.input_size})")
-    return size
-
-
-def resolve_layers(cfg: RenderCFG, target) -> tuple[list[str], list[float]]:
-    """The layers to match and their weights, checked against the model."""
-    layers = list(cfg.layers) or target.default_layers()
-    valid = [info.name for info in target.layers()]
-    unknown = [name for name in layers if name not in valid]
-    if unknown:
-        raise ConfigError(f"unknown layer(s) {unknown} for {target.spec}; valid layers: "
-                          f"{', '.join(valid)}")
-    weights = list(cfg.layer_weights) or [1.0] * len(layers)
-    if len(weights) != len(layers):
-        raise ConfigError(f"{len(weights)} layer_weights for {len(layers)} layers {layers}")
-    return layers, weights
-
-
-def make_schedule(cfg: RenderCFG) -> Schedule:
-    stages = (cfg.steps,) if cfg.steps > 0 else tuple(cfg.steps_multires)
-    if not stages or any(s <= 0 for s in stages):
-        raise ConfigError(f"steps must be positive, got steps={cfg.steps} "
-                          f"steps_multires={cfg.steps_multires}")
-    if not cfg.lr > 0 or not cfg.adam_eps > 0:
-        raise ConfigError(f"lr and adam_eps must be positive numbers, got lr={cfg.lr} "
-                          f"adam_eps={cfg.adam_eps}")
-    return Schedule(steps_multires=stages, lr=cfg.lr, warmup=cfg.warmup, eps=cfg.adam_eps)
-
-
-def make_augment(cfg: RenderCFG):
-    return transforms.standard(jitter=cfg.jitter, scales=cfg.scales, flip=cfg.flip, noise=cfg.noise)
-
-
-def make_param(cfg: RenderCFG, size: int, device, generator, init: torch.Tensor | None = None,
-               **kw):
-    """The image parameterisation; ``init`` (or ``cfg.init_image``) replaces the noise start."""
-    if init is None and cfg.init_image:
-        init = load_image(cfg.init_image, size)[None]
-    if init is not None:
-        init = init.to(device)
-    if cfg.param == "laplacian":
-        kw.setdefault("levels", cfg.pyramid_levels)
-    return params_mod.make_param(cfg.param, size=size, batch=cfg.batch, init=init,
-                                 generator=generator, device=device, **kw)
-
-
-def maco_magnitude(files, size: int, num: int | None = None) -> torch.Tensor:
-    """The fixed amplitude spectrum of ``--param maco``: the mean spectrum (3, size, size//2+1)
-    of real images (e.g. the run's references) at the image size."""
-    from vital.refs.images import load_images
-    images, _ = load_images(list(files), size, num)
-    return params_mod.magnitude_spectrum(images)
-
-
-def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
-                         weights: dict[str, float]) -> Objective:
-    """Sort matching per layer against the references of the current stage's size."""
-    def term(layer):
-        def fn(ctx):
-            return losses.sort_matching(ctx["features"][layer], refs_by_size[ctx["size"]][layer])
-        return weights[layer] * Objective(fn, f"sort:{layer}")
-    return sum(term(layer) for layer in weights)
-
-
-def reference_sizes(cfg, target, sizes) -> dict[int, int]:
-    """Stage size -> px of the reference images matched at that stage (``cfg.ref_size``).
-
-    Above the model's input size the default takes the references at the input size (the
-    size the model was trained at); sort matching resamples their quantiles to the stage's
-    larger number of positions (``losses.resample_quantiles``).
-    """
-    choice, native = str(getattr(cfg, "ref_size", "auto")).strip().lower(), target.input_size
-    if choice == "auto":
-        return {s: min(s, native) for s in sizes}
-    if choice in ("stage", "0"):
-        return {s: s for s in sizes}
-    if choice == "native":
-        return {s: native for s in sizes}
-    if choice.isdigit() and 16 <= int(choice) <= 4096:
-        return {s: int(choice) for s in sizes}
-    raise ConfigError(f"--ref_size {cfg.ref_size!r} is not valid; use auto, stage (or 0), "
-                      f"native ({native} px for {target.spec}) or a size of 16..4096 px")
-
-
-def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, num) -> tuple:
-    """Sort-matching objective against real images for every stage size; returns (obj, info),
-    ``info`` per stage size (its "size" is the references' px, see ``reference_sizes``)."""
-    ref_px = reference_sizes(cfg, target, sizes)
-    by_px, px_info = {}, {}
-    for px in sorted(set(ref_px.values())):
-        quantiles, px_info[px] = reference_quantiles(target, layers, files, px, num=num,
-                                                     use_cache=cfg.cache, progress=cfg.progress)
-        by_px[px] = {k: v.to(target.device) for k, v in quantiles.items()}  # once, not per step
-    refs = {s: by_px[px] for s, px in ref_px.items()}
-    obj = staged_sort_matching(refs, dict(zip(layers, weights)))
-    return cfg.feat_weight * obj, {s: px_info[px] for s, px in ref_px.items()}
-
-
-def priors(cfg: RenderCFG) -> Objective | int:
-    return cfg.tv_weight * losses.tv_objective() + cfg.l2_weight * losses.l2_objective()
-
-
-def generator_for(cfg: RenderCFG, device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    return gen
+from vital.optvis.losses import Objective
+from vital.optvis.render import RenderResult, Schedule, render
 
 
 @dataclass(frozen=True)
-class RunHooks:
+class Callbacks:
     """Optional observers of a run (the desktop GUI uses them); none changes the result."""
     on_progress: Callable | None = None   # (step, total, loss, image) every progress_every steps
     should_stop: Callable | None = None   # () -> bool, asked before each step; True ends the run
@@ -198,19 +33,32 @@ class RunHooks:
     progress_every: int = 5
 
 
-_HOOKS: ContextVar[RunHooks] = ContextVar("vital_run_hooks", default=RunHooks())
+NO_CALLBACKS = Callbacks()
 
 
-@contextmanager
-def run_hooks(**hooks):
-    """Every ``run`` inside this block (in this thread) uses these ``RunHooks`` fields unless
-    it is given its own: a caller can watch and stop any mode's run function (``run_class``,
-    ``run_inner``, ...) without each of them passing the hooks along."""
-    token = _HOOKS.set(RunHooks(**hooks))
-    try:
-        yield
-    finally:
-        _HOOKS.reset(token)
+@dataclass
+class Plan:
+    """One visualisation run as a value: everything the runner needs, built by a mode."""
+    mode: str                      # "class", "inner", ...: the default parent out_<mode>/
+    target: object                 # the TargetModel
+    objective: Objective           # the loss (named, weighted terms)
+    layers: list[str]              # layers hooked during the render (features for the terms)
+    param: tuple                   # (params, image_fn) from vital.optvis.param
+    schedule: Schedule             # stages, learning rate, warm-up
+    augment: Callable | None       # (image, generator) -> image, every step
+    generator: torch.Generator     # the run's random numbers (start, augmentation)
+    run_name: str                  # the run folder's default name
+    meta: dict = field(default_factory=dict)   # extra config.json entries
+    embed: bool = False            # put the model's embedding into ctx["embed"] each step
+    run_dir: Path | None = None    # a folder the mode already made (else make_run_dir)
+    after: Callable | None = None  # (run_dir, result) -> None: the mode's own extra outputs
+
+
+def prepare(cfg):
+    """Seed, pick the device and load the model: (device, target)."""
+    set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
+    device = resolve_device(cfg.device)
+    return device, load_target(cfg.model, device=device)
 
 
 def _record_callback(writer: RunWriter, on_record):
@@ -223,32 +71,32 @@ def _record_callback(writer: RunWriter, on_record):
     return callback
 
 
-def run(cfg: RenderCFG, mode: str, target, objective: Objective, layers: list[str], param,
-        generator, run_name: str, extra_meta: dict | None = None, argv=None,
-        run_dir: Path | None = None, *, on_progress=None, should_stop=None, on_record=None):
-    """Render and write ``out_<mode>/<run_name>/`` (or into ``run_dir``, a folder the caller
-    already made with ``make_run_dir``); returns (run_dir, result). The keyword hooks (see
-    ``RunHooks``; default: those of an enclosing ``run_hooks`` block) watch or stop the run."""
-    given = {k: v for k, v in dict(on_progress=on_progress, should_stop=should_stop,
-                                   on_record=on_record).items() if v is not None}
-    hooks = replace(_HOOKS.get(), **given)
-    run_dir = Path(run_dir) if run_dir else make_run_dir(cfg.out_dir or f"out_{mode}",
-                                                         cfg.run_name or run_name)
-    meta = run_metadata(cfg, argv, mode=mode, model_spec=str(target.spec),
-                        weight_hash=target.weight_hash, **(extra_meta or {}))
+def run_plan(cfg, plan: Plan, argv=None, callbacks: Callbacks | None = None
+             ) -> tuple[Path, RenderResult]:
+    """Render ``plan`` and write ``out_<mode>/<run_name>/`` (or ``plan.run_dir``); returns
+    (run_dir, result). ``cfg`` is the mode's CFG (recorded in config.json; its out_dir,
+    run_name, save_steps, prompts_file, top_k and progress apply)."""
+    callbacks = callbacks or NO_CALLBACKS
+    target = plan.target
+    run_dir = Path(plan.run_dir) if plan.run_dir else make_run_dir(
+        cfg.out_dir or f"out_{plan.mode}", cfg.run_name or plan.run_name)
+    meta = run_metadata(cfg, argv, mode=plan.mode, model_spec=str(target.spec),
+                        weight_hash=target.weight_hash, **plan.meta)
     writer = RunWriter(run_dir, meta)
     opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
-    schedule = make_schedule(cfg)
-    result = render(target, objective, param, schedule, layers, augment=make_augment(cfg),
-                    generator=generator, save_steps=cfg.save_steps,
-                    callback=_record_callback(writer, hooks.on_record),
-                    progress=cfg.progress, record_fn=opinion, on_progress=hooks.on_progress,
-                    progress_every=hooks.progress_every, should_stop=hooks.should_stop)
+    result = render(target, plan.objective, plan.param, plan.schedule, plan.layers,
+                    augment=plan.augment, generator=plan.generator, save_steps=cfg.save_steps,
+                    callback=_record_callback(writer, callbacks.on_record),
+                    progress=cfg.progress, record_fn=opinion, on_progress=callbacks.on_progress,
+                    progress_every=callbacks.progress_every, should_stop=callbacks.should_stop,
+                    embed=plan.embed)
     final_opinion = opinion(result.image) if opinion is not None else {}
     final = writer.finish(result, {"final_opinion": final_opinion})
-    if hooks.on_record is not None:
-        hooks.on_record(result.steps_done, {"final": True, **final_opinion})
+    if callbacks.on_record is not None:
+        callbacks.on_record(result.steps_done, {"final": True, **final_opinion})
     report(result, final, final_opinion)
+    if plan.after is not None:
+        plan.after(run_dir, result)
     return run_dir, result
 
 

@@ -288,6 +288,29 @@ def sort_matching_objectives(refs: dict[str, torch.Tensor],
     return sum(sort_matching_objective(k, r, weights.get(k, 1.0)) for k, r in refs.items())
 
 
+def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
+                         weights: dict[str, float]) -> Objective:
+    """Terms ``sort:<layer>``: sort matching against the references of the current stage's size
+    (``refs_by_size[ctx["size"]][layer]``, (C, Q) quantiles per stage size)."""
+    def term(layer):
+        def fn(ctx):
+            return sort_matching(ctx["features"][layer], refs_by_size[ctx["size"]][layer])
+        return weights[layer] * Objective(fn, f"sort:{layer}")
+    return sum(term(layer) for layer in weights)
+
+
+def batched_sort_matching(refs_by_size: dict, weights: dict[str, float]) -> Objective:
+    """Sort matching where image b of the batch matches its own references:
+    ``refs_by_size[size][layer]`` is (B, C, Q) (or (1, C, Q), shared by the batch)."""
+    def term(layer):
+        def fn(ctx):
+            x = ctx["features"][layer]                               # (B, C, P)
+            ref = resample_quantiles(refs_by_size[ctx["size"]][layer], x.shape[-1])
+            return (x.sort(dim=-1).values - ref).pow(2).mean()
+        return weights[layer] * Objective(fn, f"sort:{layer}")
+    return sum(term(layer) for layer in weights)
+
+
 def tv_objective(weight: float = 1.0, p: int = 2) -> Objective:
     """Term ``tv_l1`` / ``tv_l2``: total variation of ctx["image"]."""
     if p not in (1, 2):

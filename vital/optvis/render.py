@@ -6,6 +6,7 @@ it hands the current image and record to a callback (see ``vital.modes.outputs.R
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -73,12 +74,22 @@ def _step_features(target, feats: dict, layouts: dict) -> dict[str, torch.Tensor
     return {name: channels_positions(t, layouts[name]) for name, t in feats.items()}
 
 
+@contextlib.contextmanager
+def _embedding(target, wanted: bool):
+    """``target.embed_hook()`` when the embedding is wanted, else an unused dict."""
+    if not wanted:
+        yield {}
+        return
+    with target.embed_hook() as grabbed:
+        yield grabbed
+
+
 def render(target, objective, param, schedule: Schedule, layers: list[str],
            augment: Callable | None = None, generator: torch.Generator | None = None,
            save_steps: int = 200, callback: Callable | None = None,
            progress: bool = True, record_fn: Callable | None = None,
            on_progress: Callable | None = None, progress_every: int = 5,
-           should_stop: Callable[[], bool] | None = None) -> RenderResult:
+           should_stop: Callable[[], bool] | None = None, embed: bool = False) -> RenderResult:
     """Optimise ``param`` = (params, image_fn) so that ``objective`` falls.
 
     ``objective.terms(ctx)`` returns the named, already weighted loss terms; their sum is the
@@ -88,7 +99,9 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     opinion) to those records. ``on_progress(step, total, loss, image)`` (optional) runs after
     step 1, every ``progress_every`` steps and after the last; ``should_stop()`` (optional) is
     asked before every step and ends the run like Ctrl-C (``stopped = "stopped"``). Neither
-    touches a random generator, so they never change the result.
+    touches a random generator, so they never change the result. With ``embed`` the context
+    also holds "embed": the model's embedding of the step's input (``TargetModel.embed``), read
+    during the same forward.
     """
     import time
     params, image_fn = param
@@ -102,7 +115,7 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     bar = tqdm(total=schedule.total, desc="render", disable=not progress, dynamic_ncols=True)
     step, started, outside = 0, time.perf_counter(), 0.0
     try:
-        with target.hooks(layers) as feats:
+        with target.hooks(layers) as feats, _embedding(target, embed) as grabbed:
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
                 optimizer = torch.optim.Adam(params, lr=schedule.lr, betas=schedule.betas,
                                              eps=schedule.eps)
@@ -122,6 +135,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                     ctx = {"image": image, "input": x, "output": output, "stage": stage,
                            "size": stage_size, "step": step,
                            "features": _step_features(target, feats, layouts)}
+                    if embed:
+                        ctx["embed"] = grabbed.get("embed", output)
                     terms = objective.terms(ctx)
                     loss = sum(terms.values())
                     if not torch.isfinite(loss):

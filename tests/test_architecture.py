@@ -1,0 +1,65 @@
+"""The house plan, checked: import-linter's contracts in pyproject.toml (floors, no circles, no
+library module importing a mode; clip_custom never imports the toolkit), and no module using
+another module's private names."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted([*ROOT.glob("vital/**/*.py"), *ROOT.glob("clip_custom/*.py"),
+                  *ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py")])
+
+
+def test_import_contracts_hold():
+    linter = Path(sys.executable).with_name("lint-imports")
+    if not linter.exists():
+        pytest.skip("import-linter is not installed (pip install -e .[dev])")
+    out = subprocess.run([str(linter), "--config", str(ROOT / "pyproject.toml")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 broken" in out.stdout
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts).removesuffix(".__init__")
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``from our.module import _name`` and ``alias._name`` where alias is one of our modules."""
+    tree = ast.parse(path.read_text(), str(path))
+    ours, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] in ("vital", "clip_custom"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+                ours[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in ("vital", "clip_custom"):
+                    ours[alias.asname or alias.name.split(".")[0]] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in ours and node.attr.startswith("_") \
+                and not node.attr.startswith("__"):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_checker_sees_a_private_import(tmp_path):
+    bad = ROOT / "vital" / "_probe_private_use.py"
+    try:
+        bad.write_text("from vital.cache import _sidecar\nimport vital.cache as c\nc._sidecar\n")
+        assert len(_private_uses(bad)) == 2
+    finally:
+        bad.unlink()
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: _module_name(p))
+def test_no_module_uses_another_modules_private_names(path):
+    assert _private_uses(path) == []

@@ -1,0 +1,1 @@
+"""Second-order effects of CLIP neurons: effects, components, text decompositions."""

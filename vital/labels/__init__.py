@@ -1,0 +1,1 @@
+"""Neuron labels (CLIP-Dissect): probe activations, concept matrices, similarities."""

@@ -1,0 +1,165 @@
+"""What every visualisation mode's plan is built from: the common CFG fields (``RenderCFG``) and
+the setup steps (image size, layers, schedule, augmentation, parameterisation, reference
+sort matching, priors, random generator). The runner (``vital.modes.runner``) does the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vital.config import ConfigError, opt
+from vital.optvis import losses
+from vital.optvis import param as params_mod
+from vital.optvis import transforms
+from vital.optvis.losses import Objective, staged_sort_matching
+from vital.optvis.render import Schedule
+from vital.refs.images import load_image, load_images
+from vital.refs.references import reference_quantiles
+
+
+@dataclass
+class RenderCFG:
+    """Settings shared by every visualisation mode."""
+    model: str = opt("efficientnet-lite0", "model spec: efficientnet-lite0, ViT-B/32, RN50, "
+                     "hf-hub:ORG/REPO, torchvision:NAME, or a weights file")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    size: int = opt(0, "image size in px (0 = the model's input size)")
+    ref_size: str = opt("auto", "px of the reference images: auto (the stage size up to the "
+                        "model's input size, the input size above it), stage, native, or a number")
+    steps: int = opt(0, "total steps at full size; > 0 overrides steps_multires")
+    steps_multires: list[int] = opt([200, 400], "steps per resolution stage, low to high "
+                                    "(each stage doubles the size, the last is full size)")
+    lr: float = opt(0.05, "peak Adam learning rate")
+    warmup: int = opt(20, "linear learning-rate warm-up steps per stage")
+    adam_eps: float = opt(1e-8, "Adam epsilon: larger values (e.g. 0.1) damp the fine grain Adam "
+                          "adds where the gradient is almost zero (arithmetic with alpha = beta "
+                          "= 0) but also weaken real steering (README, Embedding arithmetic)")
+    batch: int = opt(1, "images optimised together")
+    param: str = opt("laplacian", "image parameterisation",
+                     choices=sorted(params_mod.PARAMETERISATIONS))
+    pyramid_levels: int = opt(4, "levels of the Laplacian pyramid")
+    init_image: str = opt("", "start from this image instead of noise")
+    layers: list[str] = opt([], "layers for sort matching (empty = the model's defaults; "
+                            "see query_model_layers.py)")
+    layer_weights: list[float] = opt([], "one weight per layer (empty = all 1)")
+    feat_weight: float = opt(1.0, "weight of the sort-matching terms (0 = none)")
+    tv_weight: float = opt(0.05, "total-variation prior weight")
+    l2_weight: float = opt(0.0, "L2 prior weight (pulls pixels toward grey)")
+    jitter: int = opt(8, "max roll jitter in px per step")
+    scales: list[float] = opt([0.95, 1.0, 1.05], "random scale factors per step")
+    flip: bool = opt(True, "random horizontal flips")
+    noise: float = opt(0.0, "std of additive Gaussian noise per step")
+    seed: int = opt(0, "random seed")
+    deterministic: bool = opt(True, "seed everything and fix cuDNN algorithms")
+    hard_determinism: bool = opt(False, "also torch.use_deterministic_algorithms + CUBLAS config")
+    save_steps: int = opt(200, "save a PNG and the opinion every N steps (0 = only the end)")
+    out_dir: str = opt("", "parent folder of the run folder (default out_<mode>)")
+    run_name: str = opt("", "run folder name (default from the target); never overwritten")
+    prompts_file: str = opt("input_prompts/prompts.txt", "CLIP: prompts scored at each save")
+    top_k: int = opt(5, "how many words / classes the opinion shows")
+    cache: bool = opt(True, "cache reference features on disk ($VITAL_CACHE)")
+    progress: bool = opt(True, "show progress bars")
+
+
+def image_size(cfg: RenderCFG, target) -> int:
+    size = cfg.size or target.input_size
+    if not 16 <= size <= 4096:
+        raise ConfigError(f"--size {size} is impossible; use 16..4096 px (0 = the model's "
+                          f"input size, {target.input_size})")
+    return size
+
+
+def resolve_layers(cfg: RenderCFG, target) -> tuple[list[str], list[float]]:
+    """The layers to match and their weights, checked against the model."""
+    layers = list(cfg.layers) or target.default_layers()
+    valid = [info.name for info in target.layers()]
+    unknown = [name for name in layers if name not in valid]
+    if unknown:
+        raise ConfigError(f"unknown layer(s) {unknown} for {target.spec}; valid layers: "
+                          f"{', '.join(valid)}")
+    weights = list(cfg.layer_weights) or [1.0] * len(layers)
+    if len(weights) != len(layers):
+        raise ConfigError(f"{len(weights)} layer_weights for {len(layers)} layers {layers}")
+    return layers, weights
+
+
+def make_schedule(cfg: RenderCFG) -> Schedule:
+    stages = (cfg.steps,) if cfg.steps > 0 else tuple(cfg.steps_multires)
+    if not stages or any(s <= 0 for s in stages):
+        raise ConfigError(f"steps must be positive, got steps={cfg.steps} "
+                          f"steps_multires={cfg.steps_multires}")
+    if not cfg.lr > 0 or not cfg.adam_eps > 0:
+        raise ConfigError(f"lr and adam_eps must be positive numbers, got lr={cfg.lr} "
+                          f"adam_eps={cfg.adam_eps}")
+    return Schedule(steps_multires=stages, lr=cfg.lr, warmup=cfg.warmup, eps=cfg.adam_eps)
+
+
+def make_augment(cfg: RenderCFG):
+    return transforms.standard(jitter=cfg.jitter, scales=cfg.scales, flip=cfg.flip, noise=cfg.noise)
+
+
+def make_param(cfg: RenderCFG, size: int, device, generator, init: torch.Tensor | None = None,
+               **kw):
+    """The image parameterisation; ``init`` (or ``cfg.init_image``) replaces the noise start."""
+    if init is None and cfg.init_image:
+        init = load_image(cfg.init_image, size)[None]
+    if init is not None:
+        init = init.to(device)
+    if cfg.param == "laplacian":
+        kw.setdefault("levels", cfg.pyramid_levels)
+    return params_mod.make_param(cfg.param, size=size, batch=cfg.batch, init=init,
+                                 generator=generator, device=device, **kw)
+
+
+def maco_magnitude(files, size: int, num: int | None = None) -> torch.Tensor:
+    """The fixed amplitude spectrum of ``--param maco``: the mean spectrum (3, size, size//2+1)
+    of real images (e.g. the run's references) at the image size."""
+    images, _ = load_images(list(files), size, num)
+    return params_mod.magnitude_spectrum(images)
+
+
+def reference_sizes(cfg, target, sizes) -> dict[int, int]:
+    """Stage size -> px of the reference images matched at that stage (``cfg.ref_size``).
+
+    Above the model's input size the default takes the references at the input size (the
+    size the model was trained at); sort matching resamples their quantiles to the stage's
+    larger number of positions (``losses.resample_quantiles``).
+    """
+    choice, native = str(getattr(cfg, "ref_size", "auto")).strip().lower(), target.input_size
+    if choice == "auto":
+        return {s: min(s, native) for s in sizes}
+    if choice in ("stage", "0"):
+        return {s: s for s in sizes}
+    if choice == "native":
+        return {s: native for s in sizes}
+    if choice.isdigit() and 16 <= int(choice) <= 4096:
+        return {s: int(choice) for s in sizes}
+    raise ConfigError(f"--ref_size {cfg.ref_size!r} is not valid; use auto, stage (or 0), "
+                      f"native ({native} px for {target.spec}) or a size of 16..4096 px")
+
+
+def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, num) -> tuple:
+    """Sort-matching objective against real images for every stage size; returns (obj, info,
+    meta): ``info`` per stage size (its "size" is the references' px, see
+    ``reference_sizes``), ``meta`` = {"ref_sizes": {stage px: reference px}}."""
+    ref_px = reference_sizes(cfg, target, sizes)
+    by_px, px_info = {}, {}
+    for px in sorted(set(ref_px.values())):
+        quantiles, px_info[px] = reference_quantiles(target, layers, files, px, num=num,
+                                                     use_cache=cfg.cache, progress=cfg.progress)
+        by_px[px] = {k: v.to(target.device) for k, v in quantiles.items()}  # once, not per step
+    refs = {s: by_px[px] for s, px in ref_px.items()}
+    obj = staged_sort_matching(refs, dict(zip(layers, weights)))
+    meta = {"ref_sizes": {str(s): px for s, px in ref_px.items()}}
+    return cfg.feat_weight * obj, {s: px_info[px] for s, px in ref_px.items()}, meta
+
+
+def priors(cfg: RenderCFG) -> Objective | int:
+    return cfg.tv_weight * losses.tv_objective() + cfg.l2_weight * losses.l2_objective()
+
+
+def generator_for(cfg: RenderCFG, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    return gen

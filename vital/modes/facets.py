@@ -1,0 +1,203 @@
+"""Facet visualisation runs (``faceted_fvis.py``): take one concept of a bank, factorise its top
+patches' activations at an earlier layer, and render each facet direction (one image of a batch
+each) while the concept stays active.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vital.cache import files_digest, write_json
+from vital.concepts import extract as C
+from vital.concepts.bank import check_compatible, load_bank
+from vital.config import ConfigError, make_run_dir, opt
+from vital.imaging import save_png
+from vital.modes import common
+from vital.modes.concepts import grid_rows, plan_batch, reference_files, vital_terms, write_match
+from vital.modes.runner import Callbacks, prepare, run_plan
+from vital.refs.images import ReferenceError, load_images
+
+
+@dataclass
+class FacetCFG(common.RenderCFG):
+    """Facet visualisation: sub-concepts of one concept of a bank, each rendered with VITAL."""
+    bank: str = opt("", "concept bank: a concept run folder, or its .safetensors / .json")
+    target_layer: str = opt("", "the bank's layer (must match; empty = the bank's own)")
+    ref_dir: str = opt("", "the bank's reference images (empty = the files the bank lists); "
+                       "checked against the bank's data set hash")
+    num_ref: int = opt(12, "images used per folder (with ref_dir)")
+    concept: int = opt(-1, "concept index in the bank (-1 = the most important)")
+    decomp_layer: str = opt("", "layer of the facets (empty = the default layer before "
+                            "target_layer)")
+    n_facets: int = opt(3, "NMF components (facets)")
+    facet_patches: int = opt(16, "top patches of the concept whose activations are factorised")
+    nonneg: str = opt("auto", "non-negativity at decomp_layer", choices=list(C.NONNEG))
+    nmf_iter: int = opt(500, "NMF iterations")
+    direction_weight: float = opt(10.0, "weight of the facet term")
+    concept_weight: float = opt(1.0, "weight of the term that keeps the concept active")
+    direction_how: str = opt("cosine", "concept term: cosine or dot (projection)",
+                             choices=["cosine", "dot"])
+    facet_contrast: float = opt(1.0, "penalty on the sibling facets' cosines (0 = plain "
+                                "cosine to the own facet)")
+    facet_pool: str = opt("positions", "facet cosine: of the position average (mean) or the "
+                          "mean of every position's cosine (positions; facets are fit on "
+                          "positions)", choices=list(C.POOLINGS))
+
+
+
+def _layer_before(target, layer: str) -> str:
+    names = [info.name for info in target.layers()]
+    earlier = [d for d in target.default_layers() if names.index(d) < names.index(layer)]
+    if not earlier:
+        raise ConfigError(f"no default layer comes before {layer!r}; give --decomp_layer "
+                          f"(valid layers: {', '.join(names)})")
+    return earlier[-1]
+
+
+def _below(cfg: FacetCFG, target, decomp: str) -> FacetCFG:
+    """Unless --layers is given, sort-match only the default layers below the facet layer (as
+    VITAL does for inner neurons): matching the whole concept's distribution at the facet
+    layer itself would pull every facet back to the same mixture."""
+    if cfg.layers:
+        return cfg
+    names = [info.name for info in target.layers()]
+    lower = [d for d in target.default_layers() if names.index(d) < names.index(decomp)]
+    return dataclasses.replace(cfg, layers=lower or [decomp], layer_weights=[])
+
+
+def _bank_files(cfg: FacetCFG, bank) -> list[Path]:
+    if cfg.ref_dir:
+        return reference_files(cfg.ref_dir, cfg.num_ref)
+    files = [Path(f) for f in bank.meta["files"]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ReferenceError(f"{len(missing)} reference images of the bank are gone (e.g. "
+                             f"{missing[0]}); give --ref_dir with the bank's images")
+    return files
+
+
+def load_checked_bank(cfg: FacetCFG, target):
+    """The bank, its layer and its reference files, refused unless they fit this run."""
+    if not cfg.bank:
+        raise ConfigError("give --bank: a concept run folder or its concept_bank.safetensors "
+                          "(made by concept_neurons_fvis.py)")
+    bank = load_bank(cfg.bank)
+    layer = cfg.target_layer or bank.meta["layer"]
+    files = _bank_files(cfg, bank)
+    check_compatible(bank.meta, weight_hash=target.weight_hash, model=str(target.spec),
+                     layer=layer, dataset_hash=files_digest(files))
+    return bank, layer, files
+
+
+def concept_patches(bank, files: list[Path], concept: int, n: int) -> torch.Tensor:
+    """The ``n`` patches (n, 3, S, S) where ``concept`` is strongest, cut again from files."""
+    if not 0 <= concept < bank.n_concepts:
+        raise ConfigError(f"concept {concept} is not in the bank; valid: 0..{bank.n_concepts - 1} "
+                          f"or -1 (the most important)")
+    coeff = bank.tensors["coefficients"][:, concept]
+    top = coeff.topk(min(n, len(coeff))).indices
+    images, _ = load_images(files, bank.meta["canvas"])
+    return C.crop_boxes(images, bank.tensors["boxes"][top])
+
+
+def facet_directions(target, layer: str, patches: torch.Tensor, cfg: FacetCFG, rule):
+    """NMF of the patches' per-position activations at ``layer``:
+    (W (F, C'), maps (T, F, P) facet coefficient per patch position, nonneg mode, info)."""
+    view = C.layer_view(target, layer)
+    acts = C.layer_activations(target, view, patches, rule)
+    mode = C.resolve_nonneg(cfg.nonneg, float(acts.acts.min()))
+    x = C.to_nonneg(acts.acts, mode).transpose(1, 2)                  # (T, C', P) -> (T, P, C')
+    u, w, info = C.factorise(x[acts.keep], cfg.n_facets, cfg.seed, cfg.nmf_iter)
+    maps = torch.zeros(*acts.keep.shape, cfg.n_facets)                # (T, P, F)
+    maps[acts.keep] = u
+    return w, maps.transpose(1, 2), mode, {**info, "nonneg": mode}   # (T, P, F) -> (T, F, P)
+
+
+def _overlay(patch: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """Dim ``patch`` (3, S, S) where the facet is weak: ``heat`` (P,) in [0, 1] on a square
+    grid of positions (no overlay when P is not a square)."""
+    side = math.isqrt(heat.numel())
+    if side * side != heat.numel() or side < 2:
+        return patch
+    grid_ = heat.reshape(1, 1, side, side)                               # (P,) -> (1, 1, g, g)
+    up = F.interpolate(grid_, size=patch.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return patch * (0.25 + 0.75 * up)
+
+
+def facet_rows(patches: torch.Tensor, maps: torch.Tensor) -> list[torch.Tensor]:
+    """Per facet, the patches where it peaks highest (best first), lit where it is present."""
+    peak = maps.amax(-1)                                                 # (T, F)
+    rows = []
+    for f in range(maps.shape[1]):
+        order = peak[:, f].sort(descending=True, stable=True).indices
+        scale = peak[:, f].max().clamp_min(1e-12)
+        rows.append(torch.stack([_overlay(patches[t], maps[t, f] / scale) for t in order]))
+    return rows
+
+
+def run_facets(cfg: FacetCFG, argv=None, callbacks: Callbacks | None = None):
+    """Facets of one concept, rendered as one batch; returns (run_dir, result)."""
+    _, target = prepare(cfg)
+    size = common.image_size(cfg, target)
+    bank, layer, files = load_checked_bank(cfg, target)
+    concept = bank.order()[0] if cfg.concept < 0 else cfg.concept
+    patches = concept_patches(bank, files, concept, cfg.facet_patches)
+    decomp = cfg.decomp_layer or _layer_before(target, layer)
+    reg = bank.meta["registers"]
+    rule = C.RegisterRule(reg["threshold"], reg["relative"], reg["exclude"])
+    w, maps, mode, info = facet_directions(target, decomp, patches, cfg, rule)
+    objective, layers, meta = _facet_objective(cfg, target, bank, concept, (layer, decomp),
+                                               patches, w, mode, size)
+    name = f"c{concept}_{Path(str(target.spec)).name}_{decomp}_f{cfg.n_facets}_s{cfg.seed}"
+    run_dir = make_run_dir(cfg.out_dir or "out_facet", cfg.run_name or name)
+    _save_facets(run_dir, w, maps, concept, decomp, info)
+    meta.update(facets={"bank": str(cfg.bank), "concept": concept, "target_layer": layer,
+                        "decomp_layer": decomp, **info})
+    labels = [f"c{concept} facet {f}" for f in range(cfg.n_facets)]
+
+    def after(run_dir, result):
+        save_png(grid_rows(list(result.image), facet_rows(patches, maps), labels),
+                 run_dir / "facets_grid.png")
+        _facet_match(cfg, target, bank, concept, (layer, decomp), result.image, w, mode,
+                     run_dir)
+        print(run_dir / "facets_grid.png")
+    plan = plan_batch(cfg, "facet", target, objective, layers, size, [patches], run_dir, name, meta,
+                 batch=cfg.n_facets, after=after)
+    return run_plan(cfg, plan, argv, callbacks)
+
+
+def _facet_objective(cfg: FacetCFG, target, bank, concept: int, layers_: tuple[str, str],
+                     patches, w, mode: str, size: int):
+    """Sort matching below the facet layer + facet term + concept term; (obj, layers, meta)."""
+    layer, decomp = layers_
+    objective, layers, meta = vital_terms(_below(cfg, target, decomp), target, [patches], size)
+    dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
+    objective = objective + cfg.direction_weight * C.facet_objective(
+        decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast)
+    objective = objective + cfg.concept_weight * C.direction_objective(
+        layer, bank.directions[concept], bank.meta["nonneg"], tview.skip, cfg.direction_how,
+        name=f"concept:{layer}")
+    return objective, list(dict.fromkeys(layers + [decomp, layer])), meta
+
+
+def _facet_match(cfg, target, bank, concept, layers_, images, w, mode, run_dir: Path) -> None:
+    layer, decomp = layers_
+    cos = C.direction_cosines(target, C.layer_view(target, decomp), images, w, mode,
+                              cfg.facet_pool)
+    concept_cos = C.direction_cosines(target, C.layer_view(target, layer), images,
+                                      bank.directions[concept:concept + 1], bank.meta["nonneg"])
+    write_match(run_dir / "facets_match.json", list(range(cfg.n_facets)), cos, "facet",
+                 concept_cosine=concept_cos[:, 0].tolist())
+
+
+def _save_facets(run_dir: Path, w, maps, concept: int, layer: str, info: dict) -> None:
+    """facets.safetensors: directions (F, C') and maps (T, F, P); facets.json: the settings."""
+    save_file({"directions": w.contiguous(), "maps": maps.contiguous()},
+              str(run_dir / "facets.safetensors"))
+    write_json(run_dir / "facets.json", {"concept": concept, "decomp_layer": layer, **info})
