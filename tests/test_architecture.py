@@ -63,3 +63,21 @@ def test_checker_sees_a_private_import(tmp_path):
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: _module_name(p))
 def test_no_module_uses_another_modules_private_names(path):
     assert _private_uses(path) == []
+
+
+def test_public_api_resolves_every_name():
+    import vital
+    for name in vital.__all__:
+        assert getattr(vital, name) is not None, name
+    with pytest.raises(AttributeError, match="public names"):
+        vital.no_such_name
+
+
+def test_import_vital_from_another_folder_is_light(tmp_path):
+    """``import vital`` loads no torch (the public names load on first use), from any folder."""
+    code = ("import sys, vital, clip_custom; assert 'vital.modes' not in sys.modules; "
+            "print(vital.run_class.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "vital.modes.class_mode"
