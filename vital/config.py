@@ -24,7 +24,7 @@ import torch
 
 from vital.cache import write_json
 
-__all__ = ["opt", "parse_cfg", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
+__all__ = ["opt", "parse_cfg", "recipe_values", "with_recipe", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
            "set_determinism", "resolve_device", "run_metadata", "ConfigError"]
 
 # Keys that steer parsing itself; they are accepted on the command line but never stored.
@@ -136,6 +136,29 @@ def coerce(cfg_cls, values: dict) -> dict:
     return out
 
 
+def recipe_values(cfg_cls, name: str | None = None) -> dict:
+    """The settings of a recipe (a named set of defaults, ``cfg_cls.RECIPES[name]``; ``None`` =
+    the class's default ``recipe`` field). Precedence: defaults < recipe < --json_cfg <
+    command line, so a recipe only fills what the user did not set."""
+    recipes = getattr(cfg_cls, "RECIPES", None)
+    if not recipes:
+        return {}
+    if name is None:
+        name = next(f.default for f in dataclasses.fields(cfg_cls) if f.name == "recipe")
+    if name not in recipes:
+        raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(recipes)}")
+    return dict(recipes[name])
+
+
+def with_recipe(cfg_cls, recipe: str | None = None, **overrides):
+    """A CFG built in Python with the same precedence as the scripts: defaults < ``recipe`` <
+    ``overrides``: ``with_recipe(ClassCFG, "paper", target="tabby")``."""
+    values = {**recipe_values(cfg_cls, recipe), **overrides}
+    if recipe is not None:
+        values.setdefault("recipe", recipe)
+    return cfg_cls(**coerce(cfg_cls, values))
+
+
 def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = None):
     """Resolve a CFG from defaults, ``--json_cfg`` and ``argv``; handle ``--dump_cfg``.
 
@@ -149,6 +172,7 @@ def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = 
         if "json_cfg" in args:
             values.update(load_json_cfg(cfg_cls, args["json_cfg"]))
         values.update({k: v for k, v in args.items() if k not in _META_KEYS})
+        values = {**recipe_values(cfg_cls, values.get("recipe")), **values}
         cfg = cfg_cls(**coerce(cfg_cls, values))
     except ConfigError as err:
         parser.error(str(err))

@@ -311,6 +311,33 @@ def batched_sort_matching(refs_by_size: dict, weights: dict[str, float]) -> Obje
     return sum(term(layer) for layer in weights)
 
 
+def _normalised(img: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
+    sd = torch.as_tensor(std, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
+    return (img - m) / sd
+
+
+def tv_paper(img: torch.Tensor) -> torch.Tensor:
+    """The official VITAL code's TV: the sum over the 4 neighbour directions of the Frobenius
+    norm (not squared, not a mean) of the differences, over the whole batch."""
+    return sum(d.norm() for d in _neighbour_differences(img))
+
+
+def l2_paper(img: torch.Tensor) -> torch.Tensor:
+    """The official VITAL code's L2 prior: the mean over the batch of each image's L2 norm."""
+    return img.flatten(1).norm(dim=1).mean()
+
+
+def paper_prior_objectives(mean, std, tv_weight: float, l2_weight: float):
+    """Terms ``tv_paper`` and ``l2_paper`` on the model's input (ctx["input"], after
+    augmentation, as the official code computes them on the jittered image) in the model's
+    normalised space. Their scale grows with the image size: the official weights (0 for
+    class neurons of ResNet50, 3e-7 for inner neurons) are meant for 224 px."""
+    tv = Objective(lambda ctx: tv_paper(_normalised(ctx["input"], mean, std)), "tv_paper")
+    l2 = Objective(lambda ctx: l2_paper(_normalised(ctx["input"], mean, std)), "l2_paper")
+    return tv_weight * tv + l2_weight * l2
+
+
 def tv_objective(weight: float = 1.0, p: int = 2) -> Objective:
     """Term ``tv_l1`` / ``tv_l2``: total variation of ctx["image"]."""
     if p not in (1, 2):

@@ -4,10 +4,12 @@ Every parameterisation returns ``(params, image_fn)``: ``params`` is a list of l
 (``requires_grad=True``) for the optimiser and ``image_fn()`` renders them as a
 ``(B, 3, H, W)`` image in ``[0, 1]``. The render loop never knows which one it got.
 
-- ``laplacian``: VITAL's default. A Laplacian pyramid: ``levels`` tensors at sizes
+- ``laplacian``: the toolkit's default (from the public VITAL-for-CLIP fork). A Laplacian pyramid: ``levels`` tensors at sizes
   ``ceil(H / 2^k) x ceil(W / 2^k)``, upsampled (bilinear) to full size, scaled by
   ``level_gain ** k`` and summed; the sum ``z`` is mapped to ``0.5 * (tanh(z) + 1)``.
 - ``pixel``: one tensor per pixel, mapped by the same tanh (or clamped to [0, 1]).
+- ``pixel_norm``: the official VITAL code's: pixels in the model's normalised space, N(0, 1)
+  start, clipped to the valid range after every optimiser step (``image_fn.after_step``).
 - ``fft``: Lucid-style spectrum with 1/f scaling and decorrelated colour, sigmoid at the end.
 - ``maco``: phase-only (Fel et al., "MACO"): a fixed natural-image magnitude spectrum, an
   optimised phase, clamped to [0, 1].
@@ -120,7 +122,7 @@ def laplacian(size, batch: int = 1, levels: int = 4, init: torch.Tensor | None =
               init_scale: float = 0.1, level_gain: float = 1.0, init_mode: str = "distribute",
               generator: torch.Generator | None = None, device="cpu",
               dtype: torch.dtype = torch.float32) -> Param:
-    """Laplacian pyramid + tanh (VITAL's parameterisation).
+    """Laplacian pyramid + tanh (the fork's parameterisation; the paper's is ``pixel_norm``).
 
     ``levels`` tensors (B, 3, ceil(H/2^k), ceil(W/2^k)), k = 0 (finest) .. levels-1. The image is
     ``0.5 * (tanh(z_0) + 1)`` with ``z_k = up(z_{k+1}) + level_gain**k * level_k`` (coarse to fine,
@@ -180,6 +182,41 @@ def pixel(size, batch: int = 1, init: torch.Tensor | None = None, init_scale: fl
     def image_fn() -> torch.Tensor:
         return _to_unit(p) if squash == "tanh" else p.clamp(0.0, 1.0)
 
+    return [p], image_fn
+
+
+# ---------------------------------------------------------------- pixels in normalised space
+
+def pixel_norm(size, mean, std, batch: int = 1, init: torch.Tensor | None = None,
+               init_scale: float = 1.0, generator: torch.Generator | None = None, device="cpu",
+               dtype: torch.dtype = torch.float32) -> Param:
+    """The official VITAL code's parameterisation: one parameter per pixel in the model's
+    normalised space, ``p = (image - mean) / std``, starting at N(0, init_scale^2) (the code's
+    ``torch.randn``), and after every optimiser step clipped per channel to
+    ``[-mean / std, (1 - mean) / std]``, the box that maps back into [0, 1].
+
+    ``image_fn()`` returns ``p * std + mean``; ``image_fn.after_step()`` does the clipping (the
+    render loop calls it after each optimiser step). The random start is not clipped, as in the
+    official code, so the first forward may see values outside [0, 1].
+    """
+    hw = _hw(size)
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    if init is not None:
+        p = _leaf((_check_init(init, batch, hw) - m) / sd, device, dtype)
+    else:
+        p = _noise((batch, 3) + hw, init_scale, generator, device, dtype)
+    m, sd = m.to(device=device, dtype=dtype), sd.to(device=device, dtype=dtype)
+    low, high = -m / sd, (1.0 - m) / sd
+
+    def image_fn() -> torch.Tensor:
+        return p * sd + m
+
+    @torch.no_grad()
+    def after_step() -> None:
+        p.copy_(torch.maximum(torch.minimum(p, high), low))
+
+    image_fn.after_step = after_step
     return [p], image_fn
 
 
@@ -295,6 +332,7 @@ def maco(size, magnitude: torch.Tensor, batch: int = 1, init: torch.Tensor | Non
 PARAMETERISATIONS: dict[str, Callable[..., Param]] = {
     "laplacian": laplacian,
     "pixel": pixel,
+    "pixel_norm": pixel_norm,
     "fft": fft,
     "maco": maco,
 }

@@ -105,6 +105,7 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     """
     import time
     params, image_fn = param
+    after_step = getattr(image_fn, "after_step", None)
     layouts = {info.name: info.layout for info in target.layers()}
     size = image_fn().shape[-1]
     sizes = schedule.stage_sizes(size)
@@ -145,6 +146,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                     loss.backward()
                     alpha += image.grad.detach().abs().sum(1)
                     optimizer.step()
+                    if after_step is not None:
+                        after_step()   # e.g. pixel_norm's clipping to the valid range
                     result.image = image.detach()
                     step += 1
                     bar.update(1)

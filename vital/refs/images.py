@@ -32,12 +32,16 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """One image as (3, size, size) in [0, 1]: short side resized (bicubic), centre crop."""
+def load_image(path: str | os.PathLike, size: int, crop: float = 1.0) -> torch.Tensor:
+    """One image as (3, size, size) in [0, 1]: short side resized (bicubic) to ``size / crop``,
+    centre crop of ``size`` (``crop`` 0.875 = Resize(256) + CenterCrop(224), the official VITAL
+    code's reference preprocessing; 1 = the whole short side)."""
+    if not 0 < crop <= 1:
+        raise ValueError(f"crop must be in (0, 1], got {crop}")
     with Image.open(path) as img:
         img = img.convert("RGB")
         w, h = img.size
-        scale = size / min(w, h)
+        scale = size / crop / min(w, h)
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = img.size
         left, top = (w - size) // 2, (h - size) // 2
@@ -46,14 +50,15 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return data.view(size, size, 3).permute(2, 0, 1).float() / 255.0  # HWC -> CHW
 
 
-def load_images(paths: list[Path], size: int, num: int | None = None) -> tuple[torch.Tensor, list[Path]]:
+def load_images(paths: list[Path], size: int, num: int | None = None,
+                crop: float = 1.0) -> tuple[torch.Tensor, list[Path]]:
     """Load up to ``num`` readable images; unreadable ones are skipped with a warning."""
     images, used = [], []
     for path in paths:
         if num is not None and len(images) >= num:
             break
         try:
-            images.append(load_image(path, size))
+            images.append(load_image(path, size, crop))
             used.append(Path(path))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             warnings.warn(f"skipping unreadable reference image {path}: {err}", stacklevel=2)

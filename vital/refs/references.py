@@ -22,9 +22,10 @@ from vital.refs.images import PREPROCESS_TAG, load_images
 CACHE_FOLDER = "references"
 
 
-def reference_key(target, layers: list[str], files: list[Path], size: int) -> str:
+def reference_key(target, layers: list[str], files: list[Path], size: int,
+                  crop: float = 1.0) -> str:
     """The cache key: what the sorted features depend on."""
-    return cache.key({"format": cache.FORMAT, "model": str(target.spec),
+    return cache.key({"format": cache.FORMAT, "model": str(target.spec), "crop": float(crop),
                       "weights": target.weight_hash, "layers": list(layers),
                       "files": cache.files_digest(files), "preprocess": PREPROCESS_TAG,
                       "size": int(size), "mean": list(map(float, target.mean)),
@@ -50,14 +51,15 @@ def sorted_features(target, layers: list[str], images: torch.Tensor, batch_size:
 
 def reference_quantiles(target, layers: list[str], files: list[Path], size: int,
                         num: int | None = None, use_cache: bool = True,
-                        progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                        progress: bool = True, crop: float = 1.0
+                        ) -> tuple[dict[str, torch.Tensor], dict]:
     """Sorted reference features per layer for the images in ``files`` at ``size`` px.
 
     Returns ``(quantiles, info)``; ``info`` says which files were used, the cache key and whether
     the cache was hit.
     """
     def lookup(used):
-        key = reference_key(target, layers, used, size)
+        key = reference_key(target, layers, used, size, crop)
         path = cache.cache_dir(CACHE_FOLDER, f"{key}.safetensors")
         info = {"key": key, "files": [str(p) for p in used], "size": size, "layers": list(layers)}
         hit = cache.load_tensors(path, expect=set(layers), what="reference cache") \
@@ -74,7 +76,7 @@ def reference_quantiles(target, layers: list[str], files: list[Path], size: int,
                 warnings.warn(f"asked for {num} reference images, using the {len(candidates)} "
                               f"that exist", stacklevel=2)
             return cached, {**info, "cache_hit": True}
-    images, used = load_images(files, size, num)
+    images, used = load_images(files, size, num, crop)
     path, info, cached = lookup(used)
     if cached is not None:
         return cached, {**info, "cache_hit": True}
