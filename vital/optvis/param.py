@@ -187,7 +187,11 @@ def pixel(size, batch: int = 1, init: torch.Tensor | None = None, init_scale: fl
 
 # ---------------------------------------------------------------- pixels in normalised space
 
-def pixel_norm(size, mean, std, batch: int = 1, init: torch.Tensor | None = None,
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pixel_norm(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 1, init: torch.Tensor | None = None,
                init_scale: float = 1.0, generator: torch.Generator | None = None, device="cpu",
                dtype: torch.dtype = torch.float32) -> Param:
     """The official VITAL code's parameterisation: one parameter per pixel in the model's
