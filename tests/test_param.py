@@ -10,7 +10,7 @@ from vital.optvis import param as P
 SIZE = 32
 FIT_STEPS = 200
 FIT_TOL = 2e-3        # MSE after FIT_STEPS Adam steps; the random start is at ~0.1
-FIT_LR = {"laplacian": 0.05, "pixel": 0.05, "fft": 0.05, "maco": 0.1}
+FIT_LR = {"laplacian": 0.05, "pixel": 0.05, "fft": 0.05, "maco": 0.1, "pixel_norm": 0.1}
 
 
 def _fixture(size=SIZE) -> torch.Tensor:

@@ -200,8 +200,8 @@ def pixel_norm(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 1, init:
     ``[-mean / std, (1 - mean) / std]``, the box that maps back into [0, 1].
 
     ``image_fn()`` returns ``p * std + mean``; ``image_fn.after_step()`` does the clipping (the
-    render loop calls it after each optimiser step). The random start is not clipped, as in the
-    official code, so the first forward may see values outside [0, 1].
+    render loop calls it after each optimiser step). The random start is clipped too (the
+    official code clips only after the first step), so every image is in [0, 1].
     """
     hw = _hw(size)
     m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
@@ -214,12 +214,15 @@ def pixel_norm(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 1, init:
     low, high = -m / sd, (1.0 - m) / sd
 
     def image_fn() -> torch.Tensor:
-        return p * sd + m
+        # the clamp is the identity inside the box that after_step keeps p in, and passes the
+        # gradient at its edges, so pixels on the boundary can move back
+        return (p * sd + m).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def after_step() -> None:
         p.copy_(torch.maximum(torch.minimum(p, high), low))
 
+    after_step()
     image_fn.after_step = after_step
     return [p], image_fn
 
