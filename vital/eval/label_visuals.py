@@ -1,0 +1,152 @@
+"""Labels that check the visualisations (``describe_neurons.py --visualise N --check``).
+
+After ``vital.labels.describe.run_labels`` has labelled a layer, the ``N`` reported neurons with
+the highest label similarity are visualised with inner mode (``vital.modes.inner``: the top
+probe patches are the references, a small budget by default) into ``visuals/<layer>_<unit>/``,
+and ``visualisations.png`` shows each visualisation beside the neuron's top probe images and its
+label. With ``--check`` the concept model scores each visualisation exactly as it scores a probe
+image (one row of P); the picture's label is its best concept, and the report counts the neurons
+whose label is the picture's best concept (top-1) or among its five best (top-5).
+
+This lives on floor 6 (eval) because it runs a mode; the labels themselves are floor 4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vital.config import ConfigError, opt, set_determinism
+from vital.imaging import grid, save_png, to_pil
+from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, titled, \
+    top_image_tiles, write_summary
+from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron
+
+__all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "check_agreement"]
+
+_CHECK_TOP = 5          # the neuron's label must be among the picture's best 5 for top-5
+_TILE = 96
+
+
+@dataclass
+class DescribeCFG(LabelCFG):
+    """Neuron labels (CLIP-Dissect), with inner-mode visualisations of the best neurons."""
+    visualise: int = opt(0, "visualise the N reported neurons with the highest similarity "
+                         "(inner mode; layers with positions only)")
+    check: bool = opt(False, "with --visualise: the concept model labels each visualisation; "
+                      "report top-1 / top-5 agreement with the neuron's label")
+    vis_steps: int = opt(96, "inner mode: optimisation steps per visualisation")
+    vis_size: int = opt(128, "inner mode: image size in px")
+    vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
+    vis_patch: int = opt(64, "inner mode: side of the reference patches in px")
+    vis_images: int = opt(6, "top probe images beside each visualisation")
+
+
+def _vis_checks(cfg: DescribeCFG):
+    """Refuse --visualise / --check input before any heavy work."""
+    if cfg.visualise < 0 or cfg.vis_steps < 1 or cfg.vis_num_ref < 1 or cfg.vis_images < 1:
+        raise ConfigError("--visualise must be >= 0 and --vis_steps, --vis_num_ref, "
+                          "--vis_images >= 1")
+    if cfg.check and not cfg.visualise:
+        raise ConfigError("--check labels the visualisations; give --visualise N (N >= 1) too")
+
+    def checks(target, specs):
+        if not cfg.visualise:
+            return
+        flat = [s.name for s in specs if s.layout not in ("BCHW", "BND")]
+        if flat:
+            raise ConfigError(f"--visualise uses inner mode, which needs spatial positions or "
+                              f"tokens; layer {flat[0]!r} is a vector (e.g. a classifier's "
+                              f"output: class mode visualises those); drop --visualise or "
+                              f"pick a layer such as blocks.15")
+    return checks
+
+
+def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> InnerCFG:
+    return InnerCFG(model=cfg.model, device=cfg.device, layer=layer, neuron=unit,
+                    data_dir=cfg.probe_dir, num_ref=cfg.vis_num_ref, patch_size=cfg.vis_patch,
+                    size=cfg.vis_size, steps=cfg.vis_steps, save_steps=0, seed=cfg.seed,
+                    out_dir=str(run.run_dir / "visuals"), run_name=f"{layer}_{unit}",
+                    cache=cfg.cache, progress=cfg.progress)
+
+
+def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
+    """Inner-mode visualisations of the ``cfg.visualise`` best neurons of each layer:
+    [{"layer", "unit", "label", "similarity", "run_dir", "image"}]."""
+    done = []
+    for name, res in run.layers.items():
+        probe = resolve_target(run.target, name, 0)
+        base = _inner_cfg(cfg, run, name, 0)   # patch scores: the whole layer, scored once
+        shared = functools.cache(lambda b=base, p=probe: layer_patch_scores(b, run.target, p))
+        for unit in res.by_similarity()[:cfg.visualise]:
+            set_determinism(cfg.seed, True)
+            icfg = _inner_cfg(cfg, run, name, unit)
+            run_dir, result = run_neuron(icfg, run.target, resolve_target(run.target, name, unit),
+                                         argv, {"label": res.label(unit, run.concept.concepts)},
+                                         patch_scores=shared)
+            best = int(res.similarity[unit].argmax())
+            done.append({"layer": name, "unit": unit, "label": run.concept.concepts[best],
+                         "label_index": best, "similarity": float(res.similarity[unit, best]),
+                         "run_dir": str(run_dir.relative_to(run.run_dir)),
+                         "image": result.image.detach().cpu()})
+            if result.stopped in ("interrupted", "stopped"):
+                return done
+    return done
+
+
+@torch.no_grad()
+def check_agreement(run: LabelRun, visuals: list[dict]) -> dict:
+    """The concept model's best concepts for each visualisation vs. the neuron's label."""
+    cm = run.concept
+    size = cm.target.input_size
+    rows = []
+    for v in visuals:
+        image = v["image"][:1]
+        if image.shape[-1] != size:   # probe images are loaded at the concept model's size too
+            image = F.interpolate(image, size=(size, size), mode="bilinear",
+                                  align_corners=False, antialias=True)
+        scores = cm.scores(image)[0]
+        top = scores.topk(min(_CHECK_TOP, len(scores))).indices.tolist()
+        v["picture_label"] = cm.concepts[top[0]]
+        rows.append({"layer": v["layer"], "unit": v["unit"], "label": v["label"],
+                     "picture_labels": [cm.concepts[i] for i in top],
+                     "top1": top[0] == v["label_index"], "top5": v["label_index"] in top})
+    n = len(rows)
+    return {"neurons": n, "top1": sum(r["top1"] for r in rows),
+            "top5": sum(r["top5"] for r in rows), "per_neuron": rows}
+
+
+def _visual_row(run: LabelRun, v: dict, k: int) -> object:
+    tiles, acts = top_image_tiles(run, v["layer"], v["unit"], k)
+    picture = to_pil(v["image"][:1]).resize(tiles[0].size)
+    head = [f"{v['layer']}:{v['unit']}  label: {v['label']}  (sim {v['similarity']:.3g})"]
+    if "picture_label" in v:
+        head.append(f"concept model on the visualisation: {v['picture_label']}")
+    return titled(grid([picture] + tiles, ["visualisation"] + acts), head)
+
+
+def run_describe(cfg: DescribeCFG, argv=None):
+    """Labels, then (``--visualise``) visualisations and (``--check``) their agreement;
+    returns (run_dir, LabelRun)."""
+    run_dir, run = run_labels(cfg, argv, checks=_vis_checks(cfg))
+    if not cfg.visualise:
+        return run_dir, run
+    visuals = visualise_neurons(cfg, run, argv)
+    extra = {"visualised": [{k: v for k, v in x.items() if k != "image"} for x in visuals],
+             "visualise_settings": dataclasses.asdict(_inner_cfg(cfg, run, "<layer>", 0))}
+    if cfg.check and visuals:
+        extra["check"] = check_agreement(run, visuals)
+        c = extra["check"]
+        print(f"check: the concept model gives {c['top1']}/{c['neurons']} visualisations the "
+              f"neuron's label (top-1), {c['top5']}/{c['neurons']} within its top-5")
+    if visuals:
+        save_png(stack_rows([_visual_row(run, v, cfg.vis_images) for v in visuals]),
+                 run_dir / "visualisations.png")
+    run.extra.update(extra)
+    write_summary(run)
+    for v in visuals:
+        v.pop("image", None)
+    return run_dir, run

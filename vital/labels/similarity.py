@@ -1,0 +1,172 @@
+"""CLIP-Dissect's similarity functions between neurons and concepts (Oikarinen & Weng, 2022;
+``similarity.py`` of Trustworthy-ML-Lab/CLIP-dissect), rewritten for the toolkit.
+
+Every function takes
+
+    P  (N, M)  the image-concept matrix of the probe set (N images, M concepts)
+    A  (N, K)  the activation summary of K neurons on the same images
+
+and returns ``(K, M)``: the similarity of every neuron to every concept; a neuron's label is the
+argmax of its row. P is whatever the concept model gives (CLIP: cosine of image and text
+embeddings; a classifier: the softmax over its classes); the WPMI functions turn it into
+probabilities with ``softmax(a * P)`` over concepts whatever it is, as the reference code does.
+
+Work is done in chunks of neurons (and concepts for ``rank_reorder``) so that memory stays at a
+few tens of MB for 20k concepts x 1000 neurons x 1000 images.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["SIMILARITIES", "DEFAULTS", "similarity", "cos_similarity", "cos_similarity_cubed",
+           "wpmi", "soft_wpmi", "rank_reorder"]
+
+_CHUNK_ELEMENTS = 1 << 24   # elements of one (neurons x images x concepts) working block
+_BASELINE_PERMUTATIONS = 5  # random orders averaged for rank_reorder's baseline error
+_MIN_AVG_P = 1e-6           # floor of rank_reorder's mean concept score (see rank_reorder)
+_EPS_NORM = 1e-12           # cos_similarity: a dead (all-zero) column stays zero, not NaN
+
+
+def _check(P: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if P.dim() != 2 or A.dim() != 2 or P.shape[0] != A.shape[0]:
+        raise ValueError(f"similarity needs P (images x concepts) and A (images x neurons) with "
+                         f"the same images; got {tuple(P.shape)} and {tuple(A.shape)}")
+    return P.double(), A.double()   # float64: the log-sums over 100 images stay exact enough
+
+
+def cos_similarity(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Cosine between each neuron's and each concept's column over the images: ``A^T P`` with
+    both columns L2-normalised. A dead neuron (all zeros) gets 0 for every concept (the
+    reference code divides by zero there)."""
+    P, A = _check(P, A)
+    P = P / P.norm(dim=0, keepdim=True).clamp_min(_EPS_NORM)
+    A = A / A.norm(dim=0, keepdim=True).clamp_min(_EPS_NORM)
+    return (A.t() @ P).float()
+
+
+def cos_similarity_cubed(P: torch.Tensor, A: torch.Tensor, min_norm: float = 1e-3) -> torch.Tensor:
+    """Cosine of the centred, cubed columns (the cube stresses the images far from the mean):
+    each column minus its mean over images, cubed, divided by max(L2 norm, ``min_norm``)."""
+    P, A = _check(P, A)
+
+    def prep(x):
+        x = (x - x.mean(dim=0, keepdim=True)) ** 3
+        return x / x.norm(dim=0, keepdim=True).clamp_min(min_norm)
+    return (prep(A).t() @ prep(P)).float()
+
+
+def _top_images(A: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(K, top_k) indices of each neuron's most activating images, highest first."""
+    return A.topk(min(top_k, A.shape[0]), dim=0).indices.t()   # (top_k, K) -> (K, top_k)
+
+
+def _neuron_chunks(K: int, per_neuron: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_neuron))
+    for start in range(0, K, step):
+        yield slice(start, min(K, start + step))
+
+
+def _pmi(log_p_given_neuron: torch.Tensor, lam: float) -> torch.Tensor:
+    """log p(m|k) - lam * log p(m), where p(m) is the mean of p(m|k) over the K neurons
+    (logsumexp over neurons minus log K, so products of 100 probabilities do not underflow)."""
+    K = log_p_given_neuron.shape[0]
+    log_p = torch.logsumexp(log_p_given_neuron, dim=0, keepdim=True) - math.log(K)
+    return (log_p_given_neuron - lam * log_p).float()
+
+
+def wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 28, a: float = 2.0, lam: float = 0.6,
+         min_prob: float = 1e-7) -> torch.Tensor:
+    """Weighted pointwise mutual information: log p(m|k) = sum over neuron k's ``top_k`` images
+    of log(softmax(a P)[i, m] + min_prob); minus ``lam`` log p(m)."""
+    P, A = _check(P, A)
+    probs = torch.softmax(a * P, dim=1)                       # (N, M) over concepts
+    top = _top_images(A, top_k)                                # (K, t)
+    out = torch.empty(A.shape[1], P.shape[1], dtype=torch.float64)
+    for part in _neuron_chunks(A.shape[1], top.shape[1] * P.shape[1]):
+        picked = probs[top[part]]                              # (k, t, M)
+        out[part] = torch.log(picked + min_prob).sum(1)
+    return _pmi(out, lam)
+
+
+def soft_wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 100, a: float = 10.0,
+              lam: float = 1.0, min_prob: float = 1e-7, p_start: float = 0.998,
+              p_end: float = 0.97) -> torch.Tensor:
+    """Soft WPMI (CLIP-Dissect's default): image i of rank r among neuron k's ``top_k`` images
+    belongs to the neuron's concept with probability p_r = p_start - r (p_start - p_end) / top_k,
+    so log p(m|k) = sum_r log(p_r softmax(a P)[i_r, m] + 1 - p_r + min_prob); minus ``lam``
+    log p(m). ``top_k`` is capped at the number of images (and the ramp then runs over those)."""
+    P, A = _check(P, A)
+    probs = torch.softmax(a * P, dim=1)                        # (N, M) over concepts
+    top = _top_images(A, top_k)                                # (K, t)
+    t = top.shape[1]
+    ranks = torch.arange(t, dtype=torch.float64)
+    p_in = (p_start - ranks / t * (p_start - p_end)).view(1, t, 1)   # (1, t, 1)
+    out = torch.empty(A.shape[1], P.shape[1], dtype=torch.float64)
+    for part in _neuron_chunks(A.shape[1], t * P.shape[1]):
+        picked = probs[top[part]]                              # (k, t, M)
+        out[part] = torch.log(p_in * picked + (1 - p_in) + min_prob).sum(1)
+    return _pmi(out, lam)
+
+
+def _baseline_error(ascending: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Mean |s - s permuted|^p over random permutations: the error of a random ordering."""
+    perms = [ascending[torch.randperm(len(ascending), generator=generator)]
+             for _ in range(_BASELINE_PERMUTATIONS)]
+    return ((ascending[:, None] - torch.stack(perms, 1)).abs() ** p).mean()
+
+
+def rank_reorder(P: torch.Tensor, A: torch.Tensor, p: float = 3.0, top_fraction: float = 0.05,
+                 scale_p: float = 0.5, seed: int = 0, chunk: int = 1500) -> torch.Tensor:
+    """Rank reorder: neuron k's top n = max(1, int(top_fraction N)) images with activations t
+    (descending) are re-ordered by each concept's P; the activation sequence that ordering
+    implies (the sorted activations s given out by P rank) is compared with t:
+    err = mean |t - reorg|^p / (the same error of random orders), divided by
+    (mean P over the n images)^scale_p; the similarity is -err. Raw P, no softmax."""
+    P, A = _check(P, A)
+    n = max(1, int(top_fraction * A.shape[0]))
+    values, index = A.topk(n, dim=0)                           # (n, K), descending
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty(A.shape[1], P.shape[1], dtype=torch.float64)
+    for k in range(A.shape[1]):
+        t = values[:, k]                                       # (n,) descending
+        s = t.flip(0)                                          # ascending
+        # all top activations equal: every order is as good as any; avoid 0 / 0
+        baseline = _baseline_error(s, p, generator).clamp_min(1e-12)
+        Pk = P[index[:, k]]                                    # (n, M)
+        # the mean concept score can be tiny or negative (CLIP cosines); the reference code
+        # would give NaN or huge values there: a floor of 1e-6 makes such concepts rank last
+        avg = Pk.mean(0).clamp_min(_MIN_AVG_P) ** scale_p      # (M,)
+        for start in range(0, P.shape[1], chunk):
+            block = Pk[:, start:start + chunk]                 # (n, c)
+            rank = block.argsort(0, stable=True).argsort(0)    # rank of each image, ascending P
+            reorg = s[rank]                                    # (n, c)
+            err = ((t[:, None] - reorg).abs() ** p).mean(0) / baseline
+            out[k, start:start + chunk] = -err / avg[start:start + chunk]
+    return out.float()
+
+
+SIMILARITIES = {"soft_wpmi": soft_wpmi, "wpmi": wpmi, "rank_reorder": rank_reorder,
+                "cos_similarity": cos_similarity, "cos_similarity_cubed": cos_similarity_cubed}
+
+# each function's constants (CLIP-Dissect's defaults): the options a caller may override
+DEFAULTS = {
+    "soft_wpmi": {"top_k": 100, "a": 10.0, "lam": 1.0, "min_prob": 1e-7, "p_start": 0.998,
+                  "p_end": 0.97},
+    "wpmi": {"top_k": 28, "a": 2.0, "lam": 0.6, "min_prob": 1e-7},
+    "rank_reorder": {"p": 3.0, "top_fraction": 0.05, "scale_p": 0.5, "seed": 0},
+    "cos_similarity": {},
+    "cos_similarity_cubed": {"min_norm": 1e-3},
+}
+
+
+def similarity(name: str, P: torch.Tensor, A: torch.Tensor, **options) -> tuple[torch.Tensor, dict]:
+    """(K, M) similarities with function ``name``; ``options`` that are None keep the function's
+    default, options the function does not take are ignored. Returns (similarity, constants
+    used)."""
+    if name not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {name!r}; valid: {', '.join(SIMILARITIES)}")
+    used = {k: (options[k] if options.get(k) is not None else v)
+            for k, v in DEFAULTS[name].items()}
+    return SIMILARITIES[name](P, A, **used), used
