@@ -37,6 +37,7 @@ def test_fits_fixture_image(name):
         loss = F.mse_loss(image_fn(), target)
         loss.backward()
         opt.step()
+        getattr(image_fn, "after_step", lambda: None)()   # the render loop's contract
     final = F.mse_loss(image_fn(), target).item()
     assert start > 0.02, "the random start should be far from the fixture"
     assert final < FIT_TOL, f"{name}: MSE {start:.4f} -> {final:.5f}"

@@ -214,9 +214,11 @@ def pixel_norm(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 1, init:
     low, high = -m / sd, (1.0 - m) / sd
 
     def image_fn() -> torch.Tensor:
-        # the clamp is the identity inside the box that after_step keeps p in, and passes the
-        # gradient at its edges, so pixels on the boundary can move back
-        return (p * sd + m).clamp(0.0, 1.0)
+        # inside the box that after_step keeps p in this is p * sd + m; the clamp only catches
+        # rounding at the box's edges, and its gradient is passed straight through, so a pixel
+        # on the boundary can move back (a plain clamp would zero its gradient there)
+        x = p * sd + m
+        return x + (x.clamp(0.0, 1.0) - x).detach()
 
     @torch.no_grad()
     def after_step() -> None:
