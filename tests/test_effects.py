@@ -267,3 +267,173 @@ def test_bad_layers_and_neurons():
 def test_a_cnn_is_refused(tiny_cnn_target):
     with pytest.raises(ConfigError, match="need a CLIP ViT"):
         dec.clip_vit(tiny_cnn_target)
+
+
+# ---------------------------------------------------------------- statistics and PCA
+
+def test_top_tracker_keeps_the_k_largest_over_batches():
+    from vital.effects.stats import TopTracker
+    gen = torch.Generator().manual_seed(0)
+    effects = torch.randn(10, 3, 4, generator=gen)                           # (images, N, E)
+    top = TopTracker(3, 4, 4)
+    for start in range(0, 10, 3):
+        chunk = effects[start:start + 3]
+        top.start_batch(len(chunk), 3)
+        top.update(slice(0, 2), chunk[:, :2], start)
+        top.update(slice(2, 3), chunk[:, 2:], start)
+        top.end_batch()
+    norms = effects.norm(dim=-1)
+    torch.testing.assert_close(top.norms(), norms)
+    for n in range(3):
+        want = norms[:, n].topk(4).indices
+        assert top.index[n].tolist() == want.tolist()
+        torch.testing.assert_close(top.vectors[n], effects[want, n])
+
+
+def test_first_component_is_signed_toward_most_images():
+    from vital.effects.stats import first_component
+    gen = torch.Generator().manual_seed(0)
+    direction = F.normalize(torch.randn(8, generator=gen), dim=0)
+    scores = torch.tensor([3.0, 2.5, 2.0, 1.5, -1.0])
+    vectors = scores[:, None] * direction + 0.01 * torch.randn(5, 8, generator=gen)
+    component, explained = first_component(vectors)
+    assert float(component @ direction) > 0.999 and explained > 0.99
+    component, _ = first_component(-vectors)     # most now project negatively on direction
+    assert float(component @ direction) < -0.999
+
+
+# ---------------------------------------------------------------- texts
+
+def test_omp_recovers_a_component_built_from_known_texts():
+    from vital.effects.texts import dictionary, sparse_decompose
+    gen = torch.Generator().manual_seed(0)
+    atoms = dictionary(F.normalize(torch.randn(300, 64, generator=gen), dim=-1))
+    truth = {17: 0.8, 123: -0.5, 250: 0.3}
+    component = F.normalize(sum(c * atoms[i] for i, c in truth.items()), dim=0)
+    (found,) = sparse_decompose(component[None], atoms, k=3)
+    assert sorted(i for i, _ in found.terms) == sorted(truth)
+    assert found.terms[0][0] == 17 and found.cosine > 0.9999
+    ratio = dict(found.terms)[123] / dict(found.terms)[17]
+    assert abs(ratio - (-0.5 / 0.8)) < 1e-6
+
+
+def test_text_sets(tmp_path):
+    from vital.effects.texts import text_set
+    assert len(text_set("imagenet")) == 1000
+    words = text_set("words20k")
+    assert len(words) > 15000 and all(w.isalpha() for w in words[:100])
+    (tmp_path / "t.txt").write_text("a dog\n\n  a red car \n")
+    assert text_set(str(tmp_path / "t.txt")) == ["a dog", "a red car"]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ConfigError, match="has no lines"):
+        text_set(str(tmp_path / "empty.txt"))
+    with pytest.raises(ConfigError, match="neither a file nor a bundled set"):
+        text_set("no_such_words.txt")
+
+
+# ---------------------------------------------------------------- the script
+
+def run_script(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "neuron_effects.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def labelled(tmp_path):
+    root = tmp_path / "labelled"
+    write_images(root / "goldfish", 3, seed=1)
+    write_images(root / "espresso", 3, seed=2)
+    return root
+
+
+def test_script_runs_end_to_end(tiny_clip_file, tmp_path):
+    probe = write_images(tmp_path / "probe" / "sub", 7)
+    (tmp_path / "texts.txt").write_text("a dog\na cat\na car\nthe sea\na red apple\nmusic\n")
+    folder = labelled(tmp_path)
+    out = run_script(["--model", str(tiny_clip_file), "--layer", "0", "block.1.mlp",
+                      "--neurons", "0", "3", "10", "--probe_dir", str(tmp_path / "probe"),
+                      "--batch_size", "3", "--neuron_chunk", "2", "--top_k", "4",
+                      "--texts", str(tmp_path / "texts.txt"), "--components", "2",
+                      "--sheets", "2", "--heatmap", "a dog", "--ablate",
+                      "--ablate_dir", str(folder), "--ablate_keep", "0", "1",
+                      "--zeroshot_classes", "present", "--out_dir", str(tmp_path / "out"),
+                      "--run_name", "tiny", "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "out" / "tiny"
+    rows = list(csv.DictReader(open(run / "neurons.csv")))
+    assert [(r["layer"], r["neuron"]) for r in rows] == [
+        ("0", "0"), ("0", "3"), ("0", "10"), ("1", "0"), ("1", "3"), ("1", "10")]
+    assert all(0 < float(r["explained_variance"]) <= 1 for r in rows[:3])
+    assert all(abs(float(r["significant_fraction"]) - 4 / 7) < 1e-3 for r in rows[:3])
+    assert all(r["top_words"] for r in rows)
+    from safetensors.torch import load_file
+    comps = load_file(str(run / "components.safetensors"))
+    assert comps["block0.components"].shape == (3, 32)
+    torch.testing.assert_close(comps["block0.components"].norm(dim=-1), torch.ones(3))
+    assert len(list((run / "sheets").glob("block0_*.png"))) == 2
+    assert (run / "heatmap_block0.png").is_file()
+    acc = json.loads((run / "ablation.json").read_text())
+    assert set(acc["0"]) == {"none", "all", "all_but_top1", "images", "classes"}
+    assert acc["0"]["images"] == 6
+    config = json.loads((run / "config.json").read_text())
+    assert config["cfg"]["layer"] == ["0", "block.1.mlp"] and config["probe_images"] == 7
+    assert "block 0 zero-shot accuracy" in out.stdout
+
+
+def test_mean_ablation_of_everything_matches_direct_sum(clip3):
+    """Ablating all neurons with their own means on the probe set itself leaves the average
+    embedding unchanged: sum over images of (effect - mean) is zero."""
+    from vital.effects.run import EffectsCFG, LayerRun, _ablated_embeddings
+    from vital.effects.stats import MeanTracker
+    x = images(5, clip3.input_size)
+    first, second, rec, maps = fast_effects(clip3, x, 0)
+    run = LayerRun(maps, MeanTracker(1, 1), MeanTracker(1, 1), mean=second.mean(0))
+    cfg = EffectsCFG(neuron_chunk=100, ablate_keep=[0, 3, 10_000])
+    scale = torch.ones(5)
+    out = _ablated_embeddings(rec, run, rec.embedding, scale, cfg)
+    torch.testing.assert_close(out[0].mean(0), rec.embedding.mean(0), rtol=1e-4, atol=1e-5)
+    want = rec.embedding - second.sum(1) + second.mean(0).sum(0)
+    torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[10_000], rec.embedding)       # every neuron kept
+    norms = (second - second.mean(0)).norm(dim=-1)
+    keep = norms.topk(3, dim=1).indices
+    spared = torch.stack([(second - second.mean(0))[b, keep[b]].sum(0) for b in range(5)])
+    torch.testing.assert_close(out[3], want + spared, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--layer", "block.0.attn"], "has no MLP neurons"),
+    (["--layer", "0", "--neurons", "99999"], "out of range"),
+    (["--probe_dir", "EMPTY"], "holds no images"),
+    (["--texts", "NOLINES"], "has no lines"),
+])
+def test_bad_input_is_one_sentence(tiny_clip_file, tmp_path, capsys, args, says):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "nolines.txt").write_text("\n")
+    probe = write_images(tmp_path / "probe", 2)
+    base = {"--model": str(tiny_clip_file), "--probe_dir": str(probe), "--layer": "0",
+            "--out_dir": str(tmp_path / "out"), "--texts": "imagenet"}
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("NOLINES",
+            str(tmp_path / "nolines.txt")) for a in args]
+    for key, value in base.items():
+        if key not in args:
+            args += [key, value]
+    assert_one_sentence(args, says, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def assert_one_sentence(argv, says, capsys):
+    """What neuron_effects.py does with ``argv``, in-process (the script is these two calls)."""
+    from vital.cli import main
+    from vital.effects.run import EffectsCFG, run_effects
+    assert main(EffectsCFG, run_effects, argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+
+
+def test_a_classifier_is_refused_by_the_script(tmp_path, capsys):
+    probe = write_images(tmp_path / "probe", 2)
+    assert_one_sentence(["--model", "efficientnet-lite0", "--probe_dir", str(probe),
+                         "--out_dir", str(tmp_path / "out")], "need a CLIP ViT", capsys)
+    assert_one_sentence(["--model", "torchvision:resnet18?weights=none", "--probe_dir",
+                         str(probe), "--out_dir", str(tmp_path / "out")], "need a CLIP ViT",
+                        capsys)
