@@ -167,7 +167,7 @@ def _file(spec, device, over) -> TargetModel:
 # ----- CLIP --------------------------------------------------------------------------------
 def vit_aliases(n_blocks: int) -> dict:
     """Readable ViT hook names -> clip_custom module paths (docs/CONTRACTS.md)."""
-    aliases = {"embed": ("embed", None)}
+    aliases = {"conv1": ("conv1", None), "embed": ("embed", None)}
     for i in range(n_blocks):
         block = f"transformer.resblocks.{i}"
         aliases[f"block.{i}.attn"] = (f"{block}.attn.probs", "BHLL")

@@ -136,6 +136,13 @@ class TargetModel:
         return (f"TargetModel(spec={self.spec!r}, kind={self.kind!r}, "
                 f"input_size={self.input_size}, device={str(self.device)!r})")
 
+    @property
+    def patch_size(self) -> int:
+        """A ViT's patch size in px (its images and every stage should be a multiple); 1 for
+        other models."""
+        conv = getattr(self.module, "conv1", None) if self.kind == "clip-vit" else None
+        return int(conv.kernel_size[0]) if conv is not None else 1
+
     # ----- forward -------------------------------------------------------------------------
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
@@ -184,10 +191,13 @@ class TargetModel:
         """Index of a class: an int, a digit string, an exact or case-insensitive class name."""
         names = self.class_names
         text = str(name_or_index).strip()
-        if isinstance(name_or_index, int) or text.isdigit():
+        if isinstance(name_or_index, int) or text.lstrip("+-").isdigit():
             index = int(text)
             if names is not None and not 0 <= index < len(names):
-                raise ValueError(f"class index {index} out of range 0..{len(names) - 1}")
+                raise ValueError(f"class index {index} is out of range for {self.spec}: valid "
+                                 f"0..{len(names) - 1} (or a class name)")
+            if index < 0:
+                raise ValueError(f"class index {index} is negative; valid: 0 or more")
             return index
         if names is None:
             raise ValueError(f"{self.spec} has no class names; give a class index instead")
@@ -247,14 +257,55 @@ class TargetModel:
         if not self._hookable():
             raise ValueError(f"{self.spec} is a TorchScript module; its layers cannot be hooked "
                              "(load the same network as a Python nn.Module to visualise layers)")
+        name = self.canonical_layer(name)
         path, layout = self._aliases.get(name, (name, None))
         if path in self._module_paths():
             return self._module_paths()[path], layout
-        valid = self._listed_names()
+        raise self.unknown_layer(name, self._listed_names())
+
+    def unknown_layer(self, name: str, valid: list[str] | None = None) -> ValueError:
+        """The error for an unknown layer name: close matches and the command that lists all
+        (never the whole list: a CNN has hundreds of hook points). ``valid`` defaults to the
+        listed layers."""
+        valid = [info.name for info in self.layers()] if valid is None else valid
         close = difflib.get_close_matches(name, valid, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown layer {name!r} for {self.spec}.{hint} Valid names: "
-                         f"{', '.join(valid)} (query_model_layers.py --model ... lists shapes)")
+        return ValueError(f"unknown layer {name!r} for {self.spec}.{hint} Valid layers: "
+                          f"`python query_model_layers.py --model {self.spec}` lists all "
+                          f"{len(valid)}; a bare number N means block N "
+                          f"(0..{len(self.blocks()) - 1})")
+
+    def blocks(self) -> list[str]:
+        """The model's blocks in forward order: what a bare layer number N means (block N,
+        0-based, ``"12"`` or ``12`` wherever a layer name is asked for).
+
+        CLIP ViT: ``block.{i}`` (residual stream after transformer block i). EfficientNet
+        (ours): ``blocks.{i}``. ResNets (torchvision, CLIP ModifiedResNet): the residual blocks
+        of ``layer1`` .. ``layer4`` flattened in order (``layer1.0``, ``layer1.1``, ...,
+        ``layer4.2``; ResNet-50 has 16). torchvision nets with ``features``: its children after
+        the stem (``features.1`` ...). Anything else: the stage candidates of
+        :meth:`default_layers`.
+        """
+        if self.kind == "clip-vit":
+            return [f"block.{i}" for i in range(len(self.module.transformer.resblocks))]
+        children = dict(self.module.named_children())
+        if "layer1" in children:
+            return [f"{stage}.{n}" for stage in self._stage_candidates()
+                    for n, _ in children[stage].named_children()]
+        return self._stage_candidates()
+
+    def canonical_layer(self, name) -> str:
+        """The layer name for ``name``: a bare (possibly signed) number N is block N (see
+        :meth:`blocks`; out of range -> ValueError with the valid range); others unchanged."""
+        text = str(name).strip()
+        if not text.lstrip("+-").isdigit():
+            return str(name)
+        blocks, n = self.blocks(), int(text)
+        if not 0 <= n < len(blocks):
+            span = f"0..{len(blocks) - 1} ({blocks[0]} .. {blocks[-1]})" if blocks else "none"
+            raise ValueError(f"{self.spec} has no block {n}: a layer number N means block N, "
+                             f"valid here: {span}")
+        return blocks[n]
 
     def layers(self) -> list[LayerInfo]:
         """Every hook point with its output shape at ``input_size`` (one dummy forward, cached)."""
@@ -263,16 +314,13 @@ class TargetModel:
         return list(self._layers)
 
     def layer_info(self, name: str) -> LayerInfo:
-        """The ``LayerInfo`` of one hook point; an unknown name -> ValueError naming close
-        matches and the valid names."""
+        """The ``LayerInfo`` of one hook point (a bare number N: block N, see :meth:`blocks`);
+        an unknown name -> ValueError naming close matches and query_model_layers.py."""
+        name = self.canonical_layer(name)
         for info in self.layers():
             if info.name == name:
                 return info
-        valid = [info.name for info in self.layers()]
-        close = difflib.get_close_matches(name, valid, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown layer {name!r} for {self.spec}.{hint} Valid layers: "
-                         f"{', '.join(valid)}")
+        raise self.unknown_layer(name, [info.name for info in self.layers()])
 
     @torch.no_grad()
     def _probe_layers(self) -> list[LayerInfo]:

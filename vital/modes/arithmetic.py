@@ -43,25 +43,29 @@ _ZERO_NORM = 1e-6   # a target shorter than this has no direction
 @dataclass
 class ArithmeticCFG(common.RenderCFG):
     """Embedding arithmetic steering: base - alpha * mean(sub) + beta * mean(add)."""
-    base: str = opt("", "base image: an image file or a word drawn as a typographic image "
+    # the README's example, KING - MAN + WOMAN, as word images: the script runs without inputs
+    base: str = opt("KING", "base image: an image file or a word drawn as a typographic image "
                     "(prefix file: or word: to force one reading)")
-    add: list[str] = opt([], "images (files or words) whose mean embedding is added")
-    sub: list[str] = opt([], "images (files or words) whose mean embedding is subtracted")
+    add: list[str] = opt(["WOMAN"], "images (files or words) whose mean embedding is added")
+    sub: list[str] = opt(["MAN"], "images (files or words) whose mean embedding is subtracted")
     add_beta: float = opt(1.0, "beta: weight of the mean embedding of --add")
     sub_alpha: float = opt(1.0, "alpha: weight of the mean embedding of --sub")
-    target_weight: float = opt(10.0, "weight of the cosine term toward the target embedding")
+    target_weight: float = opt(10.0, "weight of the cosine term toward the target embedding",
+                               low=0)
     font: str = opt("", "font file for word images (empty = DejaVu Sans Bold from matplotlib)")
-    ref_views: int = opt(8, "augmented copies of the base added to its reference set")
+    ref_views: int = opt(8, "augmented copies of the base added to its reference set", low=0)
     # RenderCFG fields with other defaults, help or spellings for this mode
     layers: list[str] = opt([], "layers for sort matching to the base (empty = the model's "
                             "default layers without the two deepest; see query_model_layers.py)")
     deterministic: bool = opt(True, "seed everything and fix cuDNN algorithms",
                               negative_flags=("--no_determinism",))
     flip: bool = opt(False, "random horizontal flips (off: mirrored words are hard to read)")
-    tv_weight: float = opt(0.01, "total-variation prior weight (small: the base is natural)")
-    lr: float = opt(0.02, "peak Adam learning rate (low: the start is already an image)")
+    tv_weight: float = opt(0.01, "total-variation prior weight (small: the base is natural)",
+                           low=0)
+    lr: float = opt(0.02, "peak Adam learning rate (low: the start is already an image)",
+                    positive=True)
     steps_multires: list[int] = opt([100, 200], "steps per resolution stage, low to high "
-                                    "(each stage doubles the size, the last is full size)")
+                                    "(each stage doubles the size, the last is full size)", low=1)
 
 
 # ----------------------------------------------------------------- inputs
@@ -214,7 +218,7 @@ def plan_arithmetic(cfg: ArithmeticCFG, target) -> tuple[Plan, Inputs, torch.Ten
     size = common.image_size(cfg, target)
     layers, weights = common.resolve_layers(
         replace(cfg, layers=list(cfg.layers) or shallow_layers(target)), target)
-    schedule = common.make_schedule(cfg)
+    schedule = common.make_schedule(cfg, target)
     inputs = load_inputs(cfg, size)
     goal = goal_of(target, inputs, cfg)
     text = formula(inputs, cfg)
@@ -258,9 +262,6 @@ def goal_of(target, inputs: Inputs, cfg: ArithmeticCFG) -> torch.Tensor:
 def _objective(cfg, target, layers, weights, base, sizes, goal) -> Objective:
     objective = cfg.target_weight * steering_objective(goal.to(target.device))
     objective = objective + common.priors(cfg)
-    if cfg.ref_views < 0:
-        raise ConfigError(f"ref_views must be >= 0 (augmented copies of the base), got "
-                          f"{cfg.ref_views}")
     if cfg.feat_weight:
         refs = base_references(target, layers, base, sizes, common.make_augment(cfg),
                                cfg.ref_views, cfg.seed)

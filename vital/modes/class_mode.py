@@ -59,7 +59,7 @@ def plan_class(cfg: ClassCFG, target) -> Plan:
     """The class run as a value (see ``vital.modes.runner``)."""
     size = common.image_size(cfg, target)
     layers, weights = common.resolve_layers(cfg, target)
-    schedule = common.make_schedule(cfg)
+    schedule = common.make_schedule(cfg, target)
     cls_obj, label, meta = class_term(cfg, target)
     meta.update(layers=layers, layer_weights=weights)
     objective, hooked = cls_obj + common.priors(cfg), list(layers)

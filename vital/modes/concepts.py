@@ -32,28 +32,32 @@ class ConceptCFG(common.RenderCFG):
     """Concept visualisation: CRAFT concepts of a layer, ranked, each rendered with VITAL."""
     ref_dir: str = opt("references/espresso", "folder of real images, or a folder of class "
                        "folders (all are used)")
-    num_ref: int = opt(12, "images used per folder")
+    num_ref: int = opt(12, "images used per folder", low=1)
     target: str = opt("espresso", "class (CLIP: class or prompt) whose output ranks the "
                       "concepts; empty = each image's own top class / own output")
-    layer_block: str = opt("", "layer to factorise (empty = the deepest default layer)")
-    n_concepts: int = opt(6, "NMF components (concepts)")
-    patch_frac: float = opt(0.5, "patch side as a fraction of the reference image side")
-    patch_stride: float = opt(0.5, "patch grid step as a fraction of the patch side")
+    layer_block: str = opt("", "layer to factorise (empty = the deepest default layer; a bare "
+                           "number N = block N of the model)")
+    n_concepts: int = opt(6, "NMF components (concepts)", low=1)
+    patch_frac: float = opt(0.5, "patch side as a fraction of the reference image side",
+                            positive=True, high=1)
+    patch_stride: float = opt(0.5, "patch grid step as a fraction of the patch side",
+                              positive=True)
     nonneg: str = opt("auto", "make activations non-negative: relu, split [relu(x), relu(-x)], "
                       "auto (relu if all >= 0)", choices=list(C.NONNEG))
-    nmf_iter: int = opt(500, "NMF iterations")
-    top_patches: int = opt(8, "top patches kept per concept (its VITAL references)")
+    nmf_iter: int = opt(500, "NMF iterations", low=1)
+    top_patches: int = opt(8, "top patches kept per concept (its VITAL references)", low=1)
     rank: str = opt("sobol", "concept ranking: sobol (CRAFT, total-order indices) or gradient "
                     "(cheaper gradient x input)", choices=list(C.RANKINGS))
-    sobol_designs: int = opt(16, "Sobol: QMC points per design matrix (power of two)")
-    rank_images: int = opt(4, "reference images used for the ranking (evenly spread)")
+    sobol_designs: int = opt(16, "Sobol: QMC points per design matrix (power of two)", low=1)
+    rank_images: int = opt(4, "reference images used for the ranking (evenly spread)", low=1)
     register_threshold: float = opt(3.0, "ViT register tokens: L2-norm limit in the residual "
                                     "stream (times the median token norm if register_relative)")
     register_relative: bool = opt(True, "register_threshold is relative to the median norm")
     exclude_registers: bool = opt(False, "drop high-norm (register) tokens from the concepts")
     extract_only: bool = opt(False, "write the concept bank and stop (no rendering)")
-    show: int = opt(0, "render the N most important concepts (0 = all); they form the batch")
-    direction_weight: float = opt(1.0, "weight of the concept-direction term")
+    show: int = opt(0, "render the N most important concepts (0 = all); they form the batch",
+                    low=0)
+    direction_weight: float = opt(1.0, "weight of the concept-direction term", low=0)
     direction_how: str = opt("cosine", "direction term: cosine or dot (projection)",
                              choices=["cosine", "dot"])
 
@@ -93,7 +97,7 @@ def vital_terms(cfg, target, groups, size) -> tuple[Objective | int, list[str], 
     layers, weights = common.resolve_layers(cfg, target)
     objective = common.priors(cfg)
     if cfg.feat_weight:
-        sizes = common.make_schedule(cfg).stage_sizes(size)
+        sizes = common.make_schedule(cfg, target).stage_sizes(size)
         refs = patch_quantiles(target, layers, groups, sizes, target.device)
         objective = cfg.feat_weight * batched_sort_matching(refs, dict(zip(layers, weights))) \
             + objective
@@ -111,7 +115,7 @@ def plan_batch(cfg, mode, target, objective, layers, size, groups, run_dir, name
         extras["magnitude"] = magnitude_spectrum(resize_images(torch.cat(groups), size))
     param = common.make_param(dataclasses.replace(cfg, batch=batch), size, target.device, gen,
                               **extras)
-    return Plan(mode, target, objective, layers, param, common.make_schedule(cfg),
+    return Plan(mode, target, objective, layers, param, common.make_schedule(cfg, target),
                 common.make_augment(cfg), gen, name, meta, run_dir=run_dir, after=after)
 
 

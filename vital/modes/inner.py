@@ -293,7 +293,7 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
     cfg, or a function returning them, called only when the patch cache misses) saves scoring
     the data set again."""
     size = common.image_size(cfg, target)
-    schedule = common.make_schedule(cfg)
+    schedule = common.make_schedule(cfg, target)
     top = _patches(cfg, target, neuron, patch_scores)
     objective, layers, meta = _objective(cfg, target, neuron, top, size, schedule)
     gen = common.generator_for(cfg, target.device)

@@ -38,7 +38,7 @@ from torch import nn
 from vital.optvis.losses import Objective, resample_quantiles, sort_values
 from vital.models import channels_positions
 
-RULES = ("lrp", "gradxact", "guided", "none")
+RULES = ("lrp_paper", "lrp", "gradxact", "guided", "none")
 _EPS = 1e-12
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]   # (B, C, P) features -> (B,) scores
@@ -74,6 +74,48 @@ def _residual_sum_canonizer():
             return {"forward": forward.__get__(module), "canonizer_sum": Sum()}
         return None
     return AttributeCanonizer(attribute_map)
+
+
+def _abs_split_rule():
+    """The official code's residual rule: at ``out = main + skip`` each side receives
+    relevance in proportion |side| / (|main| + |skip|) (``RelevancePropagationBottleneck
+    FlowsPureSkip``). As a zennit BasicHook on the canonizers' ``Sum`` module (inputs stacked
+    on the last axis): the modified input is |x|, so z = |main| + |skip| and
+    R_side = |side| * R / z. Conservative by construction."""
+    from zennit.rules import BasicHook, NoMod
+    return BasicHook(
+        input_modifiers=[lambda input: input.abs()],
+        param_modifiers=[NoMod(param_keys=[])],
+        output_modifiers=[lambda output: output],
+        gradient_mapper=(lambda out_grad, outputs: out_grad / (outputs[0] + _PAPER_EPS)),
+        reducer=(lambda inputs, gradients: inputs[0] * gradients[0]),
+    )
+
+
+_PAPER_EPS = 1e-5     # the official code's stabiliser: z + 1e-5
+
+
+def _paper_composite():
+    """The official VITAL LRP (``inner_fvis/utils/lrp.py``, ``lrp_layers.py``): z+ on
+    convolutions and linear layers (positive weights, bias zeroed, z + 1e-5), batch norms and
+    activations pass relevance through unchanged, pooling splits it in proportion to the
+    inputs, residual additions split it by |main| / (|main| + |skip|). Differences, for
+    architectures the official code does not cover: zennit's z+ also gives negative inputs a
+    share through the negative weights (alpha=1, beta=0), which for post-ReLU inputs (every
+    ResNet convolution) is the official rule; a max pool keeps its forward and splits
+    relevance in proportion to the window's inputs (the official code swaps it for an average
+    pool in the LRP pass)."""
+    from zennit.composites import LayerMapComposite
+    from zennit.layer import Sum
+    from zennit.rules import Norm, Pass, ZPlus
+    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+    zplus = ZPlus(stabilizer=_PAPER_EPS, zero_params=["bias"])
+    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)
+    passing = (nn.BatchNorm2d, nn.BatchNorm1d, nn.Dropout, nn.Identity) + _activation_types()
+    layer_map = [(nn.Conv2d, zplus), (nn.Linear, zplus), (passing, Pass()),
+                 (pools, Norm(stabilizer=_PAPER_EPS)), (Sum, _abs_split_rule())]
+    return LayerMapComposite(layer_map=layer_map, canonizers=[
+        ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(), _residual_sum_canonizer()])
 
 
 def _activation_types() -> tuple[type, ...]:
@@ -127,7 +169,7 @@ def _conservative_vit(module: nn.Module):
 
 
 def uses_zennit_lrp(target, rule: str) -> bool:
-    return rule == "lrp" and target.kind != "clip-vit"
+    return rule in ("lrp", "lrp_paper") and target.kind != "clip-vit"
 
 
 @contextlib.contextmanager
@@ -137,11 +179,12 @@ def rule_context(target, rule: str):
         raise ValueError(f"unknown relevance rule {rule!r}; valid: {', '.join(RULES[:-1])}")
     if rule == "gradxact":
         yield
-    elif rule == "lrp" and target.kind == "clip-vit":
+    elif rule in ("lrp", "lrp_paper") and target.kind == "clip-vit":
         with _conservative_vit(target.module):
             yield
     else:
-        composite = _lrp_composite() if rule == "lrp" else _guided_composite()
+        composite = {"lrp": _lrp_composite, "lrp_paper": _paper_composite,
+                     "guided": _guided_composite}[rule]()
         with composite.context(target.module):
             yield
 

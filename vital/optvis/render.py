@@ -27,10 +27,14 @@ class Schedule:
     min_lr_frac: float = 0.05  # cosine decay ends at lr * min_lr_frac
     betas: tuple[float, float] = (0.5, 0.99)
     eps: float = 1e-8         # Adam epsilon; larger values damp steps where gradients are tiny
+    size_multiple: int = 1    # every stage size is a multiple of this (a ViT's patch size)
 
     def stage_sizes(self, size: int) -> list[int]:
-        k = len(self.steps_multires)
-        return [max(16, size // 2 ** (k - 1 - i)) for i in range(k)]
+        """Px per stage: halving from ``size`` (the last stage), at least 16, each rounded to
+        the nearest multiple of ``size_multiple`` (halves round up)."""
+        k, m = len(self.steps_multires), max(1, int(self.size_multiple))
+        sizes = [max(16, size // 2 ** (k - 1 - i)) for i in range(k)]
+        return [max(m, int(s / m + 0.5) * m) for s in sizes[:-1]] + [sizes[-1]]
 
     @property
     def total(self) -> int:
@@ -51,7 +55,8 @@ class RenderResult:
     alpha: torch.Tensor              # (B, H, W) accumulated |gradient|, normalised to [0, 1]
     history: list[dict] = field(default_factory=list)   # one record per save step
     steps_done: int = 0
-    stopped: str | None = None       # None, "interrupted", "stopped" (should_stop) or "nan: <term>"
+    stopped: str | None = None       # None, "interrupted", "terminated (SIGTERM...)", "stopped"
+                                     # (should_stop) or "nan: <term>"
     step_seconds: float = 0.0        # optimisation time per step, without save steps / callbacks
 
 
@@ -160,8 +165,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                                                     or step % max(1, progress_every) == 0):
                         on_progress(step, schedule.total, loss.item(), result.image)
                     outside += time.perf_counter() - aside
-    except KeyboardInterrupt:
-        result.stopped = "interrupted"
+    except KeyboardInterrupt as err:   # Ctrl-C, or SIGTERM as vital.cli.Terminated
+        result.stopped = getattr(err, "stopped_as", "interrupted")
     except _StopRequested:
         result.stopped = "stopped"
     except NonFiniteLoss as err:
