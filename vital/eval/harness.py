@@ -10,6 +10,7 @@ folder without result.json is unfinished and is run again from scratch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -88,8 +89,8 @@ def _render(run: Run, device: str, progress: bool):
     run_dir, result = run_class(cfg, argv=["evaluate_fvis.py", run.key])
     if Path(run_dir) != run.run_dir:
         raise RuntimeError(f"run folder {run_dir} is not the expected {run.run_dir}")
-    if result.stopped == "interrupted":
-        raise KeyboardInterrupt
+    if result.stopped and not result.stopped.startswith("nan"):
+        raise KeyboardInterrupt   # Ctrl-C or a signal: unfinished, no result.json (rerun resumes)
     return result, time.perf_counter() - started
 
 
@@ -144,7 +145,8 @@ def _line(record: dict, skipped: bool) -> str:
 
 
 def run_sweep(cfg: EvalCFG) -> list[dict]:
-    """Run this shard's part of the sweep; bad input fails before the first run."""
+    """Run this shard's part of the sweep (here, or on ``cfg.launcher``); bad input fails
+    before the first run."""
     from vital.config import resolve_device
     from vital.eval.scoring import Scorer
     runs = expand(cfg)
@@ -153,11 +155,14 @@ def run_sweep(cfg: EvalCFG) -> list[dict]:
         for run in mine:
             print(f"{run.index:4d}  {run.key}")
         return []
-    device = resolve_device(cfg.device)
+    here = cfg.launcher == "local"   # else this process only checks; workers pick their device
+    device = resolve_device(cfg.device) if here else resolve_device("cpu")
     scorer = Scorer(cfg.judge, cfg.fid_model, cfg.clip_judge, device=device,
                     progress=cfg.progress)
     classes = validate(runs, scorer)
     check_resumable(mine, cfg)
+    if not here:
+        return _launch(cfg, mine)
     records = []
     for k, run in enumerate(mine, 1):
         record, skipped = execute(run, cfg, scorer, classes[(run.model, run.target)], str(device))
@@ -166,9 +171,53 @@ def run_sweep(cfg: EvalCFG) -> list[dict]:
     return records
 
 
+def _finished(run: Run, cfg: EvalCFG) -> dict | None:
+    done = load_result(run.run_dir)
+    return done if done is not None and _reusable(done, run_settings(run, cfg)) else None
+
+
+def _launch(cfg: EvalCFG, runs: list[Run]) -> list[dict]:
+    """Runs that finished earlier are reused here; the others go to ``cfg.launcher`` as tasks
+    (a rerun on SLURM queues only what is missing). Records in sweep order."""
+    from vital.eval.launchers import Task, launch
+    done = {run.index: _finished(run, cfg) for run in runs}
+    for run in runs:
+        if done[run.index] is not None:
+            print(f"{run.key}: {_line(done[run.index], True)}", flush=True)
+    todo = [run for run in runs if done[run.index] is None]
+    plain = portable(cfg)
+    new = launch(cfg, [Task(run_task, (plain, run.index), run.key) for run in todo], _line)
+    done.update({run.index: record for run, record in zip(todo, new)})
+    return [done[run.index] for run in runs]
+
+
+def portable(cfg: EvalCFG) -> EvalCFG:
+    """``cfg`` as a plain EvalCFG (a script's subclass may live in ``__main__``, which a worker
+    process cannot import)."""
+    return EvalCFG(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalCFG)})
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_scorer(judge: str, fid_model: str, clip_judge: str, device: str, progress: bool):
+    """One Scorer per worker process and scoring setup: a Ray worker runs many tasks."""
+    from vital.eval.scoring import Scorer
+    return Scorer(judge, fid_model, clip_judge, device=device, progress=progress)
+
+
+def run_task(cfg: EvalCFG, index: int) -> tuple[dict, bool]:
+    """Run ``index`` of the sweep in a worker process (a Ray task, a SLURM array job):
+    (record, skipped), as ``execute``."""
+    from vital.config import resolve_device
+    run = expand(cfg)[index]
+    device = str(resolve_device(cfg.device))
+    scorer = _worker_scorer(cfg.judge, cfg.fid_model, cfg.clip_judge, device, cfg.progress)
+    return execute(run, cfg, scorer, scorer.resolve(run.model, run.target), device)
+
+
 def main(cfg_cls, argv: list[str] | None = None) -> int:
     """The script's entry point: run the sweep (and report unless sharded) or only report."""
     from vital.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, known_errors
+    from vital.eval.launchers import SweepFailed
     from vital.eval.report import write_report
     cfg = config.parse_cfg(cfg_cls, argv)
     try:
@@ -185,6 +234,9 @@ def main(cfg_cls, argv: list[str] | None = None) -> int:
     except known_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SweepFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -168,8 +168,8 @@ def _execute(run: InnerRun, cfg, target, real: torch.Tensor, scores) -> tuple[di
                                  argv=["evaluate_fvis.py", "--mode", "inner", run.key])
     if Path(run_dir) != run.run_dir:
         raise RuntimeError(f"run folder {run_dir} is not the expected {run.run_dir}")
-    if result.stopped == "interrupted":
-        raise KeyboardInterrupt
+    if result.stopped and not result.stopped.startswith("nan"):
+        raise KeyboardInterrupt   # Ctrl-C or a signal: unfinished, no result.json (rerun resumes)
     report = json.loads((run.run_dir / "neuron.json").read_text())
     fv = torch.tensor(report["visualisation"])
     top = real[:, run.neuron].topk(min(cfg.num_real, len(real))).values
@@ -185,22 +185,56 @@ def _execute(run: InnerRun, cfg, target, real: torch.Tensor, scores) -> tuple[di
     return record, False
 
 
-def run_inner_sweep(cfg) -> list[dict]:
-    """Run this shard's part of the inner sweep; bad input fails before the first run."""
-    from vital.config import resolve_device
-    from vital.modes.inner import layer_patch_scores, resolve_target
-    from vital.refs.patches import data_files
+def _model_runs(cfg, model: str, device):
+    """(target, probe, runs, image size) of one model; the runs must share one size."""
     from vital.models import load_target
     from vital.modes.common import image_size
+    from vital.modes.inner import resolve_target
+    target = load_target(model, device=device)
+    probe = resolve_target(target, cfg.layer, 0)
+    runs = expand(cfg, model, pick_neurons(cfg, probe.channels))
+    sizes = {image_size(r.cfg, target) for r in runs}
+    if len(sizes) != 1:
+        raise ConfigError(f"methods of an inner sweep must share one image size, got {sizes}")
+    return target, probe, runs, sizes.pop()
+
+
+def _scoring(cfg, target, probe, runs, size):
+    """(real activations (N, C), patch scores computed once on a patch-cache miss)."""
+    from vital.modes.inner import layer_patch_scores
+    from vital.refs.patches import data_files
+    real = real_activations(target, cfg.layer, data_files(cfg.data_dir), size)
+    base = runs[0].cfg
+    scores = functools.cache(lambda: layer_patch_scores(
+        dataclasses.replace(base, progress=cfg.progress), target, probe))
+    return real, scores
+
+
+def _run(run: InnerRun, cfg, target, real, scores, device) -> tuple[dict, bool]:
+    run.cfg = dataclasses.replace(run.cfg, device=str(device), progress=cfg.progress)
+    return _execute(run, cfg, target, real, scores)
+
+
+def _line(record: dict, skipped: bool) -> str:
+    if skipped:
+        return "finished earlier, skipped"
+    return (f"AUC {record['auc']:.3f}, MAD {record['mad']:.2f}, "
+            f"{record['seconds_per_step']:.3f} s/step")
+
+
+def run_inner_sweep(cfg) -> list[dict]:
+    """Run this shard's part of the inner sweep (here, or on ``cfg.launcher``); bad input
+    fails before the first run."""
+    from vital.config import resolve_device
+    from vital.refs.patches import data_files
     _check(cfg)
     shard = parse_shard(cfg.shard)
-    files = data_files(cfg.data_dir)
-    device = resolve_device(cfg.device)
-    records = []
+    data_files(cfg.data_dir)
+    here = cfg.launcher == "local"   # else this process only checks; workers pick their device
+    device = resolve_device(cfg.device if here else "cpu")
+    records, tasks = [], []
     for model in cfg.models:
-        target = load_target(model, device=device)
-        probe = resolve_target(target, cfg.layer, 0)
-        runs = expand(cfg, model, pick_neurons(cfg, probe.channels))
+        target, probe, runs, size = _model_runs(cfg, model, device)
         mine = select_shard(runs, shard)
         if cfg.list_runs:
             for run in mine:
@@ -208,22 +242,57 @@ def run_inner_sweep(cfg) -> list[dict]:
             continue
         if not mine:
             continue
-        sizes = {image_size(r.cfg, target) for r in runs}
-        if len(sizes) != 1:
-            raise ConfigError(f"methods of an inner sweep must share one image size, got {sizes}")
-        real = real_activations(target, cfg.layer, files, sizes.pop())
-        base = runs[0].cfg
-        scores = functools.cache(lambda: layer_patch_scores(     # once, on a patch-cache miss
-            dataclasses.replace(base, progress=cfg.progress), target, probe))
+        if not here:
+            tasks += [(model, run) for run in mine]
+            records += [_finished(run, cfg) for run in mine]
+            continue
+        real, scores = _scoring(cfg, target, probe, runs, size)
         for k, run in enumerate(mine, 1):
-            run.cfg = dataclasses.replace(run.cfg, device=str(device), progress=cfg.progress)
-            record, skipped = _execute(run, cfg, target, real, scores)
-            line = "finished earlier, skipped" if skipped else \
-                f"AUC {record['auc']:.3f}, MAD {record['mad']:.2f}, " \
-                f"{record['seconds_per_step']:.3f} s/step"
-            print(f"[{k}/{len(mine)}] {run.key}: {line}", flush=True)
+            record, skipped = _run(run, cfg, target, real, scores, device)
+            print(f"[{k}/{len(mine)}] {run.key}: {_line(record, skipped)}", flush=True)
             records.append(record)
-    return records
+    return _launch(cfg, tasks, records) if tasks else records
+
+
+def _finished(run: InnerRun, cfg) -> dict | None:
+    done = _load(run.run_dir)
+    ok = done is not None and done.get("settings_hash") == settings_hash(run_settings(run, cfg))
+    return done if ok else None
+
+
+def _launch(cfg, tasks: list[tuple[str, InnerRun]], done: list) -> list[dict]:
+    """Runs that finished earlier are reused here, the others go to ``cfg.launcher``."""
+    from vital.eval.harness import portable
+    from vital.eval.launchers import Task, launch
+    for (_, run), record in zip(tasks, done):
+        if record is not None:
+            print(f"{run.key}: {_line(record, True)}", flush=True)
+    todo = [(k, model, run) for k, ((model, run), record) in enumerate(zip(tasks, done))
+            if record is None]
+    plain = portable(cfg)
+    new = launch(cfg, [Task(run_task, (plain, model, run.index), run.key)
+                       for _, model, run in todo], _line)
+    for (k, _, _), record in zip(todo, new):
+        done[k] = record
+    return done
+
+
+_WORKER: dict[tuple, tuple] = {}   # (sweep settings, model, device) -> model, runs, scoring
+
+
+def run_task(cfg, model: str, index: int) -> tuple[dict, bool]:
+    """Run ``index`` of ``model``'s inner runs in a worker process (a Ray task, a SLURM array
+    job): (record, skipped). The model and the real activations stay loaded for the worker's
+    next task of the same sweep and model."""
+    from vital.config import resolve_device
+    device = resolve_device(cfg.device)
+    key = (json.dumps(config.cfg_to_dict(cfg), sort_keys=True, default=str), model, str(device))
+    if key not in _WORKER:
+        _WORKER.clear()   # one model in memory per worker
+        target, probe, runs, size = _model_runs(cfg, model, device)
+        _WORKER[key] = (target, runs, *_scoring(cfg, target, probe, runs, size))
+    target, runs, real, scores = _WORKER[key]
+    return _run(runs[index], cfg, target, real, scores, device)
 
 
 # ---------------------------------------------------------------- report

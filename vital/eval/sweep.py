@@ -160,6 +160,24 @@ class EvalCFG:
     report: bool = opt(False, "only merge the result.json files under out_dir into a report")
     redo: bool = opt(False, "rerun runs whose result.json holds other settings")
     list_runs: bool = opt(False, "print the runs (of this shard) and exit")
+    launcher: str = opt("local", "where runs execute: local (here, one after another), ray "
+                        "(one Ray task per run), slurm (a SLURM job array through submitit); "
+                        "ray and slurm need pip install -e .[cluster]",
+                        choices=["local", "ray", "slurm"])
+    ray_address: str = opt("", "ray: address of an existing cluster (empty = a local Ray)")
+    retries: int = opt(2, "ray: times a failed task is retried (lost worker, runtime error)")
+    slurm_partition: str = opt("", "slurm: partition (empty = the cluster's default)")
+    slurm_time: int = opt(240, "slurm: time limit per run in minutes; at the limit the job is "
+                          "requeued and skips the runs that finished")
+    slurm_gpus: int = opt(1, "slurm: GPUs per run (0 on CPU nodes)")
+    slurm_cpus: int = opt(4, "slurm: CPUs per run")
+    slurm_parallel: int = opt(16, "slurm: array jobs running at once")
+    slurm_folder: str = opt("", "slurm: submitit's folder of job files and logs "
+                            "(empty = OUT/submitit)")
+    slurm_cluster: str = opt("", "slurm: submitit's cluster: empty = SLURM; local = local "
+                             "processes (a test without SLURM); debug = in this "
+                             "process (an error opens pdb)",
+                             choices=["", "slurm", "local", "debug"])
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, "show progress bars")
 
