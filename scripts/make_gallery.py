@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import vital
 from vital.cli import EXIT_BAD_INPUT, known_errors
-from vital.config import load_json_cfg, opt, parse_cfg
+from vital.config import load_json_cfg, opt, parse_cfg, with_recipe
 from vital.refs.bundled import build_reference_folders
 from vital.refs.words import default_font_path
 
@@ -48,13 +48,14 @@ GAP_PX = 8      # space between panels and rows
 
 
 def settings(cfg: CFG, cfg_cls, preset: str, mode: str, **paths):
-    """The mode's CFG: the preset, its paths under ``ref_root``, and the gallery's overrides."""
+    """The mode's CFG as its script would resolve the preset (defaults < recipe < preset), then
+    the preset's paths under ``ref_root`` and the gallery's overrides."""
     values = load_json_cfg(cfg_cls, Path(cfg.presets) / preset)
     values.update(paths, size=cfg.size, device=cfg.device, progress=cfg.progress,
                   out_dir=str(Path(cfg.work_dir) / mode))
     if cfg.steps_multires:
         values.update(steps_multires=list(cfg.steps_multires), save_steps=0)
-    return cfg_cls(**values)
+    return with_recipe(cfg_cls, values.pop("recipe", None), **values)
 
 
 def class_panel(cfg: CFG, refs: Path) -> list:
