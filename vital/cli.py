@@ -1,13 +1,49 @@
 """The common entry point of the scripts: parse the CFG, run, and turn known errors into one
-plain sentence and an exit status instead of a traceback."""
+plain sentence and an exit status instead of a traceback.
+
+Exit status: 0 finished; 1 stopped early (NaN) or the disk filled up mid-run; 2 bad input or an
+output folder / file that cannot be written; 130 Ctrl-C; 143 SIGTERM (SLURM time limits,
+``timeout``, ``docker stop``). Ctrl-C and SIGTERM during the optimisation keep the last good
+image and say why in metrics.json.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import signal
 import sys
 
 from vital.config import ConfigError, parse_cfg
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143   # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a run ends as on Ctrl-C (the render loop keeps the
+    last good image); ``stopped_as`` is the reason it records."""
+    stopped_as = "terminated (SIGTERM: a time limit, timeout or docker stop)"
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block SIGTERM raises :class:`Terminated`; the old handler is restored after.
+    Outside the main thread (where signals cannot be handled) nothing changes."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:   # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -17,17 +53,39 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, FileNotFoundError, ValueError)
 
 
+def os_error_text(err: OSError) -> str:
+    """One sentence for a failed file operation: what failed and where."""
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
+
+
 def main(cfg_cls, run_fn, argv: list[str] | None = None) -> int:
     """Parse ``argv`` into ``cfg_cls``, call ``run_fn(cfg, argv)``; return the exit status."""
     cfg = parse_cfg(cfg_cls, argv)
-    try:
-        _, result = run_fn(cfg, argv)
-    except KeyboardInterrupt:
-        print("interrupted before the optimisation started; nothing to save", file=sys.stderr)
+    with sigterm_as_interrupt():
+        try:
+            _, result = run_fn(cfg, argv)
+        except Terminated:
+            print("terminated (SIGTERM) before the optimisation started; nothing to save",
+                  file=sys.stderr)
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            print("interrupted before the optimisation started; nothing to save",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except OSError as err:   # FileNotFoundError (bad input) too
+            if err.errno == errno.ENOSPC:
+                print(f"error: the disk is full ({os_error_text(err)}); the run folder keeps "
+                      f"what was saved before", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"error: {os_error_text(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except known_errors() as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    stopped = result.stopped or ""
+    if stopped.startswith("terminated"):
+        return EXIT_TERMINATED
+    if stopped == "interrupted":
         return EXIT_INTERRUPTED
-    except known_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if result.stopped == "interrupted":
-        return EXIT_INTERRUPTED
-    return 1 if result.stopped else 0
+    return EXIT_FAILED if stopped else 0

@@ -24,7 +24,7 @@ import torch
 
 from vital.cache import write_json
 
-__all__ = ["opt", "parse_cfg", "recipe_values", "with_recipe", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
+__all__ = ["opt", "parse_cfg", "check_cfg", "recipe_values", "with_recipe", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
            "set_determinism", "resolve_device", "run_metadata", "ConfigError"]
 
 # Keys that steer parsing itself; they are accepted on the command line but never stored.
@@ -39,7 +39,9 @@ def opt(default, help: str, **kw):
     """A CFG field with a help line: ``steps: int = opt(400, "optimisation steps")``.
 
     Keywords go into the field's metadata: ``choices=[...]``; for bool fields
-    ``negative_flags=("--no_x",)`` adds extra spellings of ``--no-<field>``.
+    ``negative_flags=("--no_x",)`` adds extra spellings of ``--no-<field>``. The valid range is
+    declared here too and checked by :func:`check_cfg` (for every element of a list field):
+    ``low=`` / ``high=`` (inclusive bounds), ``positive=True`` (> 0).
     """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default),
@@ -98,12 +100,20 @@ def _build_parser(cfg_cls, description: str | None) -> argparse.ArgumentParser:
 def load_json_cfg(cfg_cls, path: str | os.PathLike) -> dict:
     """Read a JSON config; unknown keys fail and name the valid ones."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a JSON file (e.g. one written "
+                          f"by --dump_cfg)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as "
+                          f"UTF-8 JSON") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
     valid = [f.name for f in dataclasses.fields(cfg_cls)]
@@ -159,6 +169,51 @@ def with_recipe(cfg_cls, recipe: str | None = None, **overrides):
     return cfg_cls(**coerce(cfg_cls, values))
 
 
+def _optional(cfg_cls, field: dataclasses.Field) -> bool:
+    """Whether ``None`` is a valid value of the field (``X | None`` annotation)."""
+    tp = typing.get_type_hints(cfg_cls)[field.name]
+    return type(None) in typing.get_args(tp)
+
+
+def _range_problem(value, meta: dict) -> str | None:
+    """What is wrong with one number under the field's declared range, or None."""
+    low, high = meta.get("low"), meta.get("high")
+    if meta.get("positive") and not value > 0:   # written so that NaN fails too
+        return "a number > 0"
+    if low is not None and high is not None and not low <= value <= high:
+        return f"in {low}..{high}"
+    if low is not None and not value >= low:
+        return f">= {low}"
+    if high is not None and not value <= high:
+        return f"<= {high}"
+    return None
+
+
+def check_cfg(cfg) -> None:
+    """Check every field of a CFG against its declared type and range (``opt(low=, high=,
+    positive=)``); the first problem raises :class:`ConfigError` naming the option, the value and
+    what is valid. ``parse_cfg`` calls it; so does the runner for CFGs built in Python."""
+    cls = type(cfg)
+    for field in dataclasses.fields(cls):
+        value, meta = getattr(cfg, field.name), field.metadata
+        base, seq = _field_kind(cls, field)
+        if value is None:
+            if _optional(cls, field):
+                continue
+            raise ConfigError(f"--{field.name} must be {'a list' if seq else base.__name__}, "
+                              f"got null / None")
+        items = list(value) if seq and isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            numeric = isinstance(item, (int, float)) and not isinstance(item, bool)
+            if base in (int, float) and not numeric or base is int and isinstance(item, float):
+                raise ConfigError(f"--{field.name} must be {base.__name__}, got {item!r}")
+            problem = _range_problem(item, meta) if numeric else None
+            if problem:
+                help_text = meta.get("help", "")
+                raise ConfigError(f"--{field.name} {item!r} is not valid: it must be {problem}"
+                                  + (f" ({help_text})" if help_text else ""))
+
+
 def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = None):
     """Resolve a CFG from defaults, ``--json_cfg`` and ``argv``; handle ``--dump_cfg``.
 
@@ -174,10 +229,12 @@ def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = 
         values.update({k: v for k, v in args.items() if k not in _META_KEYS})
         values = {**recipe_values(cfg_cls, values.get("recipe")), **values}
         cfg = cfg_cls(**coerce(cfg_cls, values))
+        check_cfg(cfg)
+        if "dump_cfg" in args:
+            dump_cfg(cfg, args["dump_cfg"])
     except ConfigError as err:
         parser.error(str(err))
     if "dump_cfg" in args:
-        dump_cfg(cfg, args["dump_cfg"])
         print(f"wrote {args['dump_cfg']}")
         sys.exit(0)
     return cfg
@@ -188,22 +245,31 @@ def cfg_to_dict(cfg) -> dict:
 
 
 def dump_cfg(cfg, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, cfg_to_dict(cfg))
+    """Write the resolved CFG as JSON; a path that cannot be written -> ConfigError."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, cfg_to_dict(cfg))
+    except OSError as err:
+        raise ConfigError(f"cannot write the configuration to {path}: "
+                          f"{err.strerror or err}") from None
 
 
 def make_run_dir(out_dir: str | os.PathLike, run_name: str) -> Path:
     """Create ``out_dir/run_name``; if it exists, take ``run_name_2``, ``_3``... (never overwrite)."""
     base = Path(out_dir)
-    base.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in run_name).strip("._") or "run"
-    for k in range(1, 10_000):
-        path = base / (safe if k == 1 else f"{safe}_{k}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 10_000):
+            path = base / (safe if k == 1 else f"{safe}_{k}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:   # a file in the way, a read-only or full disk
+        raise ConfigError(f"cannot create the run folder under {base}: "
+                          f"{err.strerror or err}") from None
     raise ConfigError(f"too many runs named {safe!r} in {base}")
 
 

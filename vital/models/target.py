@@ -179,11 +179,17 @@ class TargetModel:
             grabbed.clear()
 
     def _head(self) -> nn.Module | None:
-        if self.kind != "classifier":
+        name = self.head_name()
+        return None if name is None else self._module_paths()[name]
+
+    def head_name(self) -> str | None:
+        """A classifier's last Linear with one output per class (its logits layer), as a layer
+        name for hooks; None for other kinds."""
+        if self.kind != "classifier" or not self._hookable():
             return None
-        linears = [m for m in self.module.modules() if isinstance(m, nn.Linear)]
         n = len(self.class_names) if self.class_names else None
-        fitting = [m for m in linears if n is None or m.out_features == n]
+        fitting = [path for path, m in self._module_paths().items()
+                   if isinstance(m, nn.Linear) and (n is None or m.out_features == n)]
         return fitting[-1] if fitting else None
 
     # ----- classes --------------------------------------------------------------------------
@@ -270,7 +276,7 @@ class TargetModel:
         valid = [info.name for info in self.layers()] if valid is None else valid
         close = difflib.get_close_matches(name, valid, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        return ValueError(f"unknown layer {name!r} for {self.spec}.{hint} Valid layers: "
+        return ValueError(f"unknown layer {name!r} for {self.spec}.{hint} For the valid layers, "
                           f"`python query_model_layers.py --model {self.spec}` lists all "
                           f"{len(valid)}; a bare number N means block N "
                           f"(0..{len(self.blocks()) - 1})")

@@ -5,6 +5,7 @@ each) while the concept stays active.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 
 from vital.cache import files_digest, write_json
 from vital.concepts import extract as C
-from vital.concepts.bank import check_compatible, load_bank
+from vital.concepts.bank import FILE_NAME, check_compatible, load_bank
 from vital.config import ConfigError, make_run_dir, opt
 from vital.imaging import save_png
 from vital.modes import common
@@ -27,20 +28,25 @@ from vital.refs.images import ReferenceError, load_images
 @dataclass
 class FacetCFG(common.RenderCFG):
     """Facet visualisation: sub-concepts of one concept of a bank, each rendered with VITAL."""
-    bank: str = opt("", "concept bank: a concept run folder, or its .safetensors / .json")
+    bank: str = opt("", "concept bank: a concept run folder, or its .safetensors / .json "
+                    "(empty = the newest bank in --concept_dir made with this model, "
+                    "--target_layer and images)")
+    concept_dir: str = opt("out_concept", "where concept_neurons_fvis.py wrote its runs: "
+                           "searched for a bank when --bank is empty")
     target_layer: str = opt("", "the bank's layer (must match; empty = the bank's own)")
     ref_dir: str = opt("", "the bank's reference images (empty = the files the bank lists); "
                        "checked against the bank's data set hash")
-    num_ref: int = opt(12, "images used per folder (with ref_dir)")
-    concept: int = opt(-1, "concept index in the bank (-1 = the most important)")
+    num_ref: int = opt(12, "images used per folder (with ref_dir)", low=1)
+    concept: int = opt(-1, "concept index in the bank (-1 = the most important)", low=-1)
     decomp_layer: str = opt("", "layer of the facets (empty = the default layer before "
                             "target_layer)")
-    n_facets: int = opt(3, "NMF components (facets)")
-    facet_patches: int = opt(16, "top patches of the concept whose activations are factorised")
+    n_facets: int = opt(3, "NMF components (facets)", low=1)
+    facet_patches: int = opt(16, "top patches of the concept whose activations are factorised",
+                             low=1)
     nonneg: str = opt("auto", "non-negativity at decomp_layer", choices=list(C.NONNEG))
-    nmf_iter: int = opt(500, "NMF iterations")
-    direction_weight: float = opt(10.0, "weight of the facet term")
-    concept_weight: float = opt(1.0, "weight of the term that keeps the concept active")
+    nmf_iter: int = opt(500, "NMF iterations", low=1)
+    direction_weight: float = opt(10.0, "weight of the facet term", low=0)
+    concept_weight: float = opt(1.0, "weight of the term that keeps the concept active", low=0)
     direction_how: str = opt("cosine", "concept term: cosine or dot (projection)",
                              choices=["cosine", "dot"])
     facet_contrast: float = opt(1.0, "penalty on the sibling facets' cosines (0 = plain "
@@ -55,8 +61,9 @@ def _layer_before(target, layer: str) -> str:
     names = [info.name for info in target.layers()]
     earlier = [d for d in target.default_layers() if names.index(d) < names.index(layer)]
     if not earlier:
-        raise ConfigError(f"no default layer comes before {layer!r}; give --decomp_layer "
-                          f"(valid layers: {', '.join(names)})")
+        raise ConfigError(f"no default layer comes before {layer!r}; give --decomp_layer (a "
+                          f"layer before it; query_model_layers.py --model {target.spec} "
+                          f"lists them)")
     return earlier[-1]
 
 
@@ -82,12 +89,39 @@ def _bank_files(cfg: FacetCFG, bank) -> list[Path]:
     return files
 
 
+def find_bank(cfg: FacetCFG, target) -> Path:
+    """The newest bank under ``cfg.concept_dir`` (``*/concept_bank.json``) whose metadata fits
+    this run: the model's weight hash, ``--target_layer`` (any layer when empty) and, with
+    ``--ref_dir``, the images' hash; none -> ConfigError naming the command that makes one."""
+    want = files_digest(reference_files(cfg.ref_dir, cfg.num_ref)) if cfg.ref_dir else None
+    found = []
+    for meta_path in Path(cfg.concept_dir).glob(f"*/{Path(FILE_NAME).stem}.json"):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue   # not readable: not a bank this run can use
+        if (meta.get("weight_hash") == target.weight_hash
+                and (not cfg.target_layer or meta.get("layer") == cfg.target_layer)
+                and (want is None or meta.get("dataset_hash") == want)):
+            found.append((meta_path.stat().st_mtime, meta_path.parent))
+    if not found:
+        layer = cfg.target_layer or "its default layer"
+        images = cfg.ref_dir or "your images"
+        raise ConfigError(
+            f"no concept bank for {target.spec} at {layer} in {cfg.concept_dir}/; make one "
+            f"with: python concept_neurons_fvis.py --model {target.spec} --layer_block "
+            f"{cfg.target_layer or 'LAYER'} --ref_dir {images} --extract_only (or give --bank)")
+    return max(found)[1]
+
+
 def load_checked_bank(cfg: FacetCFG, target):
-    """The bank, its layer and its reference files, refused unless they fit this run."""
+    """The bank (``--bank``, else :func:`find_bank`), its layer and its reference files,
+    refused unless they fit this run."""
+    path = cfg.bank or find_bank(cfg, target)
     if not cfg.bank:
-        raise ConfigError("give --bank: a concept run folder or its concept_bank.safetensors "
-                          "(made by concept_neurons_fvis.py)")
-    bank = load_bank(cfg.bank)
+        print(f"concept bank: {path} (the newest in {cfg.concept_dir} that fits)")
+    bank = load_bank(path)
+    bank.meta["source"] = str(path)   # recorded in config.json
     layer = cfg.target_layer or bank.meta["layer"]
     files = _bank_files(cfg, bank)
     check_compatible(bank.meta, weight_hash=target.weight_hash, model=str(target.spec),
@@ -157,7 +191,7 @@ def run_facets(cfg: FacetCFG, argv=None, callbacks: Callbacks | None = None):
     name = f"c{concept}_{Path(str(target.spec)).name}_{decomp}_f{cfg.n_facets}_s{cfg.seed}"
     run_dir = make_run_dir(cfg.out_dir or "out_facet", cfg.run_name or name)
     _save_facets(run_dir, w, maps, concept, decomp, info)
-    meta.update(facets={"bank": str(cfg.bank), "concept": concept, "target_layer": layer,
+    meta.update(facets={"bank": bank.meta["source"], "concept": concept, "target_layer": layer,
                         "decomp_layer": decomp, **info})
     labels = [f"c{concept} facet {f}" for f in range(cfg.n_facets)]
 

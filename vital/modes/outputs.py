@@ -4,6 +4,7 @@ full disk is reported without losing what is already saved.
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -33,6 +34,17 @@ class RunWriter:
             record["save_error"] = str(err)
         self.records.append(record)
         self._write_metrics(status="running")
+
+    def fail(self, err: BaseException) -> None:
+        """Record in metrics.json why the run ended without finishing (an exception, Ctrl-C or
+        SIGTERM outside the optimisation, a full disk)."""
+        if isinstance(err, KeyboardInterrupt):
+            status = getattr(err, "stopped_as", "interrupted")
+        elif isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            status = f"failed: the disk is full ({err.filename or err})"
+        else:
+            status = f"failed: {type(err).__name__}: {err}"
+        self._write_metrics(status=status)
 
     def _write_metrics(self, **extra) -> None:
         try:

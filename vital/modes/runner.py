@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from vital.config import make_run_dir, resolve_device, run_metadata, set_determinism
+from vital.config import (check_cfg, make_run_dir, resolve_device, run_metadata,
+                          set_determinism)
 from vital.models import load_target
 from vital.models.opinion import make_opinion
 from vital.modes.outputs import RunWriter
@@ -54,11 +55,32 @@ class Plan:
     after: Callable | None = None  # (run_dir, result) -> None: the mode's own extra outputs
 
 
+# CFG fields that name layers; a bare number in them means block N of the model
+LAYER_FIELDS = ("layer", "layer_block", "target_layer", "decomp_layer", "layers")
+
+
 def prepare(cfg):
-    """Seed, pick the device and load the model: (device, target)."""
+    """Check the CFG, seed, pick the device and load the model: (device, target). Layer numbers
+    in the CFG's layer fields become the model's block names (in place, so config.json, run
+    names and every later step see one name)."""
+    check_cfg(cfg)
     set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
     device = resolve_device(cfg.device)
-    return device, load_target(cfg.model, device=device)
+    target = load_target(cfg.model, device=device)
+    name_layers(cfg, target)
+    return device, target
+
+
+def name_layers(cfg, target) -> None:
+    """Rewrite bare layer numbers (``"12"``) in ``cfg``'s layer fields to block names
+    (``blocks.12``, ``block.12``; ``TargetModel.blocks``); a number the model lacks raises
+    ValueError with the valid range."""
+    for name in LAYER_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value:
+            setattr(cfg, name, target.canonical_layer(value))
+        elif isinstance(value, (list, tuple)):
+            setattr(cfg, name, [target.canonical_layer(v) for v in value])
 
 
 def _record_callback(writer: RunWriter, on_record):
@@ -83,15 +105,21 @@ def run_plan(cfg, plan: Plan, argv=None, callbacks: Callbacks | None = None
     meta = run_metadata(cfg, argv, mode=plan.mode, model_spec=str(target.spec),
                         weight_hash=target.weight_hash, **plan.meta)
     writer = RunWriter(run_dir, meta)
-    opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
-    result = render(target, plan.objective, plan.param, plan.schedule, plan.layers,
-                    augment=plan.augment, generator=plan.generator, save_steps=cfg.save_steps,
-                    callback=_record_callback(writer, callbacks.on_record),
-                    progress=cfg.progress, record_fn=opinion, on_progress=callbacks.on_progress,
-                    progress_every=callbacks.progress_every, should_stop=callbacks.should_stop,
-                    embed=plan.embed)
-    final_opinion = opinion(result.image) if opinion is not None else {}
-    final = writer.finish(result, {"final_opinion": final_opinion})
+    try:   # whatever ends the run, metrics.json says how (never "running" for ever)
+        opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
+        result = render(target, plan.objective, plan.param, plan.schedule, plan.layers,
+                        augment=plan.augment, generator=plan.generator,
+                        save_steps=cfg.save_steps,
+                        callback=_record_callback(writer, callbacks.on_record),
+                        progress=cfg.progress, record_fn=opinion,
+                        on_progress=callbacks.on_progress,
+                        progress_every=callbacks.progress_every,
+                        should_stop=callbacks.should_stop, embed=plan.embed)
+        final_opinion = opinion(result.image) if opinion is not None else {}
+        final = writer.finish(result, {"final_opinion": final_opinion})
+    except BaseException as err:
+        writer.fail(err)
+        raise
     if callbacks.on_record is not None:
         callbacks.on_record(result.steps_done, {"final": True, **final_opinion})
     report(result, final, final_opinion)
@@ -103,7 +131,7 @@ def run_plan(cfg, plan: Plan, argv=None, callbacks: Callbacks | None = None
 def report(result, final: Path, final_opinion: dict) -> None:
     if final_opinion.get("opinion_text"):
         print(f"final opinion: {final_opinion['opinion_text']}")
-    if result.stopped in ("interrupted", "stopped"):
+    if result.stopped in ("interrupted", "stopped") or (result.stopped or "").startswith("term"):
         print(f"{result.stopped} after {result.steps_done} steps; saved what exists: {final}",
               file=sys.stderr)
     elif result.stopped:

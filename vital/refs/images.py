@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -38,8 +39,12 @@ def load_image(path: str | os.PathLike, size: int, crop: float = 1.0) -> torch.T
     code's reference preprocessing; 1 = the whole short side)."""
     if not 0 < crop <= 1:
         raise ValueError(f"crop must be in (0, 1], got {crop}")
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    try:
+        opened = Image.open(path)
+    except Image.DecompressionBombError as err:   # not an OSError: would abort the run
+        raise ValueError(f"{path} is larger than Pillow's pixel limit ({err})") from None
+    with opened as img:
+        img = _to_rgb(img)
         w, h = img.size
         scale = size / crop / min(w, h)
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
@@ -50,9 +55,24 @@ def load_image(path: str | os.PathLike, size: int, crop: float = 1.0) -> torch.T
     return data.view(size, size, 3).permute(2, 0, 1).float() / 255.0  # HWC -> CHW
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. 16-bit and 32-bit grayscale (PNG modes I;16 / I) are
+    scaled from their real range (0..65535), float images (F) from 0..1: Pillow's own
+    conversion clips them at 255, which turns almost every 16-bit image white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        full = 1.0 if img.mode == "F" else 65535.0
+        values = np.asarray(img, dtype=np.float64) / full * 255.0
+        img = Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def load_images(paths: list[Path], size: int, num: int | None = None,
                 crop: float = 1.0) -> tuple[torch.Tensor, list[Path]]:
-    """Load up to ``num`` readable images; unreadable ones are skipped with a warning."""
+    """Load up to ``num`` readable images; unreadable ones (also those over Pillow's pixel
+    limit) are skipped with a warning."""
+    if num is not None and num < 1:
+        raise ReferenceError(f"asked for {num} reference images: the number of reference "
+                             f"images (--num_ref) must be 1 or more")
     images, used = [], []
     for path in paths:
         if num is not None and len(images) >= num:

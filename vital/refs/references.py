@@ -24,12 +24,18 @@ CACHE_FOLDER = "references"
 
 def reference_key(target, layers: list[str], files: list[Path], size: int,
                   crop: float = 1.0) -> str:
-    """The cache key: what the sorted features depend on."""
-    return cache.key({"format": cache.FORMAT, "model": str(target.spec), "crop": float(crop),
-                      "weights": target.weight_hash, "layers": list(layers),
-                      "files": cache.files_digest(files), "preprocess": PREPROCESS_TAG,
-                      "size": int(size), "mean": list(map(float, target.mean)),
-                      "std": list(map(float, target.std))})
+    """The cache key: what the sorted features depend on. Under ``--hard_determinism``
+    (``torch.use_deterministic_algorithms``) also the CPU thread count: more threads sum in
+    another order and change the last bits, which a long render amplifies, so a hard run only
+    reuses features computed as it would compute them."""
+    spec = {"format": cache.FORMAT, "model": str(target.spec), "crop": float(crop),
+            "weights": target.weight_hash, "layers": list(layers),
+            "files": cache.files_digest(files), "preprocess": PREPROCESS_TAG,
+            "size": int(size), "mean": list(map(float, target.mean)),
+            "std": list(map(float, target.std))}
+    if torch.are_deterministic_algorithms_enabled():
+        spec["threads"] = torch.get_num_threads()
+    return cache.key(spec)
 
 
 @torch.no_grad()
