@@ -8,22 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
 
 from vital.config import ConfigError, opt
 from vital.models.labels import clip_text_target
-from vital.modes import common, vit_extras
+from vital.modes import common, recipes, vit_extras
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import losses
-from vital.refs.images import list_images
+from vital.optvis.relevance import RULES
+from vital.refs.images import list_images, load_images
 
 
 @dataclass
 class ClassCFG(vit_extras.ViTExtrasCFG, common.RenderCFG):
     """Class neuron visualisation (VITAL)."""
+    RECIPES: ClassVar[dict] = recipes.CLASS_RECIPES
+    recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
+                      "vital/modes/recipes.py) or toolkit; flags and --json_cfg override it",
+                      choices=list(recipes.CLASS_RECIPES))
     target: str = opt("espresso", "class name or index; for CLIP also a free prompt")
     ref_dir: str = opt("references/espresso", "folder of real images of the class")
     num_ref: int = opt(50, "reference images to use (fewer if fewer exist)")
     class_weight: float = opt(0.1, "weight of the class term (0 = pure VITAL)")
+    relevance: str = opt("none", "relevance weighting of sort matching for the class (paper "
+                         "B.2): lrp_paper, lrp, gradxact, guided, none", choices=list(RULES))
+    relevance_floor: float = opt(0.0, "weight of an activation where its relevance is lowest "
+                                 "(0 = the paper's plain min-max maps)")
+    relevance_every: int = opt(1, "recompute the synthetic image's relevance every N steps")
 
 
 def class_term(cfg: ClassCFG, target) -> tuple[losses.Objective | int, str, dict]:
@@ -40,9 +54,44 @@ def class_term(cfg: ClassCFG, target) -> tuple[losses.Objective | int, str, dict
     return cfg.class_weight * losses.class_logprob_objective(index), label, {"class_index": index}
 
 
+def class_score(cfg: ClassCFG, target) -> tuple[str, object]:
+    """(layer, score function) of the class for relevance: a classifier's logit of the class
+    at its head, or for CLIP the cosine of the image embedding with the class's text embedding
+    (``ln_post`` features times ``proj``)."""
+    if getattr(target, "clip", None) is not None:
+        emb, _ = clip_text_target(target, cfg.target)
+        proj = target.module.proj
+        text = emb.to(target.device)
+
+        def clip_score(feats):                      # (B, D, 1) ln_post features -> (B,)
+            image = feats[..., 0] @ proj.to(feats)
+            return F.cosine_similarity(image, text.to(image)[None], dim=-1)
+        return "ln_post", clip_score
+    head = target.head_name()
+    if head is None:
+        raise ConfigError(f"--relevance needs the class logit; {target.spec} has no classifier "
+                          f"head")
+    index = target.class_index(cfg.target)
+    return head, lambda feats: feats[:, index, 0]   # (B, K, 1) logits -> (B,)
+
+
+def _relevance_references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
+    """Relevance-weighted sort matching against the class's images (paper B.2)."""
+    layer, score = class_score(cfg, target)
+    native = target.input_size
+    images, used = load_images(files, native, cfg.num_ref, getattr(cfg, "ref_crop", 1.0))
+    obj, info = common.relevance_objective(cfg, target, layers, weights, images, sizes, layer,
+                                           score, cfg.relevance, cfg.relevance_floor,
+                                           cfg.relevance_every)
+    return obj, {"references": {"files": [str(p) for p in used], "size": native,
+                                "relevance": cfg.relevance, "layer": layer, **info}}
+
+
 def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
     """(sort-matching objective, metadata) against the class's real images; a CLIP ViT with
     ``--neural_field`` removes the field from both sides."""
+    if cfg.relevance != "none":
+        return _relevance_references(cfg, target, layers, weights, files, sizes)
     vit = target.kind == "clip-vit"
     if vit and cfg.neural_field:
         obj, info, meta = vit_extras.field_reference_objective(cfg, target, layers, weights,
@@ -58,11 +107,11 @@ def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
 def plan_class(cfg: ClassCFG, target) -> Plan:
     """The class run as a value (see ``vital.modes.runner``)."""
     size = common.image_size(cfg, target)
-    layers, weights = common.resolve_layers(cfg, target)
+    layers, weights = common.resolve_layers(cfg, target, mode="class")
     schedule = common.make_schedule(cfg, target)
     cls_obj, label, meta = class_term(cfg, target)
     meta.update(layers=layers, layer_weights=weights)
-    objective, hooked = cls_obj + common.priors(cfg), list(layers)
+    objective, hooked = cls_obj + common.priors(cfg, target), list(layers)
     if target.kind == "clip-vit":
         steer, steer_layers, meta["attn_steering"] = vit_extras.attention_steering(cfg, target)
         objective = objective + steer
@@ -78,10 +127,10 @@ def plan_class(cfg: ClassCFG, target) -> Plan:
     gen = common.generator_for(cfg, target.device)
     extras = {"magnitude": common.maco_magnitude(files, size, cfg.num_ref)} \
         if cfg.param == "maco" else {}   # MACO: the references' natural amplitude spectrum
-    param = common.make_param(cfg, size, target.device, gen, **extras)
+    param = common.make_param(cfg, size, target.device, gen, target=target, **extras)
     name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
     return Plan("class", target, objective, hooked, param, schedule, common.make_augment(cfg),
-                gen, name, {"target_label": label, **meta})
+                gen, name, {"target_label": label, "recipe": cfg.recipe, **meta})
 
 
 def run_class(cfg: ClassCFG, argv=None, callbacks: Callbacks | None = None):

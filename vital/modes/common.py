@@ -15,8 +15,8 @@ from vital.optvis import param as params_mod
 from vital.optvis import transforms
 from vital.optvis.losses import Objective, staged_sort_matching
 from vital.optvis.render import Schedule
-from vital.refs.images import load_image, load_images
-from vital.refs.references import reference_quantiles
+from vital.refs.images import load_image, load_images, resize_images
+from vital.refs.references import reference_quantiles, sorted_features
 
 
 @dataclass
@@ -201,6 +201,34 @@ def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, n
     obj = staged_sort_matching(refs, dict(zip(layers, weights)))
     meta = {"ref_sizes": {str(s): px for s, px in ref_px.items()}}
     return cfg.feat_weight * obj, {s: px_info[px] for s, px in ref_px.items()}, meta
+
+
+def relevance_objective(cfg, target, layers, weights, images: torch.Tensor, sizes,
+                        target_layer: str, score_fn, rule: str, floor: float = 0.0,
+                        every: int = 1) -> tuple[Objective, dict]:
+    """Sort matching against ``images`` (N, 3, S, S), resized to each stage size, weighted by
+    relevance for ``score_fn`` on ``target_layer`` (VITAL's relevant information flow; ``rule``
+    "none" = plain sort matching); returns (feat_weight x objective, info with the most
+    important channels per stage)."""
+    from vital.optvis import relevance as rel
+    refs, importance, info = {}, {}, {}
+    for size in sorted(set(sizes)):
+        resized = resize_images(images, size)
+        if rule == "none":
+            refs[size] = sorted_features(target, layers, resized, progress=cfg.progress)
+        else:
+            refs[size], importance[size] = rel.weighted_references(
+                target, resized, layers, target_layer, score_fn, rule, floor=floor)
+            info[str(size)] = {k: v.topk(min(5, len(v))).indices.tolist()
+                               for k, v in importance[size].items()}
+        refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
+    if rule == "none":
+        obj = staged_sort_matching(refs, dict(zip(layers, weights)))
+    else:
+        maps = rel.SyntheticMaps(target, layers, target_layer, score_fn, rule, every,
+                                 floor=floor)
+        obj = rel.relevance_sort_matching(refs, importance, dict(zip(layers, weights)), maps)
+    return cfg.feat_weight * obj, {"top_channels_by_relevance": info}
 
 
 def priors(cfg: RenderCFG, target=None) -> Objective | int:

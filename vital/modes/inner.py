@@ -26,6 +26,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from vital.optvis import losses
 from vital.optvis.losses import staged_sort_matching
-from vital.modes import common
+from vital.modes import common, recipes
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import relevance as rel
 from vital.config import ConfigError, opt, set_determinism
@@ -41,7 +42,7 @@ from vital.cache import write_json
 from vital.refs.patches import PatchScores, channel_means, contact_sheet, data_files, \
     iter_images, reference_patches, score_patches
 from vital.models import channels_positions
-from vital.refs.images import resize_images
+from vital.refs.images import load_images, resize_images
 from vital.refs.references import sorted_features
 
 _POSITION_LAYOUTS = ("BCHW", "BND")
@@ -50,6 +51,10 @@ _POSITION_LAYOUTS = ("BCHW", "BND")
 @dataclass
 class InnerCFG(common.RenderCFG):
     """Inner neuron visualisation (VITAL)."""
+    RECIPES: ClassVar[dict] = recipes.INNER_RECIPES
+    recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
+                      "vital/modes/recipes.py) or toolkit; flags and --json_cfg override it",
+                      choices=list(recipes.INNER_RECIPES))
     layer: str = opt("blocks.10", "layer of the neuron (query_model_layers.py lists them)")
     neuron: int = opt(0, "neuron / channel index in --layer")
     direction: str = opt("", "file with one value per channel (.pt, .npy, .safetensors, .txt): "
@@ -62,6 +67,9 @@ class InnerCFG(common.RenderCFG):
     patch_size: int = opt(64, "side of the square patches in px (at data_size)")
     stride: int = opt(0, "step between patches in px (0 = patch_size // 2)")
     score_size: int = opt(0, "px at which the model scores a patch (0 = as cropped)")
+    ref_kind: str = opt("patches", "references: the top-k patches (the paper's text) or the "
+                        "whole images they come from (images: the official code's)",
+                        choices=["patches", "images"])
     neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
     relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
@@ -196,7 +204,7 @@ def forward_order(target, names: list[str]) -> list[str]:
 
 def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str], list[float]]:
     """Sort-matching layers computed before the target (``--layers`` or the model's defaults)."""
-    layers, weights = common.resolve_layers(cfg, target)
+    layers, weights = common.resolve_layers(cfg, target, mode="inner")
     order = forward_order(target, list(dict.fromkeys(layers + [neuron.layer])))
     layouts = {info.name: info.layout for info in target.layers()}
     below = order[:order.index(neuron.layer)]
@@ -214,27 +222,11 @@ def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str]
 
 def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weights,
                       patches: torch.Tensor, sizes) -> tuple[losses.Objective, dict]:
-    """Sort matching against the patches at each stage size (relevance-weighted unless
+    """Sort matching against the references at each stage size (relevance-weighted unless
     ``--relevance none``); returns (objective, info with the most important channels)."""
-    refs, importance, info = {}, {}, {}
-    for size in sorted(set(sizes)):
-        images = resize_images(patches, size)
-        if cfg.relevance == "none":
-            refs[size] = sorted_features(target, layers, images, progress=cfg.progress)
-        else:
-            refs[size], importance[size] = rel.weighted_references(
-                target, images, layers, neuron.layer, neuron.score, cfg.relevance,
-                floor=cfg.relevance_floor)
-            info[str(size)] = {k: v.topk(min(5, len(v))).indices.tolist()
-                               for k, v in importance[size].items()}
-        refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
-    if cfg.relevance == "none":
-        obj = staged_sort_matching(refs, dict(zip(layers, weights)))
-    else:
-        maps = rel.SyntheticMaps(target, layers, neuron.layer, neuron.score, cfg.relevance,
-                                 cfg.relevance_every, floor=cfg.relevance_floor)
-        obj = rel.relevance_sort_matching(refs, importance, dict(zip(layers, weights)), maps)
-    return cfg.feat_weight * obj, {"top_channels_by_relevance": info}
+    return common.relevance_objective(cfg, target, layers, weights, patches, sizes,
+                                      neuron.layer, neuron.score, cfg.relevance,
+                                      cfg.relevance_floor, cfg.relevance_every)
 
 
 # ---------------------------------------------------------------- one run
@@ -261,13 +253,23 @@ def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores=None):
                              progress=cfg.progress, scores=scores, **_crop_settings(cfg, target))
 
 
-def _objective(cfg, target, neuron, top, size, schedule) -> tuple[losses.Objective, list, dict]:
+def reference_images(cfg: InnerCFG, target, top) -> torch.Tensor:
+    """What sort matching matches: the top-k patches, or with ``--ref_kind images`` the whole
+    images they come from (cropped to data_size as for patching), as the official code does."""
+    if cfg.ref_kind == "patches":
+        return top.images
+    images, _ = load_images([Path(src) for src in top.sources], _crop_settings(cfg, target)["size"])
+    return images
+
+
+def _objective(cfg, target, neuron, top, refs, size, schedule
+               ) -> tuple[losses.Objective, list, dict]:
     scale = float(np.mean(top.scores))
-    objective = neuron_objective(neuron, scale, cfg.neuron_weight) + common.priors(cfg)
+    objective = neuron_objective(neuron, scale, cfg.neuron_weight) + common.priors(cfg, target)
     layers, weights = lower_layers(cfg, target, neuron)
     meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale}
     if cfg.feat_weight and layers:
-        feat, info = feature_objective(cfg, target, neuron, layers, weights, top.images,
+        feat, info = feature_objective(cfg, target, neuron, layers, weights, refs,
                                        schedule.stage_sizes(size))
         objective, meta = feat + objective, {**meta, **info}
     if not isinstance(objective, losses.Objective) or not objective.names:
@@ -295,12 +297,13 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
     size = common.image_size(cfg, target)
     schedule = common.make_schedule(cfg, target)
     top = _patches(cfg, target, neuron, patch_scores)
-    objective, layers, meta = _objective(cfg, target, neuron, top, size, schedule)
+    refs = reference_images(cfg, target, top)
+    objective, layers, meta = _objective(cfg, target, neuron, top, refs, size, schedule)
     gen = common.generator_for(cfg, target.device)
-    param = common.make_param(cfg, size, target.device, gen,
-                              **_param_extras(cfg, top.images, size))
+    param = common.make_param(cfg, size, target.device, gen, target=target,
+                              **_param_extras(cfg, refs, size))
     meta.update(target_label=neuron.label, neuron=neuron.index, direction=cfg.direction or None,
-                relevance=cfg.relevance, references=_reference_meta(top), **(extra or {}))
+                relevance=cfg.relevance, ref_kind=cfg.ref_kind, references=_reference_meta(top), **(extra or {}))
 
     def after(run_dir, result):
         contact_sheet(top, run_dir / "references.png")
