@@ -272,7 +272,7 @@ def test_a_cnn_is_refused(tiny_cnn_target):
 # ---------------------------------------------------------------- statistics and PCA
 
 def test_top_tracker_keeps_the_k_largest_over_batches():
-    from vital.effects.stats import TopTracker
+    from vital.effects.stats import TopTracker, first_component, summarise
     gen = torch.Generator().manual_seed(0)
     effects = torch.randn(10, 3, 4, generator=gen)                           # (images, N, E)
     top = TopTracker(3, 4, 4)
@@ -284,10 +284,29 @@ def test_top_tracker_keeps_the_k_largest_over_batches():
         top.end_batch()
     norms = effects.norm(dim=-1)
     torch.testing.assert_close(top.norms(), norms)
+    values, index = top.ranked()
     for n in range(3):
         want = norms[:, n].topk(4).indices
-        assert top.index[n].tolist() == want.tolist()
-        torch.testing.assert_close(top.vectors[n], effects[want, n])
+        assert index[n].tolist() == want.tolist()
+        slots = [top.index[n].tolist().index(i) for i in want.tolist()]
+        torch.testing.assert_close(top.vectors[n, slots], effects[want, n])
+    summaries = summarise(torch.tensor([7, 8, 9]), top)
+    for n, s in enumerate(summaries):
+        component, explained = first_component(effects[index[n], n])
+        torch.testing.assert_close(s.component, component, rtol=1e-5, atol=1e-6)
+        assert abs(s.explained - explained) < 1e-6 and s.neuron == 7 + n
+        assert abs(s.significant - 0.4) < 1e-6 and s.top_images == index[n].tolist()
+
+
+def test_top_tracker_with_fewer_images_than_k():
+    from vital.effects.stats import TopTracker, summarise
+    effects = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(1))
+    top = TopTracker(2, 10, 5)
+    top.start_batch(3, 2)
+    top.update(slice(0, 2), effects, 0)
+    top.end_batch()
+    s = summarise(torch.tensor([0, 1]), top)
+    assert sorted(s[0].top_images) == [0, 1, 2] and s[0].significant == 1.0
 
 
 def test_first_component_is_signed_toward_most_images():
@@ -364,7 +383,9 @@ def test_script_runs_end_to_end(tiny_clip_file, tmp_path):
         ("0", "0"), ("0", "3"), ("0", "10"), ("1", "0"), ("1", "3"), ("1", "10")]
     assert all(0 < float(r["explained_variance"]) <= 1 for r in rows[:3])
     assert all(abs(float(r["significant_fraction"]) - 4 / 7) < 1e-3 for r in rows[:3])
-    assert all(r["top_words"] for r in rows)
+    assert all(r["top_words"] for r in rows[:3])
+    # block 1 is the last block: no later head, zero second-order effects, nothing to describe
+    assert all(float(r["explained_variance"]) == 0 and not r["top_words"] for r in rows[3:])
     from safetensors.torch import load_file
     comps = load_file(str(run / "components.safetensors"))
     assert comps["block0.components"].shape == (3, 32)

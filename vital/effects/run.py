@@ -32,7 +32,8 @@ from vital.models.labels import encode_texts
 from vital.refs.images import load_image
 from vital.refs.patches import data_files, iter_images
 
-__all__ = ["EffectsCFG", "EffectsResult", "run_effects", "prepare", "LayerRun"]
+__all__ = ["EffectsCFG", "EffectsResult", "run_effects", "prepare", "LayerRun", "layer_runs",
+           "pass_means", "pass_top"]
 
 _TILE = 96          # px of a tile in the contact sheets
 _EMBED_SCALE = 100.0  # the official normalisation: effects in units of 1/100 of |embedding|
@@ -81,7 +82,6 @@ class EffectsResult:
     summaries: dict = field(default_factory=dict)   # layer -> [NeuronSummary]
     words: dict = field(default_factory=dict)       # layer -> [Decomposition] or None
     accuracy: dict = field(default_factory=dict)    # layer -> {"none": .., "all": ..}
-    top_norms: dict = field(default_factory=dict)   # layer -> (N, k) norms, largest first
     images: int = 0
     stopped: str | None = None
 
@@ -145,7 +145,7 @@ def _chunks(n: int, size: int):
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
+def pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
     used_all = []
     for _, used, rec, scale in _batches(target, files, list(runs), cfg, "effects: means"):
         used_all += used
@@ -162,7 +162,7 @@ def _pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
     return used_all
 
 
-def _pass_top(target, files, runs: dict[int, LayerRun], cfg, direction) -> None:
+def pass_top(target, files, runs: dict[int, LayerRun], cfg, direction) -> None:
     for run in runs.values():
         n = len(run.maps.neurons)
         run.top = TopTracker(n, cfg.top_k, run.maps.first.shape[1])
@@ -248,8 +248,7 @@ def _write_tables(run_dir, result: EffectsResult, runs, texts, files, cfg) -> No
         tensors[prefix + "explained"] = torch.tensor([s.explained for s in summaries])
         tensors[prefix + "mean_second"] = run.mean
         tensors[prefix + "mean_first"] = run.first_mean
-        tensors[prefix + "top_norms"] = run.top.values
-        tensors[prefix + "top_images"] = run.top.index
+        tensors[prefix + "top_norms"], tensors[prefix + "top_images"] = run.top.ranked()
     with open(run_dir / "neurons.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -268,8 +267,7 @@ def _write_sheets(run_dir, result, files, texts, cfg, size) -> None:
         index = {s.neuron: j for j, s in enumerate(summaries)}
         for s in strongest:
             shown = s.top_images[:cfg.sheet_images]
-            norms = result.top_norms[layer][index[s.neuron]][:len(shown)]
-            _sheet(files, shown, [f"{v:.3g}" for v in norms],
+            _sheet(files, shown, [f"{v:.3g}" for v in s.top_norms],
                    run_dir / "sheets" / f"block{layer}_neuron{s.neuron}.png", size)
             if decomps:
                 d = decomps[index[s.neuron]]
@@ -332,10 +330,22 @@ def _run_name(cfg, layers) -> str:
     return cfg.run_name or f"{model}_block{'-'.join(map(str, layers))}_{Path(cfg.probe_dir).name}"
 
 
+def layer_runs(target, layers, neurons, cfg) -> dict[int, LayerRun]:
+    """The image-independent maps of every layer, with empty trackers."""
+    runs = {}
+    for layer in layers:
+        maps = dec.effect_maps(target.module, layer, neurons.to(target.device), cfg.neuron_chunk)
+        runs[layer] = LayerRun(maps, MeanTracker(len(neurons), maps.first.shape[1]),
+                               MeanTracker(len(neurons), maps.first.shape[1]))
+        if not maps.blocks:
+            print(f"note: block {layer} is the last block; no later attention head reads it, "
+                  "so its second-order effects are zero", file=sys.stderr)
+    return runs
+
+
 def run_effects(cfg: EffectsCFG, argv=None):
     """neuron_effects.py: returns (run folder, EffectsResult)."""
     target, layers, neurons, files, texts = prepare(cfg)
-    visual = target.module
     direction = None
     if cfg.heatmap:
         direction = encode_texts(target.clip, [cfg.heatmap], target.device)[0].to(target.device)
@@ -343,23 +353,15 @@ def run_effects(cfg: EffectsCFG, argv=None):
     write_json(run_dir / "config.json", run_metadata(
         cfg, argv, model=str(target.spec), weight_hash=target.weight_hash, layers=layers,
         probe_images=len(files)))
-    runs = {}
-    for layer in layers:
-        maps = dec.effect_maps(visual, layer, neurons.to(target.device), cfg.neuron_chunk)
-        runs[layer] = LayerRun(maps, MeanTracker(len(neurons), maps.first.shape[1]),
-                               MeanTracker(len(neurons), maps.first.shape[1]))
-        if not maps.blocks:
-            print(f"note: block {layer} is the last block; no later attention head reads it, "
-                  "so its second-order effects are zero", file=sys.stderr)
-    files = _pass_means(target, files, runs, cfg)
-    _pass_top(target, files, runs, cfg, direction)
+    runs = layer_runs(target, layers, neurons, cfg)
+    files = pass_means(target, files, runs, cfg)
+    pass_top(target, files, runs, cfg, direction)
     result = EffectsResult(run_dir=run_dir, images=len(files))
     atoms = None
     if texts is not None:
         atoms = dictionary(text_embeddings(target, texts, progress=cfg.progress))
     for layer, run in runs.items():
         result.summaries[layer] = summarise(run.maps.neurons.cpu(), run.top)
-        result.top_norms[layer] = run.top.values.tolist()
         if atoms is not None:
             comps = torch.stack([s.component for s in result.summaries[layer]])
             result.words[layer] = sparse_decompose(comps, atoms, cfg.components)

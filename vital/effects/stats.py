@@ -48,24 +48,32 @@ class TopTracker:
         self._batch = torch.zeros(batch, neurons)
 
     def update(self, part: slice, centred: torch.Tensor, offset: int) -> None:
-        """``centred`` (B, n, E): effects minus the neuron means; images offset.. offset+B-1."""
+        """``centred`` (B, n, E): effects minus the neuron means; images offset.. offset+B-1.
+        Only the vectors of images that enter a neuron's top k are copied (into the slots of
+        the ones they push out), so a batch costs O(entries) rather than O(n k E)."""
         centred = centred.float().cpu()
         norms = centred.norm(dim=-1)                                          # (B, n)
         self._batch[:, part] = norms
-        b = norms.shape[0]
-        values = torch.cat([self.values[part], norms.t()], 1)                 # (n, k+B)
-        index = torch.cat([self.index[part],
-                           torch.arange(offset, offset + b).expand(values.shape[0], b)], 1)
-        vectors = torch.cat([self.vectors[part], centred.transpose(0, 1)], 1)  # (n, k+B, E)
-        top = values.topk(self.k, dim=1)
-        self.values[part] = top.values
-        self.index[part] = index.gather(1, top.indices)
-        self.vectors[part] = vectors.gather(1, top.indices[..., None].expand(-1, -1,
-                                                                             vectors.shape[-1]))
+        values = self.values[part]                                            # (n, k) view
+        joint = torch.cat([values, norms.t()], 1)                             # (n, k+B)
+        chosen = torch.zeros_like(joint, dtype=torch.bool)
+        chosen.scatter_(1, joint.topk(self.k, dim=1).indices, True)
+        # evicted slots and entering images pair up row by row (nonzero is row-major, and a
+        # row has as many of each)
+        out_rows, out_slots = (~chosen[:, :self.k]).nonzero(as_tuple=True)
+        in_rows, in_images = chosen[:, self.k:].nonzero(as_tuple=True)
+        values[out_rows, out_slots] = norms.t()[in_rows, in_images]
+        self.index[part][out_rows, out_slots] = offset + in_images
+        self.vectors[part][out_rows, out_slots] = centred.transpose(0, 1)[in_rows, in_images]
 
     def end_batch(self) -> None:
         self.norm_parts.append(self._batch)
         self._batch = None
+
+    def ranked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, image index), each (N, k), largest first; index -1 = not filled."""
+        order = self.values.argsort(dim=1, descending=True, stable=True)
+        return self.values.gather(1, order), self.index.gather(1, order)
 
     def norms(self) -> torch.Tensor:
         """(images, N) centred norms."""
@@ -96,24 +104,48 @@ class NeuronSummary:
     norm_p99: float
     norm_max: float
     top_images: list[int]       # image indices, largest norm first
+    top_norms: list[float]      # their centred norms
 
 
-def summarise(neurons: torch.Tensor, top: TopTracker) -> list[NeuronSummary]:
+def _components(vectors: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched ``first_component`` over (n, k, E) with invalid rows zeroed: the top eigenvector
+    of the (k, k) Gram matrix gives the first left singular vector u; v = V^T u / s."""
+    v = vectors.double() * valid[..., None]
+    gram = v @ v.transpose(1, 2)                                              # (n, k, k)
+    evals, evecs = torch.linalg.eigh(gram)                                    # ascending
+    u, power = evecs[..., -1], evals[..., -1].clamp_min(0)                    # (n, k), (n,)
+    direction = (v.transpose(1, 2) @ u[..., None])[..., 0]                    # (n, E)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    positive = ((v @ direction[..., None])[..., 0] > 0) & valid                # (n, k)
+    flip = positive.sum(1) <= valid.sum(1) // 2
+    direction = torch.where(flip[:, None], -direction, direction)
+    total = (v ** 2).sum((1, 2))
+    explained = torch.where(total > 0, power / total.clamp_min(1e-300), torch.zeros_like(total))
+    return direction.float(), explained.float()
+
+
+def summarise(neurons: torch.Tensor, top: TopTracker, chunk: int = 256) -> list[NeuronSummary]:
     """PCA and norm distribution of every neuron (see module docstring)."""
     norms = top.norms()                                                       # (I, N)
+    values, index = top.ranked()
+    valid = index >= 0
+    quantiles = norms.quantile(torch.tensor([0.5, 0.99]), dim=0)             # (2, N)
+    threshold = torch.where(valid, values, torch.full_like(values, float("inf"))).min(1).values
+    significant = (norms >= threshold[None]).float().mean(0)
+    squares = (norms ** 2).sum(0)
+    top_squares = torch.where(valid, values ** 2, torch.zeros_like(values)).sum(1)
     out = []
-    for j, neuron in enumerate(neurons.tolist()):
-        valid = top.index[j] >= 0
-        vectors, values = top.vectors[j][valid], top.values[j][valid]
-        component, explained = first_component(vectors)
-        column = norms[:, j]
-        threshold = float(values.min())
-        squares = float((column ** 2).sum())
-        out.append(NeuronSummary(
-            neuron=neuron, component=component, explained=explained,
-            significant=float((column >= threshold).float().mean()),
-            top_norm_mean=float(values.mean()),
-            top_share=float((values ** 2).sum()) / squares if squares > 0 else 0.0,
-            norm_median=float(column.median()), norm_p99=float(column.quantile(0.99)),
-            norm_max=float(column.max()), top_images=top.index[j][valid].tolist()))
+    for start in range(0, len(neurons), chunk):
+        part = slice(start, start + chunk)
+        comps, explained = _components(top.vectors[part], top.index[part] >= 0)
+        for j in range(comps.shape[0]):
+            i = start + j
+            kept = valid[i]
+            out.append(NeuronSummary(
+                neuron=int(neurons[i]), component=comps[j], explained=float(explained[j]),
+                significant=float(significant[i]), top_norm_mean=float(values[i][kept].mean()),
+                top_share=float(top_squares[i] / squares[i]) if squares[i] > 0 else 0.0,
+                norm_median=float(quantiles[0, i]), norm_p99=float(quantiles[1, i]),
+                norm_max=float(norms[:, i].max()), top_images=index[i][kept].tolist(),
+                top_norms=values[i][kept].tolist()))
     return out

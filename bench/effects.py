@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Time and peak memory of neuron_effects.py's computation per 1000 probe images, for all 3072
+neurons of one layer of a ViT-B/32-shaped CLIP with random weights (vision width 768, 12 layers,
+patch 32, 224 px; a tiny text tower), loaded through ``load_target`` like a user's file.
+
+Steps timed: the image-independent maps (once per layer), pass 1 (means) and pass 2 (centred
+norms, top k with vectors) over ``--images`` generated PNGs (both passes scale with the number
+of images: the figure per 1000 images is extrapolated linearly), the per-neuron PCA (once), and
+optionally the OMP decomposition over ``--texts`` (random unit vectors as text embeddings, so no
+text tower runs; once per layer). Peak memory is the process's maximum resident set size
+(``ru_maxrss``), before the maps and at the end.
+
+  nice -n 10 python bench/effects.py                         # 64 images, layer 9, 2 threads
+  nice -n 10 python bench/effects.py --images 32 --layer 0 --texts 20000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vital.effects.run import EffectsCFG, layer_runs, pass_means, pass_top
+from vital.effects.stats import summarise
+from vital.effects.texts import dictionary, sparse_decompose
+from vital.models import load_target
+
+
+def random_vit_b32(path: Path) -> Path:
+    """A ViT-B/32-shaped CLIP (random weights) as OpenAI-layout safetensors, built by open_clip."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=12, width=768, patch_size=32, image_size=224)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    model = CLIP(512, vision, text, quick_gelu=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def probe_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(n):
+        path = folder / f"img_{k:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
+        files.append(path)
+    return files
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--layer", type=int, default=9)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--top_k", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--texts", type=int, default=0, help="random text set size for OMP")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        os.environ["VITAL_CACHE"] = str(work / "cache")
+        target = load_target(str(random_vit_b32(work / "vit_b32.safetensors")))
+        files = probe_images(work / "probe", args.images)
+        cfg = EffectsCFG(batch_size=args.batch, neuron_chunk=args.chunk, top_k=args.top_k,
+                         progress=False)
+        neurons = torch.arange(target.module.transformer.resblocks[args.layer].mlp.c_fc.out_features)
+        before = peak_mb()
+        runs, t_maps = timed(layer_runs, target, [args.layer], neurons, cfg)
+        used, t_pass1 = timed(pass_means, target, files, runs, cfg)
+        _, t_pass2 = timed(pass_top, target, used, runs, cfg, None)
+        run = runs[args.layer]
+        summaries, t_pca = timed(summarise, run.maps.neurons, run.top)
+        t_omp = 0.0
+        if args.texts:
+            atoms = dictionary(torch.nn.functional.normalize(torch.randn(args.texts, 512), dim=-1))
+            comps = torch.stack([s.component for s in summaries])
+            _, t_omp = timed(sparse_decompose, comps, atoms, 16)
+        per_1000 = 1000 / len(used)
+        maps_mb = run.maps.second.numel() * 4 / 2**20
+        top_mb = run.top.vectors.numel() * 4 / 2**20
+    print(f"ViT-B/32 (random weights), layer {args.layer}, {len(neurons)} neurons, "
+          f"{len(used)} images, batch {args.batch}, chunk {args.chunk}, top_k {args.top_k}, "
+          f"{args.threads} threads")
+    print(f"maps (once):            {t_maps:7.1f} s   ({maps_mb:.0f} MB)")
+    print(f"pass 1 (means):         {t_pass1:7.1f} s   -> {t_pass1 * per_1000:7.0f} s / 1000 images")
+    print(f"pass 2 (top k):         {t_pass2:7.1f} s   -> {t_pass2 * per_1000:7.0f} s / 1000 images")
+    print(f"PCA (once):             {t_pca:7.1f} s   (top-k vectors {top_mb:.0f} MB)")
+    if args.texts:
+        print(f"OMP over {args.texts} texts: {t_omp:7.1f} s (once)")
+    print(f"total per 1000 images:  {(t_pass1 + t_pass2) * per_1000:7.0f} s  + once "
+          f"{t_maps + t_pca + t_omp:.0f} s")
+    print(f"peak RSS: {peak_mb():.0f} MB (model and images loaded: {before:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
