@@ -140,7 +140,7 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, p: float = 3.0, top_fraction:
         avg = Pk.mean(0).clamp_min(_MIN_AVG_P) ** scale_p      # (M,)
         for start in range(0, P.shape[1], chunk):
             block = Pk[:, start:start + chunk]                 # (n, c)
-            rank = block.argsort(0, stable=True).argsort(0)    # rank of each image, ascending P
+            rank = block.argsort(dim=0, stable=True).argsort(dim=0)   # rank of each image, ascending P
             reorg = s[rank]                                    # (n, c)
             err = ((t[:, None] - reorg).abs() ** p).mean(0) / baseline
             out[k, start:start + chunk] = -err / avg[start:start + chunk]
