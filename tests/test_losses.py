@@ -264,3 +264,44 @@ def test_every_objective_falls_within_a_few_steps(make):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+class _PreviousSortMatching(torch.autograd.Function):
+    """The implementation before rank_residual (sorted layout, scatter in the backward), kept
+    as the reference the fast one must reproduce."""
+
+    @staticmethod
+    def forward(ctx, x, ref):
+        order = x.detach().sort(dim=-1, stable=True).indices
+        diff = x.gather(-1, order) - ref
+        ctx.save_for_backward(order, diff)
+        return diff.pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, diff = ctx.saved_tensors
+        grad_sorted = diff * (grad * (2.0 / diff.numel()))
+        return torch.empty_like(grad_sorted).scatter_(-1, order, grad_sorted), None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_rank_residual_equals_the_previous_sort_matching(threads, monkeypatch):
+    """Rows sorted in parallel chunks: the same order and gradient, bit for bit, and the same
+    loss up to summation order, on 112 x 112-like rows with ReLU ties and a batch of 2."""
+    monkeypatch.setattr(L, "PARALLEL_MIN_VALUES", 1)   # threads even on small test tensors
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = _gen(21)
+    x = torch.randn(2, 7, 3000, generator=g).clamp_min(0)            # many exact ties (zeros)
+    x[1, 3] = torch.randint(-2, 3, (3000,), generator=g).float()
+    ref = torch.randn(7, 3000, generator=g).sort(-1).values
+    torch.testing.assert_close(L.sort_order(x), x.sort(dim=-1, stable=True).indices,
+                               rtol=0, atol=0)
+    fast, old = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = L.sort_matching(fast, ref)
+    expected = _PreviousSortMatching.apply(old, ref)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    (3 * loss).backward()
+    (3 * expected).backward()
+    torch.testing.assert_close(fast.grad, old.grad, rtol=0, atol=0)
+    where = torch.empty_like(x).scatter_(-1, L.sort_order(x), ref.expand_as(x))
+    torch.testing.assert_close(L.rank_residual(x, ref), x - where, rtol=0, atol=0)

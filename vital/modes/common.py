@@ -47,6 +47,9 @@ class RenderCFG:
     ref_crop: float = opt(1.0, "centre crop of the reference images as a fraction of the short "
                           "side (0.875 = Resize 256 + CenterCrop 224, the official code's)")
     batch: int = opt(1, "images optimised together", low=1)
+    precision: str = opt("fp32", "the model's forward: fp32, or bf16 under autocast (CPU and "
+                         "CUDA; features, sort matching and the loss stay fp32)",
+                         choices=["fp32", "bf16"])
     param: str = opt("laplacian", "image parameterisation",
                      choices=sorted(params_mod.PARAMETERISATIONS))
     pyramid_levels: int = opt(4, "levels of the Laplacian pyramid", low=1)

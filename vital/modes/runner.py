@@ -114,7 +114,8 @@ def run_plan(cfg, plan: Plan, argv=None, callbacks: Callbacks | None = None
                         progress=cfg.progress, record_fn=opinion,
                         on_progress=callbacks.on_progress,
                         progress_every=callbacks.progress_every,
-                        should_stop=callbacks.should_stop, embed=plan.embed)
+                        should_stop=callbacks.should_stop, embed=plan.embed,
+                        precision=getattr(cfg, "precision", "fp32"))
         final_opinion = opinion(result.image) if opinion is not None else {}
         final = writer.finish(result, {"final_opinion": final_opinion})
     except BaseException as err:

@@ -76,7 +76,18 @@ def _first_bad_term(terms: dict[str, torch.Tensor]) -> str:
 
 
 def _step_features(target, feats: dict, layouts: dict) -> dict[str, torch.Tensor]:
-    return {name: channels_positions(t, layouts[name]) for name, t in feats.items()}
+    # float32 whatever the forward's precision: sort matching and the terms stay in fp32
+    return {name: channels_positions(t, layouts[name]).float() for name, t in feats.items()}
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _autocast(device: torch.device, precision: str):
+    """The model's forward in ``precision``: fp32 as is, bf16 under autocast (CPU and CUDA)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @contextlib.contextmanager
@@ -94,7 +105,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
            save_steps: int = 200, callback: Callable | None = None,
            progress: bool = True, record_fn: Callable | None = None,
            on_progress: Callable | None = None, progress_every: int = 5,
-           should_stop: Callable[[], bool] | None = None, embed: bool = False) -> RenderResult:
+           should_stop: Callable[[], bool] | None = None, embed: bool = False,
+           precision: str = "fp32") -> RenderResult:
     """Optimise ``param`` = (params, image_fn) so that ``objective`` falls.
 
     ``objective.terms(ctx)`` returns the named, already weighted loss terms; their sum is the
@@ -106,7 +118,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     asked before every step and ends the run like Ctrl-C (``stopped = "stopped"``). Neither
     touches a random generator, so they never change the result. With ``embed`` the context
     also holds "embed": the model's embedding of the step's input (``TargetModel.embed``), read
-    during the same forward.
+    during the same forward. ``precision`` "bf16" runs the model's forward under bfloat16
+    autocast; features, output and every loss term stay float32.
     """
     import time
     params, image_fn = param
@@ -137,12 +150,13 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                         image, size=(stage_size, stage_size), mode="area")
                     if augment is not None:
                         x = augment(x, generator)
-                    output = target(x)
+                    with _autocast(x.device, precision):
+                        output = target(x).float()
                     ctx = {"image": image, "input": x, "output": output, "stage": stage,
                            "size": stage_size, "step": step,
                            "features": _step_features(target, feats, layouts)}
                     if embed:
-                        ctx["embed"] = grabbed.get("embed", output)
+                        ctx["embed"] = grabbed.get("embed", output).float()
                     terms = objective.terms(ctx)
                     loss = sum(terms.values())
                     if not torch.isfinite(loss):
