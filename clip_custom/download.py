@@ -30,6 +30,12 @@ CHUNK = 1 << 20  # bytes read per step, download and hashing
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
 
+class DownloadError(ConnectionError, RuntimeError):
+    """Weights that are neither cached nor downloadable (offline, network or checksum failure);
+    the message names the URL and where to place the file. A RuntimeError (the documented
+    contract) and an OSError (what a script reports as one sentence, without a traceback)."""
+
+
 def cache_dir() -> Path:
     """$VITAL_CACHE/clip, or ~/.cache/vital/clip."""
     root = os.environ.get("VITAL_CACHE") or Path.home() / ".cache" / "vital"
@@ -71,9 +77,9 @@ def _download(name: str, url: str, target: Path, expected: str) -> None:
             try:
                 got = _stream(url, out, target.name)
             except _NETWORK_ERRORS as err:
-                raise RuntimeError(_offline_message(name, url, target, expected, err)) from err
+                raise DownloadError(_offline_message(name, url, target, expected, err)) from err
         if got != expected:
-            raise RuntimeError(
+            raise DownloadError(
                 f"downloaded {url} but its SHA-256 is {got}, not {expected}; the partial file was "
                 f"deleted. Try again, or put a good copy at {target}.")
         os.replace(tmp, target)

@@ -1,4 +1,5 @@
 """Reading weight files safely: safetensors, TorchScript archives, weights-only torch files."""
+import pickle
 import warnings
 from pathlib import Path
 
@@ -25,12 +26,26 @@ def _read_torch(path: Path) -> dict:
     except Exception as jit_err:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"cannot read weights from {path}: it holds Python objects besides tensors "
+                f"({_blocked(err)}), and such a file is never unpickled here because unpickling "
+                "can run code. Valid files: .safetensors, .pt/.pth/.bin state dicts of tensors, "
+                "OpenAI .pt archives.") from None
         except Exception as err:
             raise ValueError(
                 f"cannot read weights from {path}: it is neither a TorchScript archive ({jit_err}) "
                 f"nor a weights-only torch file ({type(err).__name__}: {err}). Is it truncated or "
                 "corrupt? Valid files: .safetensors, .pt/.pth/.bin state dicts, OpenAI .pt archives."
             ) from err
+
+
+def _blocked(err: Exception) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load the file with
+    weights_only=False (which would run whatever the pickle holds)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "documentation" not in line]
+    return useful[0].rstrip(".") if useful else "a refused pickle"
 
 
 def _unwrap(obj, path: Path) -> dict:

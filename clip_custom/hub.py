@@ -7,7 +7,7 @@ transformers one.
 import json
 
 from .convert import from_transformers, is_transformers_layout, open_clip_arch, transformers_arch
-from .download import sha256_file
+from .download import DownloadError, sha256_file
 from .files import read_weight_file
 from .model import check_is_clip
 
@@ -40,7 +40,7 @@ def _fetch(repo_id: str, filename: str):
     except not_found:
         return None
     except Exception as err:
-        raise RuntimeError(f"cannot fetch {filename} of {PREFIX}{repo_id} from {_where(constants)}: "
+        raise DownloadError(f"cannot fetch {filename} of {PREFIX}{repo_id} from {_where(constants)}: "
                            f"{type(err).__name__}: {err}") from err
 
 
@@ -49,7 +49,7 @@ def _first_weight_file(repo_id: str) -> str:
         path = _fetch(repo_id, filename)
         if path:
             return path
-    raise RuntimeError(f"{PREFIX}{repo_id}: none of {', '.join(WEIGHT_FILES)} found in "
+    raise DownloadError(f"{PREFIX}{repo_id}: none of {', '.join(WEIGHT_FILES)} found in "
                        f"{_where(_hub()[2])}")
 
 

@@ -304,13 +304,16 @@ def parse_shard(text: str) -> tuple[int, int] | None:
     """``"i/n"`` -> (i, n) with 0 <= i < n; empty -> None."""
     if not text:
         return None
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    match = re.fullmatch(r"\s*([-+]?\d+)\s*/\s*([-+]?\d+)\s*", text)
     if not match:
-        raise ConfigError(f"--shard {text!r} must look like i/n, e.g. 0/4")
+        raise ConfigError(f"--shard {text!r} must look like i/n (shard i of n, counted from 0), "
+                          f"e.g. 0/4")
     i, n = int(match.group(1)), int(match.group(2))
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: need n >= 1 and 0 <= i < n (for n = {n}: "
-                          f"i in 0..{max(n - 1, 0)})")
+    if n < 1:
+        raise ConfigError(f"--shard {text}: the number of shards n must be 1 or more, got {n}")
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: the shard index i must be in 0..{n - 1} for n = {n}, "
+                          f"got {i}")
     return i, n
 
 

@@ -20,7 +20,7 @@ class LayersCFG:
     model: str = opt("efficientnet-lite0", MODEL_HELP)
     json: bool = opt(False, "print JSON instead of a table")
     filter: str = opt("", "keep layer names matching this regex (or plain substring)")
-    size: int = opt(0, "input size in pixels (0: the model's native size)")
+    size: int = opt(0, "input size in pixels (0: the model's native size)", low=0, high=4096)
     device: str = opt("cpu", "auto | cpu | cuda")
 
 
@@ -40,13 +40,21 @@ def describe(target, pattern: str) -> dict:
     return {
         "model": str(target.spec), "kind": target.kind, "input_size": target.input_size,
         "mean": list(target.mean), "std": list(target.std), "weight_hash": target.weight_hash,
-        "default_layers": target.default_layers(),
+        "default_layers": target.default_layers(), "blocks": target.blocks(),
         "layers": [info._asdict() for info in target.layers() if keep(info.name)],
     }
 
 
 def _shape_text(shape) -> str:
     return "x".join(str(s) for s in shape)
+
+
+def _blocks_line(blocks: list[str]) -> str:
+    """What a bare layer number means for this model (``--layer 12`` = block 12)."""
+    if not blocks:
+        return "blocks: none (give layer names)"
+    return (f"blocks (a bare layer number N means block N): 0..{len(blocks) - 1} = "
+            f"{blocks[0]} .. {blocks[-1]}")
 
 
 def format_table(desc: dict) -> str:
@@ -57,7 +65,8 @@ def format_table(desc: dict) -> str:
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [f"model {desc['model']} ({desc['kind']}), input {desc['input_size']} px, "
            f"weights sha256 {desc['weight_hash'][:16]}...",
-           f"default layers: {', '.join(desc['default_layers']) or '-'}", "",
+           f"default layers: {', '.join(desc['default_layers']) or '-'}",
+           _blocks_line(desc["blocks"]), "",
            line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     out.append(f"{len(rows)} layer(s)")

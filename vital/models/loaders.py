@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vital.models import efficientnet as _efficientnet
+from clip_custom.download import DownloadError
 from vital.cache import file_sha256
 from vital.config import resolve_device
 from vital.models.target import TargetModel, imagenet_classes
@@ -252,7 +253,7 @@ def _cached_checkpoint(url: str, download: bool) -> tuple[dict, str]:
             except OSError as err:
                 why = f"download failed: {err}"
         if not dst.is_file():
-            raise RuntimeError(f"torchvision weights not cached and we are offline ({why}). "
+            raise DownloadError(f"torchvision weights not cached and we are offline ({why}). "
                                f"Fetch {url} on a machine with network and place it at {dst} "
                                "(the cache is $TORCH_HOME/hub/checkpoints), or use "
                                "?weights=none for random weights")

@@ -7,6 +7,7 @@ classes with their probabilities.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,6 +99,11 @@ class ClassifierOpinion:
 def make_opinion(target, prompts_file: str | None = None, top_k: int = 5, progress: bool = True):
     """The opinion callable that fits ``target`` (None for a model without classes or text)."""
     if getattr(target, "clip", None) is not None:
+        try:
+            target.check_vocabulary()
+        except ValueError as err:   # an image-only run still works, without an opinion
+            warnings.warn(f"no opinion: {err}", stacklevel=2)
+            return None
         return ClipOpinion(target, read_prompts(prompts_file), top_k=top_k, progress=progress)
     if getattr(target, "class_names", None):
         return ClassifierOpinion(target, top_k=top_k)

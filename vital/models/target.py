@@ -221,11 +221,23 @@ class TargetModel:
     def _text_embeddings(self, prompts: tuple[str, ...]) -> torch.Tensor:
         if prompts not in self._text_cache:
             import clip_custom
+            self.check_vocabulary()
             tokens = clip_custom.tokenize(list(prompts), context_length=self.clip.context_length,
                                           truncate=True)  # (K, context_length), 0-padded
             emb = self.clip.encode_text(tokens.to(self.device)).float()
             self._text_cache[prompts] = emb / emb.norm(dim=-1, keepdim=True)
         return self._text_cache[prompts]
+
+    def check_vocabulary(self) -> None:
+        """Text needs CLIP's BPE vocabulary: another size would index past the embedding (or
+        mean other tokens) deep inside the text tower."""
+        from clip_custom.tokenizer import default_tokenizer
+        have = self.clip.token_embedding.weight.shape[0]
+        want = default_tokenizer().vocab_size
+        if have != want:
+            raise ValueError(f"{self.spec} has a text vocabulary of {have} tokens, CLIP's tokenizer "
+                             f"{want}: its text tower cannot read prompts or class names. Its "
+                             f"image tower still works (e.g. inner_neurons_fvis.py)")
 
     def class_scores(self, x01: torch.Tensor, prompts=None) -> torch.Tensor:
         """(B, K) scores. CLIP: scaled cosine between image and prompt embeddings (K prompts;

@@ -158,7 +158,11 @@ def _read_vector(path: Path) -> torch.Tensor:
     elif suffix == ".npy":
         tensors = [torch.from_numpy(np.load(path, allow_pickle=False))]
     elif suffix in (".txt", ".csv"):
-        tensors = [torch.from_numpy(np.loadtxt(path, delimiter="," if suffix == ".csv" else None))]
+        try:
+            tensors = [torch.from_numpy(np.loadtxt(path, delimiter="," if suffix == ".csv"
+                                                   else None))]
+        except ValueError as err:   # letters or ragged rows; numpy's message omits the file
+            raise ConfigError(f"direction file {path} must hold numbers only: {err}") from None
     else:
         raise ConfigError(f"direction file {path} has an unknown type; valid: .pt, .pth, .npy, "
                           ".safetensors, .txt, .csv")

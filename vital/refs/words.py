@@ -97,6 +97,11 @@ def render_word(text: str, size: int = 224, font: str | os.PathLike | None = Non
     if not Path(font_path).is_file():
         raise FileNotFoundError(f"font file {font_path} does not exist; give a .ttf/.otf file "
                                 f"or leave it empty for {DEFAULT_FONT} from matplotlib")
+    try:
+        _font(font_path, 10)
+    except OSError as err:   # Pillow: "unknown file format", "cannot open resource"
+        raise ValueError(f"font file {font_path} is not a font Pillow can read ({err}); give a "
+                         f".ttf/.otf file or leave it empty for {DEFAULT_FONT}") from None
     image = Image.new("RGB", (size, size), PAPER)
     draw = ImageDraw.Draw(image)
     room = size - 2 * round(MARGIN * size)
