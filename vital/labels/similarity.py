@@ -23,7 +23,7 @@ import torch
 __all__ = ["SIMILARITIES", "DEFAULTS", "similarity", "cos_similarity", "cos_similarity_cubed",
            "wpmi", "soft_wpmi", "rank_reorder"]
 
-_CHUNK_ELEMENTS = 1 << 24   # elements of one (neurons x images x concepts) working block
+_CHUNK_ELEMENTS = 1 << 22   # float64 elements of one (neurons x images x concepts) block (32 MB)
 _BASELINE_PERMUTATIONS = 5  # random orders averaged for rank_reorder's baseline error
 _MIN_AVG_P = 1e-6           # floor of rank_reorder's mean concept score (see rank_reorder)
 _EPS_NORM = 1e-12           # cos_similarity: a dead (all-zero) column stays zero, not NaN
@@ -68,6 +68,12 @@ def _neuron_chunks(K: int, per_neuron: int):
         yield slice(start, min(K, start + step))
 
 
+def _concept_probs(P: torch.Tensor, a: float) -> torch.Tensor:
+    """softmax(a P) over concepts, kept in float32 (N x 20k concepts is 88 MB, not 176 MB);
+    the gathered blocks are summed in float64."""
+    return torch.softmax(a * P.float(), dim=1)
+
+
 def _pmi(log_p_given_neuron: torch.Tensor, lam: float) -> torch.Tensor:
     """log p(m|k) - lam * log p(m), where p(m) is the mean of p(m|k) over the K neurons
     (logsumexp over neurons minus log K, so products of 100 probabilities do not underflow)."""
@@ -80,12 +86,12 @@ def wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 28, a: float = 2.0, lam:
          min_prob: float = 1e-7) -> torch.Tensor:
     """Weighted pointwise mutual information: log p(m|k) = sum over neuron k's ``top_k`` images
     of log(softmax(a P)[i, m] + min_prob); minus ``lam`` log p(m)."""
-    P, A = _check(P, A)
-    probs = torch.softmax(a * P, dim=1)                       # (N, M) over concepts
-    top = _top_images(A, top_k)                                # (K, t)
+    _check(P, A)
+    probs = _concept_probs(P, a)                               # (N, M) over concepts
+    top = _top_images(A.double(), top_k)                       # (K, t)
     out = torch.empty(A.shape[1], P.shape[1], dtype=torch.float64)
     for part in _neuron_chunks(A.shape[1], top.shape[1] * P.shape[1]):
-        picked = probs[top[part]]                              # (k, t, M)
+        picked = probs[top[part]].double()                     # (k, t, M)
         out[part] = torch.log(picked + min_prob).sum(1)
     return _pmi(out, lam)
 
@@ -97,15 +103,15 @@ def soft_wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 100, a: float = 10.
     belongs to the neuron's concept with probability p_r = p_start - r (p_start - p_end) / top_k,
     so log p(m|k) = sum_r log(p_r softmax(a P)[i_r, m] + 1 - p_r + min_prob); minus ``lam``
     log p(m). ``top_k`` is capped at the number of images (and the ramp then runs over those)."""
-    P, A = _check(P, A)
-    probs = torch.softmax(a * P, dim=1)                        # (N, M) over concepts
-    top = _top_images(A, top_k)                                # (K, t)
+    _check(P, A)
+    probs = _concept_probs(P, a)                               # (N, M) over concepts
+    top = _top_images(A.double(), top_k)                       # (K, t)
     t = top.shape[1]
     ranks = torch.arange(t, dtype=torch.float64)
     p_in = (p_start - ranks / t * (p_start - p_end)).view(1, t, 1)   # (1, t, 1)
     out = torch.empty(A.shape[1], P.shape[1], dtype=torch.float64)
     for part in _neuron_chunks(A.shape[1], t * P.shape[1]):
-        picked = probs[top[part]]                              # (k, t, M)
+        picked = probs[top[part]].double()                     # (k, t, M)
         out[part] = torch.log(p_in * picked + (1 - p_in) + min_prob).sum(1)
     return _pmi(out, lam)
 
@@ -124,7 +130,8 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, p: float = 3.0, top_fraction:
     implies (the sorted activations s given out by P rank) is compared with t:
     err = mean |t - reorg|^p / (the same error of random orders), divided by
     (mean P over the n images)^scale_p; the similarity is -err. Raw P, no softmax."""
-    P, A = _check(P, A)
+    _check(P, A)
+    A = A.double()
     n = max(1, int(top_fraction * A.shape[0]))
     values, index = A.topk(n, dim=0)                           # (n, K), descending
     generator = torch.Generator().manual_seed(seed)
@@ -134,7 +141,7 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, p: float = 3.0, top_fraction:
         s = t.flip(0)                                          # ascending
         # all top activations equal: every order is as good as any; avoid 0 / 0
         baseline = _baseline_error(s, p, generator).clamp_min(1e-12)
-        Pk = P[index[:, k]]                                    # (n, M)
+        Pk = P[index[:, k]].double()                           # (n, M)
         # the mean concept score can be tiny or negative (CLIP cosines); the reference code
         # would give NaN or huge values there: a floor of 1e-6 makes such concepts rank last
         avg = Pk.mean(0).clamp_min(_MIN_AVG_P) ** scale_p      # (M,)
