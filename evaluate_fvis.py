@@ -20,10 +20,21 @@ Each run is a normal run folder under OUT/<model>/<target>/<method>/seed<k>/ plu
 Finished runs are skipped (resume). --shard i/n splits a sweep between processes or machines
 (a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final --report merges.
 
+--launcher (pip install -e .[cluster]): local runs one run after another here; ray runs each
+run as a Ray task (a local Ray, or --ray_address of a cluster; one GPU per task when the cluster
+has GPUs; failed tasks retried --retries times); slurm submits one job array through submitit
+(--slurm_partition, --slurm_time minutes per run, --slurm_gpus, --slurm_cpus,
+--slurm_parallel, --slurm_folder). At the time limit submitit requeues the job, which skips the
+runs that finished; the same command run again does the same. The report is the same whichever
+launcher ran the sweep.
+
 Examples:
   python evaluate_fvis.py --json_cfg presets/eval_lite0.json
   python evaluate_fvis.py --json_cfg presets/eval_lite0.json --shard 0/2   # and 1/2
   python evaluate_fvis.py --json_cfg presets/eval_lite0.json --report
+  python evaluate_fvis.py --json_cfg presets/eval_lite0.json --launcher ray   # local Ray
+  python evaluate_fvis.py --json_cfg presets/eval_lite0.json --launcher slurm \\
+      --slurm_partition gpu --slurm_time 120 --slurm_parallel 32
   python evaluate_fvis.py --json_cfg presets/eval_inner_lite0.json          # inner neurons
   python evaluate_fvis.py --targets espresso daisy --methods vital am_fft --seeds 0 1 \\
       --settings "steps_multires=[50,100],num_ref=12" --out_dir out_eval/small
