@@ -40,3 +40,19 @@ def test_centroid_top1():
     centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     feats = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 9.0], [9.0, 0.0]])
     assert metrics.centroid_top1(feats, [0, 1, 2, 2], centroids) == pytest.approx(0.75)
+
+
+def test_heldout_photos_equal_to_a_reference_are_refused(tmp_path):
+    from helpers import write_images
+    from vital.config import ConfigError
+    from vital.eval.heldout import check_disjoint, heldout_folder
+    from vital.refs.images import list_images
+    refs = write_images(tmp_path / "refs" / "001_cat", 3, seed=0)
+    held = write_images(tmp_path / "heldout" / "001_cat", 3, seed=1)
+    assert heldout_folder(refs, tmp_path / "heldout") == held
+    check_disjoint(list_images(refs), list_images(held))             # distinct: fine
+    (held / "copy.png").write_bytes((refs / "img_01.png").read_bytes())  # a renamed copy
+    with pytest.raises(ConfigError, match="also references"):
+        check_disjoint(list_images(refs), list_images(held))
+    with pytest.raises(ConfigError, match="no held-out folder"):
+        heldout_folder(tmp_path / "refs" / "002_dog", tmp_path / "heldout")

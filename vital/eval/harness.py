@@ -33,13 +33,18 @@ from vital.eval.sweep import (  # noqa: F401  (re-exported: vital.eval.harness i
 def validate(runs: list[Run], scorer) -> dict[tuple[str, str], object]:
     """Resolve every (model, target) on every model and list every reference folder, so that
     bad input fails before any run starts. Returns (model, target) -> ClassRef."""
+    from vital.eval.heldout import check_disjoint, heldout_folder
     from vital.refs.images import list_images
     classes = {}
     for run in runs:
         key = (run.model, run.target)
         if key not in classes:
             classes[key] = scorer.resolve(run.model, run.target)
-            list_images(run.ref_dir)
+            refs = list_images(run.ref_dir)
+            if scorer.heldout_root:
+                folder = heldout_folder(run.ref_dir, scorer.heldout_root)
+                check_disjoint(refs, list_images(folder))
+                scorer.heldout[run.target] = (classes[key].judge_index, folder)
     return classes
 
 
@@ -126,12 +131,13 @@ def _score(run: Run, scorer, cls, result, wall: float) -> dict:
     from vital.eval.scoring import quantise
     images = quantise(result.image)   # what final.png holds, for every image of the batch
     num_ref = run.cfg.num_ref
-    features = scorer.fid_features(images, run.ref_dir, num_ref)
+    features = scorer.fid_features(images, run.ref_dir, num_ref, run.target)
     save_file({k: v.contiguous() for k, v in features.items()}, str(run.run_dir / FEATURES_FILE))
     steps = sorted((run.run_dir / "steps").glob("step_*.png"))
     return {"metrics": {**scorer.score(run.model, cls, images, run.ref_dir, num_ref),
-                        **_timing(result, wall)},
-            "real": scorer.score_real(run.model, cls, run.ref_dir, num_ref),
+                        **scorer.score_heldout(run.target, images), **_timing(result, wall)},
+            "real": {**scorer.score_real(run.model, cls, run.ref_dir, num_ref),
+                     **scorer.score_heldout_real(run.target)},
             "curve": scorer.curve(run.model, cls, steps),
             "features": FEATURES_FILE}
 
@@ -158,7 +164,7 @@ def run_sweep(cfg: EvalCFG) -> list[dict]:
     here = cfg.launcher == "local"   # else this process only checks; workers pick their device
     device = resolve_device(cfg.device) if here else resolve_device("cpu")
     scorer = Scorer(cfg.judge, cfg.fid_model, cfg.clip_judge, device=device,
-                    progress=cfg.progress)
+                    progress=cfg.progress, heldout_root=cfg.heldout_root)
     classes = validate(runs, scorer)
     check_resumable(mine, cfg)
     if not here:

@@ -24,7 +24,11 @@ from vital.imaging import grid, save_png
 QUALITY = [("self_top1", "self top-1"), ("self_top5", "self top-5"),
            ("judge_top1", "judge top-1"), ("judge_top5", "judge top-5"),
            ("clip_top1", "CLIP top-1"), ("clip_top5", "CLIP top-5"),
-           ("fid", "FID ↓"), ("class_auc", "logit AUC"), ("class_mad", "logit MAD")]
+           ("centroid_top1", "centroid top-1"), ("kid_heldout", "KID held-out ↓"),
+           ("fid_heldout", "FID held-out ↓"), ("class_auc", "logit AUC"),
+           ("class_mad", "logit MAD"), ("fid", "reference fidelity (FID vs refs) ↓"),
+           ("heldout_judge_top1", "held-out judge top-1"),
+           ("heldout_judge_top5", "held-out judge top-5")]
 COST = [("seconds_per_step", "s / step"), ("seconds_per_image", "s / image"),
         ("seconds_run", "s / run (with setup)")]
 CURVES = [("self_top1", "self top-1"), ("self_prob", "self p(class)"),
@@ -103,6 +107,24 @@ def _fid_of(runs: list[dict], shrinkage: float) -> tuple[float, dict]:
     return metrics.fid(fv, real, shrinkage=shrinkage), info
 
 
+def _heldout_of(runs: list[dict]) -> dict:
+    """KID and FID of all FVs of these runs against the held-out photos of their targets, in
+    the judge's features (runs scored with --heldout_root only)."""
+    fv, real, seen = [], [], set()
+    for record in runs:
+        feats = load_file(str(record["_dir"] / record.get("features", FEATURES_FILE)))
+        if "heldout" not in feats:
+            return {}
+        fv.append(feats["fv_judge"])
+        if record["target"] not in seen:
+            seen.add(record["target"])
+            real.append(feats["heldout"])
+    fv, real = torch.cat(fv), torch.cat(real)
+    if fv.shape[0] < 2:
+        return {}
+    return {"kid_heldout": metrics.kid(fv, real), "fid_heldout": metrics.fid(fv, real)}
+
+
 def _per_seed(runs: list[dict], shrinkage: float) -> dict[int, dict]:
     """Seed -> metric -> mean over the targets (FID: one value over all targets)."""
     out = {}
@@ -114,6 +136,7 @@ def _per_seed(runs: list[dict], shrinkage: float) -> dict[int, dict]:
             if got:
                 values[key] = metrics.mean_spread(got)[0]
         values["fid"], values["_fid_info"] = _fid_of(group, shrinkage)
+        values.update(_heldout_of(group))
         out[seed] = values
     return out
 

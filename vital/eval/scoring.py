@@ -84,8 +84,11 @@ class Scorer:
     ``clip_judge`` an optional CLIP spec for zero-shot classification."""
 
     def __init__(self, judge: str, fid_model: str = "", clip_judge: str = "", device="cpu",
-                 progress: bool = False):
+                 progress: bool = False, heldout_root: str = ""):
         self.judge, self.fid_model = judge, fid_model or judge
+        self.heldout_root = heldout_root
+        self.heldout: dict[str, tuple[int, Path]] = {}   # target -> (judge class, folder)
+        self._heldout_judge = None
         self.clip_judge, self.device, self.progress = clip_judge, device, progress
         self._models: dict[str, object] = {}
         self._zeroshot: dict[str, torch.Tensor] = {}
@@ -202,11 +205,46 @@ class Scorer:
                          **_accuracy("judge", judged[k:k + 1], cls.judge_index)})
         return rows
 
-    def fid_features(self, images: torch.Tensor, ref_dir: str, num_ref: int) -> dict:
-        """{"fv": (B, D), "real": (N, D)} features of the FVs and the references for FID."""
+    def fid_features(self, images: torch.Tensor, ref_dir: str, num_ref: int,
+                     target: str | None = None) -> dict:
+        """{"fv": (B, D), "real": (N, D)} features of the FVs and the references for FID, and
+        with held-out photos {"fv_judge", "heldout"}: the judge's features of the FVs and of
+        the target's held-out photos (KID / FID against held-out photos in the report)."""
         size = self.model(self.fid_model).input_size
-        return {"fv": self.embed(self.fid_model, images),
-                "real": self.embed(self.fid_model, self.real_images(ref_dir, num_ref, size))}
+        out = {"fv": self.embed(self.fid_model, images),
+               "real": self.embed(self.fid_model, self.real_images(ref_dir, num_ref, size))}
+        if target is not None and target in self.heldout:
+            judge = self.heldout_judge()
+            out["fv_judge"] = judge.run(images)[0]
+            out["heldout"] = judge.features[target]
+        return out
+
+    def heldout_judge(self):
+        """The judge with the held-out photos of every target (built once)."""
+        if self._heldout_judge is None:
+            from vital.eval.heldout import HeldoutJudge
+            self._heldout_judge = HeldoutJudge(self.model(self.judge), dict(self.heldout))
+        return self._heldout_judge
+
+    def score_heldout(self, target: str, images: torch.Tensor) -> dict:
+        """Nearest-centroid top-1 of the FVs among the held-out centroids of every target."""
+        if target not in self.heldout:
+            return {}
+        judge = self.heldout_judge()
+        feats = judge.run(images)[0]
+        label = judge.names.index(target)
+        return {"centroid_top1": metrics.centroid_top1(feats, [label] * len(feats),
+                                                       judge.centroids)}
+
+    def score_heldout_real(self, target: str) -> dict:
+        """The held-out photos' own judge top-1 / top-5 (the ceiling of the table)."""
+        if target not in self.heldout:
+            return {}
+        judge = self.heldout_judge()
+        index = self.heldout[target][0]
+        hits = metrics.topk_hits(judge.logits[target], index)
+        return {"heldout_judge_top1": float(hits[1].mean()),
+                "heldout_judge_top5": float(hits[5].mean())}
 
 
 # ---------------------------------------------------------------- CLIP zero-shot weights

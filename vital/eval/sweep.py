@@ -27,6 +27,7 @@ BUILTIN_METHODS: dict[str, dict] = {
     "vital_pure": {"class_weight": 0.0},
     "am_fft": {"param": "fft", "feat_weight": 0.0, "class_weight": 1.0, "tv_weight": 0.0},
     "maco": {"param": "maco", "feat_weight": 0.0, "class_weight": 1.0, "tv_weight": 0.0},
+    "paper": {"recipe": "paper"},   # the official VITAL code's settings (vital/modes/recipes.py)
 }
 AXIS_KEYS = ("model", "target", "ref_dir", "seed")
 # set by the harness for every run; a sweep may not override them
@@ -145,6 +146,10 @@ class EvalCFG:
     seeds: list[int] = opt([0], "random seeds")
     settings: Overrides = opt({}, "ClassCFG (inner mode: InnerCFG) settings for every run, "
                               "e.g. steps_multires=[100,200],num_ref=12 (JSON: an object)")
+    heldout_root: str = opt("", "folder of held-out photos, one sub-folder per target named "
+                            "like its reference folder (never references: a file equal to a "
+                            "reference is refused); adds KID / FID against them and "
+                            "nearest-centroid top-1 to the report")
     judge: str = opt("efficientnet-lite1", "second classifier ('another model's opinion')")
     fid_model: str = opt("", "model whose penultimate features FID compares (empty = judge)")
     clip_judge: str = opt("", "CLIP model for zero-shot top-1/top-5 (empty = none)")
@@ -296,7 +301,9 @@ def expand(cfg: EvalCFG) -> list[Run]:
                     run_dir = (Path(cfg.out_dir) / slug(model) / slug(t["target"]) / method
                                / f"seed{int(seed)}")
                     runs.append(Run(len(runs), model, t["target"], t["ref_dir"], method,
-                                    int(seed), overrides, ClassCFG(**values), run_dir))
+                                    int(seed), overrides,
+                                    config.with_recipe(ClassCFG, values.get("recipe"), **values),
+                                    run_dir))
     return runs
 
 
