@@ -9,19 +9,20 @@ Examples:
   python neuron_effects.py --model ViT-B/32 --layer 8 9 --neurons 12 345 --texts imagenet
   python neuron_effects.py --model ViT-B/32 --layer 9 --probe_dir imagenet_val/ --ablate \
       --ablate_keep 0 100
+  python neuron_effects.py --model ViT-B/32 --layer 9 --probe_dir my_images/ --visualise 4
   python neuron_effects.py --model ViT-B/32 --layer 9 --probe_dir my_images/ --heatmap "a dog"
 """
 import sys
 from dataclasses import dataclass
 
 from vital.cli import main
-from vital.effects.run import EffectsCFG, run_effects
+from vital.eval.effect_visuals import NeuronEffectsCFG, run_neuron_effects
 
 
 @dataclass
-class CFG(EffectsCFG):
+class CFG(NeuronEffectsCFG):
     """Second-order effects of CLIP neurons. Precedence: defaults < --json_cfg < command line."""
 
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_effects))
+    sys.exit(main(CFG, run_neuron_effects))

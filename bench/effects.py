@@ -30,6 +30,7 @@ from vital.effects.run import EffectsCFG, layer_runs, pass_means, pass_top
 from vital.effects.stats import summarise
 from vital.effects.texts import dictionary, sparse_decompose
 from vital.models import load_target
+from vital.refs.patches import iter_images
 
 
 def random_vit_b32(path: Path) -> Path:
@@ -60,9 +61,24 @@ def peak_mb() -> float:
 
 
 def timed(fn, *args):
-    start = time.perf_counter()
+    """(result, (wall s, process CPU s)); on a shared machine the CPU time is the steadier."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
-    return out, time.perf_counter() - start
+    return out, (time.perf_counter() - start, time.process_time() - cpu)
+
+
+@torch.no_grad()
+def forwards(target, files, batch):
+    """The image tower alone over the same images (what any pass costs at least)."""
+    for images, _ in iter_images(files, target.input_size, batch=batch):
+        target.output(images)
+
+
+def line(name: str, t, per_1000: float | None = None) -> str:
+    text = f"{name:<24}{t[0]:7.1f} s wall {t[1]:7.1f} s CPU"
+    if per_1000:
+        text += f"  -> {t[0] * per_1000:6.0f} s wall / {t[1] * per_1000:6.0f} s CPU per 1000 images"
+    return text
 
 
 def main() -> None:
@@ -85,12 +101,13 @@ def main() -> None:
                          progress=False)
         neurons = torch.arange(target.module.transformer.resblocks[args.layer].mlp.c_fc.out_features)
         before = peak_mb()
+        _, t_forward = timed(forwards, target, files, args.batch)
         runs, t_maps = timed(layer_runs, target, [args.layer], neurons, cfg)
         used, t_pass1 = timed(pass_means, target, files, runs, cfg)
         _, t_pass2 = timed(pass_top, target, used, runs, cfg, None)
         run = runs[args.layer]
         summaries, t_pca = timed(summarise, run.maps.neurons, run.top)
-        t_omp = 0.0
+        t_omp = (0.0, 0.0)
         if args.texts:
             atoms = dictionary(torch.nn.functional.normalize(torch.randn(args.texts, 512), dim=-1))
             comps = torch.stack([s.component for s in summaries])
@@ -101,15 +118,18 @@ def main() -> None:
     print(f"ViT-B/32 (random weights), layer {args.layer}, {len(neurons)} neurons, "
           f"{len(used)} images, batch {args.batch}, chunk {args.chunk}, top_k {args.top_k}, "
           f"{args.threads} threads")
-    print(f"maps (once):            {t_maps:7.1f} s   ({maps_mb:.0f} MB)")
-    print(f"pass 1 (means):         {t_pass1:7.1f} s   -> {t_pass1 * per_1000:7.0f} s / 1000 images")
-    print(f"pass 2 (top k):         {t_pass2:7.1f} s   -> {t_pass2 * per_1000:7.0f} s / 1000 images")
-    print(f"PCA (once):             {t_pca:7.1f} s   (top-k vectors {top_mb:.0f} MB)")
+    print(line("forward only (1 pass)", t_forward, per_1000))
+    print(line("maps (once)", t_maps) + f"  ({maps_mb:.0f} MB)")
+    print(line("pass 1 (means)", t_pass1, per_1000))
+    print(line("pass 2 (top k)", t_pass2, per_1000))
+    print(line("PCA (once)", t_pca) + f"  (top-k vectors {top_mb:.0f} MB)")
     if args.texts:
-        print(f"OMP over {args.texts} texts: {t_omp:7.1f} s (once)")
-    print(f"total per 1000 images:  {(t_pass1 + t_pass2) * per_1000:7.0f} s  + once "
-          f"{t_maps + t_pca + t_omp:.0f} s")
-    print(f"peak RSS: {peak_mb():.0f} MB (model and images loaded: {before:.0f} MB)")
+        print(line(f"OMP, {args.texts} texts", t_omp))
+    both = [(t_pass1[i] + t_pass2[i]) * per_1000 for i in (0, 1)]
+    once = [t_maps[i] + t_pca[i] + t_omp[i] for i in (0, 1)]
+    print(f"per 1000 images (2 passes): {both[0]:.0f} s wall, {both[1]:.0f} s CPU; "
+          f"plus once per layer {once[0]:.0f} s wall, {once[1]:.0f} s CPU")
+    print(f"peak RSS: {peak_mb():.0f} MB (after loading the model: {before:.0f} MB)")
 
 
 if __name__ == "__main__":

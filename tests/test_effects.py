@@ -375,7 +375,8 @@ def test_script_runs_end_to_end(tiny_clip_file, tmp_path):
                       "--sheets", "2", "--heatmap", "a dog", "--ablate",
                       "--ablate_dir", str(folder), "--ablate_keep", "0", "1",
                       "--zeroshot_classes", "present", "--out_dir", str(tmp_path / "out"),
-                      "--run_name", "tiny", "--no-progress"], tmp_path)
+                      "--run_name", "tiny", "--no-progress", "--visualise", "1",
+                      "--vis_steps", "2", "--vis_refs", "3"], tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "out" / "tiny"
     rows = list(csv.DictReader(open(run / "neurons.csv")))
@@ -398,6 +399,11 @@ def test_script_runs_end_to_end(tiny_clip_file, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["cfg"]["layer"] == ["0", "block.1.mlp"] and config["probe_images"] == 7
     assert "block 0 zero-shot accuracy" in out.stdout
+    # --visualise 1: the strongest neuron of block 0 (block 1 has no second-order direction)
+    strips = list((run / "visuals").glob("block*_neuron*.png"))
+    assert [p.name.split("_")[0] for p in strips] == ["block0"]
+    assert (run / "visuals" / strips[0].stem / "final.png").is_file()
+    assert "cosine" in strips[0].with_suffix(".txt").read_text()
 
 
 def test_mean_ablation_of_everything_matches_direct_sum(clip3):
@@ -445,8 +451,8 @@ def test_bad_input_is_one_sentence(tiny_clip_file, tmp_path, capsys, args, says)
 def assert_one_sentence(argv, says, capsys):
     """What neuron_effects.py does with ``argv``, in-process (the script is these two calls)."""
     from vital.cli import main
-    from vital.effects.run import EffectsCFG, run_effects
-    assert main(EffectsCFG, run_effects, argv) == 2
+    from vital.eval.effect_visuals import NeuronEffectsCFG, run_neuron_effects
+    assert main(NeuronEffectsCFG, run_neuron_effects, argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
 

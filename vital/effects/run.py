@@ -83,6 +83,10 @@ class EffectsResult:
     words: dict = field(default_factory=dict)       # layer -> [Decomposition] or None
     accuracy: dict = field(default_factory=dict)    # layer -> {"none": .., "all": ..}
     images: int = 0
+    files: list = field(default_factory=list)       # the probe images read, in index order
+    texts: list | None = None                       # the text set of the decomposition
+    target: object = None                           # the TargetModel
+    visuals: list = field(default_factory=list)     # paths written by --visualise
     stopped: str | None = None
 
 
@@ -356,7 +360,8 @@ def run_effects(cfg: EffectsCFG, argv=None):
     runs = layer_runs(target, layers, neurons, cfg)
     files = pass_means(target, files, runs, cfg)
     pass_top(target, files, runs, cfg, direction)
-    result = EffectsResult(run_dir=run_dir, images=len(files))
+    result = EffectsResult(run_dir=run_dir, images=len(files), files=files, texts=texts,
+                           target=target)
     atoms = None
     if texts is not None:
         atoms = dictionary(text_embeddings(target, texts, progress=cfg.progress))
