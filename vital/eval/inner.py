@@ -44,6 +44,10 @@ INNER_METHODS: dict[str, dict] = {
                "relevance": "none"},
     "maco": {"param": "maco", "feat_weight": 0.0, "neuron_weight": 1.0, "tv_weight": 0.0,
              "relevance": "none"},
+    # the official VITAL code's settings (vital/modes/recipes.py): references = the whole
+    # images of the top patches, and the paper text's variant with the patches themselves
+    "paper": {"recipe": "paper"},
+    "paper_patches": {"recipe": "paper", "ref_kind": "patches"},
 }
 RESERVED = ("model", "layer", "neuron", "direction", "auto", "data_dir", "seed", "out_dir",
             "run_name", "device", "progress")
@@ -122,7 +126,8 @@ def expand(cfg, model: str, neurons: list[int]) -> list[InnerRun]:
                 values = {**settings, **over, "model": model, "layer": cfg.layer,
                           "neuron": neuron, "data_dir": cfg.data_dir, "seed": int(seed),
                           "out_dir": str(folder), "run_name": f"n{neuron}"}
-                runs.append(InnerRun(len(runs), model, neuron, method, int(seed), cls(**values),
+                cfg_run = config.with_recipe(cls, values.get("recipe"), **values)
+                runs.append(InnerRun(len(runs), model, neuron, method, int(seed), cfg_run,
                                      folder / f"n{neuron}", order))
     return runs
 
