@@ -187,8 +187,9 @@ def test_shards_partition_the_runs(tmp_path):
     assert select_shard(runs, None) == runs
 
 
-@pytest.mark.parametrize("text, message", [("3/2", "0 <= i < n"), ("1/0", "n >= 1"),
-                                           ("a/b", "like i/n"), ("-1/2", "like i/n")])
+@pytest.mark.parametrize("text, message", [   # issue 15: -1/2 does look like i/n
+    ("3/2", r"index i must be in 0\.\.1"), ("1/0", "n must be 1 or more"), ("a/b", "like i/n"),
+    ("-1/2", r"index i must be in 0\.\.1 for n = 2, got -1")])
 def test_bad_shard_specs(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_shard(text)
