@@ -392,3 +392,22 @@ def test_a_layer_number_the_model_lacks_gives_the_range(capsys, refs):
     assert status == 2
     line = one_error_line(capsys)
     assert "no block 40" in line and "0..15" in line and len(line) < 200
+
+
+@pytest.mark.slow   # a fresh interpreter (~15 s): the real signal from outside, as SLURM sends it
+def test_sigterm_from_outside_the_process(refs, tmp_path):
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "class_neurons_fvis.py"), *FAST,
+                             "--steps", "2000", "--ref_dir", str(refs), "--out_dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*/steps/step_0002.png")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    run_dir = next(out.iterdir())
+    assert (run_dir / "final.png").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"].startswith("terminated")
