@@ -164,3 +164,34 @@ def test_fork_facet_command_verbatim_on_a_24_block_vit(refs, clip24):
     facets = json.loads((run_dir / "facets.json").read_text())
     assert facets["decomp_layer"] == "block.16"
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_find_bank_matches_weights_layer_and_images(tmp_path):
+    """The bank lookup reads only the banks' JSON: weight hash, layer, data set hash."""
+    import os
+    from types import SimpleNamespace
+    from vital.cache import files_digest
+    from vital.config import ConfigError
+    from vital.modes.facets import FacetCFG, find_bank
+    a, b = write_images(tmp_path / "a", 2, seed=1), write_images(tmp_path / "b", 2, seed=2)
+    digest = {d: files_digest(sorted(d.iterdir())) for d in (a, b)}
+
+    def bank(name, weights, layer, images, age):
+        folder = tmp_path / "out_concept" / name
+        folder.mkdir(parents=True)
+        meta = {"weight_hash": weights, "layer": layer, "dataset_hash": digest[images],
+                "files": [str(f) for f in sorted(images.iterdir())]}
+        (folder / "concept_bank.json").write_text(json.dumps(meta))
+        os.utime(folder / "concept_bank.json", (age, age))
+        return folder
+    on_a = bank("a12", "w", "blocks.12", a, 100)
+    on_b = bank("b12", "w", "blocks.12", b, 50)
+    bank("other_model", "v", "blocks.12", a, 300)
+    newest_15 = bank("a15", "w", "blocks.15", a, 200)
+    target = SimpleNamespace(weight_hash="w", spec="efficientnet-lite0")
+    cfg = dict(concept_dir=str(tmp_path / "out_concept"), num_ref=12)
+    assert find_bank(FacetCFG(target_layer="blocks.12", **cfg), target) == on_a   # newest fit
+    assert find_bank(FacetCFG(target_layer="blocks.12", ref_dir=str(b), **cfg), target) == on_b
+    assert find_bank(FacetCFG(**cfg), target) == newest_15                         # any layer
+    with pytest.raises(ConfigError, match="--layer_block blocks.3 --ref_dir .* --extract_only"):
+        find_bank(FacetCFG(target_layer="blocks.3", ref_dir=str(a), **cfg), target)

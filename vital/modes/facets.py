@@ -91,8 +91,9 @@ def _bank_files(cfg: FacetCFG, bank) -> list[Path]:
 
 def find_bank(cfg: FacetCFG, target) -> Path:
     """The newest bank under ``cfg.concept_dir`` (``*/concept_bank.json``) whose metadata fits
-    this run: the model's weight hash, ``--target_layer`` (any layer when empty) and, with
-    ``--ref_dir``, the images' hash; none -> ConfigError naming the command that makes one."""
+    this run: the model's weight hash, ``--target_layer`` (any layer when empty) and the images
+    (with ``--ref_dir`` their hash; without, the bank's own images must still exist; their hash
+    is checked by ``check_compatible``); none -> ConfigError naming the command that makes one."""
     want = files_digest(reference_files(cfg.ref_dir, cfg.num_ref)) if cfg.ref_dir else None
     found = []
     for meta_path in Path(cfg.concept_dir).glob(f"*/{Path(FILE_NAME).stem}.json"):
@@ -100,9 +101,10 @@ def find_bank(cfg: FacetCFG, target) -> Path:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue   # not readable: not a bank this run can use
+        images_there = want is not None or all(Path(f).is_file() for f in meta.get("files", []))
         if (meta.get("weight_hash") == target.weight_hash
                 and (not cfg.target_layer or meta.get("layer") == cfg.target_layer)
-                and (want is None or meta.get("dataset_hash") == want)):
+                and (want is None or meta.get("dataset_hash") == want) and images_there):
             found.append((meta_path.stat().st_mtime, meta_path.parent))
     if not found:
         layer = cfg.target_layer or "its default layer"
