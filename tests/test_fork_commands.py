@@ -195,3 +195,29 @@ def test_find_bank_matches_weights_layer_and_images(tmp_path):
     assert find_bank(FacetCFG(**cfg), target) == newest_15                         # any layer
     with pytest.raises(ConfigError, match="--layer_block blocks.3 --ref_dir .* --extract_only"):
         find_bank(FacetCFG(target_layer="blocks.3", ref_dir=str(a), **cfg), target)
+
+
+def test_block_numbers_per_architecture(tmp_path):
+    """Block N: blocks.N (EfficientNet), the flattened residual blocks (ResNet), block.N (ViT)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+    from vital.models import load_target
+    lite0 = load_target("efficientnet-lite0")
+    assert lite0.canonical_layer("12") == lite0.canonical_layer(12) == "blocks.12"
+    assert lite0.canonical_layer("blocks.3") == "blocks.3"
+    resnet = load_target("torchvision:resnet18?weights=none")
+    assert resnet.blocks() == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert resnet.canonical_layer("5") == "layer3.1"
+    with pytest.raises(ValueError, match=r"no block 8: .* 0\.\.7 \(layer1\.0 \.\. layer4\.1\)"):
+        resnet.canonical_layer("8")
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=3, width=64, patch_size=8, image_size=32)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    path = tmp_path / "vit3.safetensors"
+    save_file({k: v.contiguous() for k, v in CLIP(32, vision, text).state_dict().items()},
+              str(path))
+    vit = load_target(str(path))
+    assert vit.blocks() == ["block.0", "block.1", "block.2"]
+    assert vit.layer_info("2").name == "block.2"
+    with pytest.raises(ValueError, match=r"no block -1"):
+        vit.canonical_layer("-1")
