@@ -235,9 +235,9 @@ class TargetModel:
         have = self.clip.token_embedding.weight.shape[0]
         want = default_tokenizer().vocab_size
         if have != want:
-            raise ValueError(f"{self.spec} has a text vocabulary of {have} tokens, CLIP's tokenizer "
-                             f"{want}: its text tower cannot read prompts or class names. Its "
-                             f"image tower still works (e.g. inner_neurons_fvis.py)")
+            raise ValueError(f"{self.spec} has a text vocabulary of {have} tokens, CLIP's "
+                             f"tokenizer {want}: its text tower cannot read prompts or class "
+                             f"names. Its image tower still works (e.g. inner_neurons_fvis.py)")
 
     def class_scores(self, x01: torch.Tensor, prompts=None) -> torch.Tensor:
         """(B, K) scores. CLIP: scaled cosine between image and prompt embeddings (K prompts;
