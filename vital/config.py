@@ -132,7 +132,7 @@ def coerce(cfg_cls, values: dict) -> dict:
     for key, value in values.items():
         base, seq = _field_kind(cfg_cls, fields[key])
         try:
-            if seq:
+            if seq and value is not None:   # None stays None: check_cfg says what is valid
                 value = [base(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
             elif value is not None and base in (int, float, str):
                 if base is int and isinstance(value, float) and not value.is_integer():
@@ -160,12 +160,14 @@ def recipe_values(cfg_cls, name: str | None = None) -> dict:
     return dict(recipes[name])
 
 
-def with_recipe(cfg_cls, recipe: str | None = None, **overrides):
-    """A CFG built in Python with the same precedence as the scripts: defaults < ``recipe`` <
-    ``overrides``: ``with_recipe(ClassCFG, "paper", target="tabby")``."""
+def with_recipe(cfg_cls, recipe: str | None = None, /, **overrides):
+    """A CFG built in Python with the same precedence as the scripts: defaults < recipe <
+    ``overrides`` (``with_recipe(ClassCFG, "paper", target="tabby")``); a ``recipe`` key among
+    the overrides names the recipe too."""
+    recipe = overrides.get("recipe", recipe)
     values = {**recipe_values(cfg_cls, recipe), **overrides}
     if recipe is not None:
-        values.setdefault("recipe", recipe)
+        values["recipe"] = recipe
     return cfg_cls(**coerce(cfg_cls, values))
 
 
