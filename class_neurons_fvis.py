@@ -9,18 +9,20 @@ Examples:
   python class_neurons_fvis.py --model efficientnet-lite0 --target espresso \
       --ref_dir references/espresso --steps 300 --size 128
   python class_neurons_fvis.py --model ViT-B/32 --target "a photo of a goldfish" --ref_dir my_goldfish/
+  python class_neurons_fvis.py --targets espresso daisy tabby --ref_root references \
+      --batch_size 4 --size 128 --steps 300       # one batched optimisation, one folder each
 """
 import sys
 from dataclasses import dataclass
 
-from vital.modes.class_mode import ClassCFG, run_class
+from vital.modes.class_batch import ClassBatchCFG, run_class_or_batch
 from vital.cli import main
 
 
 @dataclass
-class CFG(ClassCFG):
+class CFG(ClassBatchCFG):
     """Class neuron visualisation (VITAL). Precedence: defaults < --json_cfg < command line."""
 
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_class))
+    sys.exit(main(CFG, run_class_or_batch))

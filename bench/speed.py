@@ -9,7 +9,13 @@ full size through ``vital.optvis.render.render`` (``result.step_seconds``). The 
 Both are measured ``--repeats`` times, alternating, and the medians are reported, in wall time
 and in process CPU time (on a shared machine the CPU time is the steadier figure; use
 ``--threads 1`` there, OpenMP threads that wait for a descheduled sibling cost 10x). Target:
-the rest <= 15 % of a step.
+the rest <= 10 % of a step.
+
+Variants, measured in alternation within every repeat (A/B on a shared machine): ``--precision``
+(fp32, bf16: the model's forward under bfloat16 autocast, its bare forward + backward too) and
+``--sort`` (``new``: ``rank_residual``, rows ranked in parallel threads; ``previous``: the
+implementation before it, one thread, gather / scatter in torch). ``sort ms`` is sort matching
+alone (forward + backward) on the hooked features' shapes.
 
 Models: the embedded ``efficientnet-lite0`` and a ViT-B/32-shaped CLIP with random weights
 (vision width 768, 12 layers, patch 32, 224 px; a tiny text tower), written as safetensors and
@@ -18,10 +24,12 @@ photo; the second reference computation must hit the cache (``VITAL_CACHE`` is a
 
   python bench/speed.py                  # both models, 30 steps x 3 repeats
   python bench/speed.py --models lite0 --steps 10 --repeats 1
+  python bench/speed.py --models lite0 --sort new previous --precision fp32 bf16 --repeats 5
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -38,6 +46,7 @@ from vital.refs.bundled import PHOTOS, build_reference_folders
 from vital.modes.class_mode import ClassCFG, class_term
 from vital.models import load_target
 from vital.refs.images import list_images
+from vital.optvis import losses
 from vital.optvis.render import Schedule, render
 
 WARMUP_STEPS = 3
@@ -87,61 +96,136 @@ def build(spec: str, ref_dir: Path, steps: int):
     return cfg, target, objective, layers, size, cache
 
 
-def render_step_seconds(cfg, target, objective, layers, size, steps: int) -> tuple[float, float]:
+class PreviousSortMatching(torch.autograd.Function):
+    """Sort matching before ``rank_residual``: rows ranked in one thread, the pairs gathered
+    in torch and the gradient scattered back (the A/B reference)."""
+
+    @staticmethod
+    def forward(ctx, x, ref):
+        order = losses.sort_order(x)      # one thread: see sort_variant
+        diff = x.gather(-1, order) - ref
+        ctx.save_for_backward(order, diff)
+        return diff.pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, diff = ctx.saved_tensors
+        grad_sorted = diff * (grad * (2.0 / diff.numel()))
+        return torch.empty_like(grad_sorted).scatter_(-1, order, grad_sorted), None
+
+
+def previous_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.Tensor:
+    ref = losses.resample_quantiles(ref_sorted.detach().to(x), x.shape[-1])
+    return PreviousSortMatching.apply(x, ref)
+
+
+@contextlib.contextmanager
+def sort_variant(name: str):
+    """``new`` as the library has it, or ``previous`` swapped in for the duration (the
+    objectives look ``sort_matching`` up in vital.optvis.losses at every call)."""
+    if name == "new":
+        yield
+        return
+    kept = losses.sort_matching, losses.PARALLEL_MIN_VALUES
+    losses.sort_matching, losses.PARALLEL_MIN_VALUES = previous_sort_matching, 2 ** 62
+    try:
+        yield
+    finally:
+        losses.sort_matching, losses.PARALLEL_MIN_VALUES = kept
+
+
+def render_step_seconds(cfg, target, objective, layers, size, steps: int,
+                        precision: str = "fp32") -> tuple[float, float]:
     """(wall seconds per step from ``result.step_seconds``, CPU seconds per step)."""
     gen = pipeline.generator_for(cfg, target.device)
     param = pipeline.make_param(cfg, size, target.device, gen)
     cpu = time.process_time()
     result = render(target, objective, param, Schedule(steps_multires=(steps,), lr=cfg.lr,
                     warmup=cfg.warmup), layers, augment=pipeline.make_augment(cfg),
-                    generator=gen, save_steps=0, progress=False)
+                    generator=gen, save_steps=0, progress=False, precision=precision)
     return result.step_seconds, (time.process_time() - cpu) / steps
 
 
-def bare_step_seconds(target, size: int, steps: int) -> tuple[float, float]:
+def bare_step_seconds(target, size: int, steps: int, precision: str = "fp32"
+                      ) -> tuple[float, float]:
     """(wall, CPU) seconds of forward + backward w.r.t. a (1, 3, size, size) input, alone."""
     x = torch.rand(1, 3, size, size, device=target.device, requires_grad=True)
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         x.grad = None
-        target(x).float().sum().backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = target(x)
+        out.float().sum().backward()
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
-def measure(name: str, spec: str, ref_dir: Path, args) -> dict:
+def sort_seconds(target, layers, size: int, steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of sort matching alone (forward + backward) on every hooked layer's
+    features at ``size``, against random quantiles."""
+    from vital.models import channels_positions
+    layouts = {info.name: info.layout for info in target.layers()}
+    with torch.no_grad(), target.hooks(layers) as feats:
+        target(torch.rand(1, 3, size, size, device=target.device))
+        xs = [channels_positions(feats[n], layouts[n]).float().clone() for n in layers]
+    refs = [torch.randn(x.shape[1:]).sort(-1).values for x in xs]
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        for x, ref in zip(xs, refs):
+            x.requires_grad_(True).grad = None
+            losses.sort_matching(x, ref).backward()
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def measure(name: str, spec: str, ref_dir: Path, args) -> list[dict]:
+    """One row per (precision, sort) variant; the variants alternate within every repeat."""
     cfg, target, objective, layers, size, cache = build(spec, ref_dir, args.steps)
-    render_step_seconds(cfg, target, objective, layers, size, WARMUP_STEPS)
-    bare_step_seconds(target, size, WARMUP_STEPS)
-    renders, bares = [], []
+    variants = [(p, v) for p in args.precision for v in args.sort]
+    for precision, variant in variants:                      # warm-up
+        with sort_variant(variant):
+            render_step_seconds(cfg, target, objective, layers, size, WARMUP_STEPS, precision)
+        bare_step_seconds(target, size, WARMUP_STEPS, precision)
+    timed = {v: ([], [], []) for v in variants}
     for _ in tqdm(range(args.repeats), desc=name, leave=False):
-        renders.append(render_step_seconds(cfg, target, objective, layers, size, args.steps))
-        bares.append(bare_step_seconds(target, size, args.steps))
-    row = {"model": name, "size": size, "layers": layers, **cache}
-    for k, clock in enumerate(("wall", "cpu")):
-        step = statistics.median(r[k] for r in renders)
-        bare = statistics.median(b[k] for b in bares)
-        row.update({f"{clock}_step_ms": 1e3 * step, f"{clock}_model_ms": 1e3 * bare,
-                    f"{clock}_rest_frac": (step - bare) / step})
-    return row
+        for precision, variant in variants:
+            renders, bares, sorts = timed[(precision, variant)]
+            with sort_variant(variant):
+                renders.append(render_step_seconds(cfg, target, objective, layers, size,
+                                                   args.steps, precision))
+                sorts.append(sort_seconds(target, layers, size, args.steps))
+            bares.append(bare_step_seconds(target, size, args.steps, precision))
+    rows = []
+    for (precision, variant), (renders, bares, sorts) in timed.items():
+        row = {"model": name, "size": size, "layers": layers, "precision": precision,
+               "sort": variant, **cache}
+        for k, clock in enumerate(("wall", "cpu")):
+            step = statistics.median(r[k] for r in renders)
+            bare = statistics.median(b[k] for b in bares)
+            row.update({f"{clock}_step_ms": 1e3 * step, f"{clock}_model_ms": 1e3 * bare,
+                        f"{clock}_rest_frac": (step - bare) / step,
+                        f"{clock}_sort_ms": 1e3 * statistics.median(x[k] for x in sorts)})
+        rows.append(row)
+    return rows
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("| model | px | step ms | fwd+bwd ms | rest ms | rest / step | step CPU ms | "
-          "fwd+bwd CPU ms | rest CPU ms | rest / step (CPU) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | px | precision | sort | step ms | fwd+bwd ms | rest ms | rest / step | "
+          "sort ms | step CPU ms | fwd+bwd CPU ms | rest CPU ms | rest / step (CPU) | "
+          "sort CPU ms |")
+    print("| --- " * 14 + "|")
     for r in rows:
         cells = []
         for clock in ("wall", "cpu"):
             step, bare = r[f"{clock}_step_ms"], r[f"{clock}_model_ms"]
             cells += [f"{step:.0f}", f"{bare:.0f}", f"{step - bare:.0f}",
-                      f"{100 * r[f'{clock}_rest_frac']:.1f}%"]
-        print(f"| {r['model']} | {r['size']} | {' | '.join(cells)} |")
+                      f"{100 * r[f'{clock}_rest_frac']:.1f}%", f"{r[f'{clock}_sort_ms']:.1f}"]
+        print(f"| {r['model']} | {r['size']} | {r['precision']} | {r['sort']} | "
+              f"{' | '.join(cells)} |")
     print("\n| model | references 1st run (s) | cache_hit | 2nd run (s) | cache_hit | saved (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    for r in {r["model"]: r for r in rows}.values():
         print(f"| {r['model']} | {r['first_s']:.2f} | {r['first_hit']} | {r['second_s']:.2f} | "
               f"{r['second_hit']} | {r['first_s'] - r['second_s']:.2f} |")
-    for r in rows:
+    for r in {r["model"]: r for r in rows}.values():
         print(f"{r['model']}: layers {', '.join(r['layers'])}")
 
 
@@ -151,6 +235,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="steps per timed run")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per model")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="the model's forward precision(s), alternated")
+    p.add_argument("--sort", nargs="+", default=["new"], choices=["new", "previous"],
+                   help="sort matching implementation(s), alternated")
     return p.parse_args(argv)
 
 
@@ -162,10 +250,12 @@ def main(argv=None) -> None:
         work = Path(tmp)
         os.environ["VITAL_CACHE"] = str(work / "cache")  # first reference run must miss
         ref_dir = build_reference_folders(work / "refs", n_views=12, photos=PHOTOS[:1])["espresso"]
-        rows = [measure(name, spec, ref_dir, args)
-                for name, spec in model_specs(work, args.models).items()]
+        load = os.getloadavg()
+        rows = [row for name, spec in model_specs(work, args.models).items()
+                for row in measure(name, spec, ref_dir, args)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps x {args.repeats} repeats (medians)\n")
+          f"{args.steps} steps x {args.repeats} repeats (medians); load average "
+          f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} after on {os.cpu_count()} CPUs\n")
     print_tables(rows)
 
 
