@@ -263,6 +263,9 @@ def test_json_null_size_and_json_problems(tmp_path, capsys):
     cfg.write_text('{"size": null}')
     assert "--size must be int, got null" in refused("class_neurons_fvis.py",
                                                      ["--json_cfg", str(cfg)], capsys)
+    cfg.write_text('{"layers": null}')
+    assert "--layers must be a list, got null" in refused("class_neurons_fvis.py",
+                                                          ["--json_cfg", str(cfg)], capsys)
     assert "is a folder" in refused("class_neurons_fvis.py", ["--json_cfg", str(tmp_path)],
                                     capsys)
     latin = tmp_path / "latin1.json"
