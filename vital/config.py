@@ -216,51 +216,6 @@ def check_cfg(cfg) -> None:
                                   + (f" ({help_text})" if help_text else ""))
 
 
-def _optional(cfg_cls, field: dataclasses.Field) -> bool:
-    """Whether ``None`` is a valid value of the field (``X | None`` annotation)."""
-    tp = typing.get_type_hints(cfg_cls)[field.name]
-    return type(None) in typing.get_args(tp)
-
-
-def _range_problem(value, meta: dict) -> str | None:
-    """What is wrong with one number under the field's declared range, or None."""
-    low, high = meta.get("low"), meta.get("high")
-    if meta.get("positive") and not value > 0:   # written so that NaN fails too
-        return "a number > 0"
-    if low is not None and high is not None and not low <= value <= high:
-        return f"in {low}..{high}"
-    if low is not None and not value >= low:
-        return f">= {low}"
-    if high is not None and not value <= high:
-        return f"<= {high}"
-    return None
-
-
-def check_cfg(cfg) -> None:
-    """Check every field of a CFG against its declared type and range (``opt(low=, high=,
-    positive=)``); the first problem raises :class:`ConfigError` naming the option, the value and
-    what is valid. ``parse_cfg`` calls it; so does the runner for CFGs built in Python."""
-    cls = type(cfg)
-    for field in dataclasses.fields(cls):
-        value, meta = getattr(cfg, field.name), field.metadata
-        base, seq = _field_kind(cls, field)
-        if value is None:
-            if _optional(cls, field):
-                continue
-            raise ConfigError(f"--{field.name} must be {'a list' if seq else base.__name__}, "
-                              f"got null / None")
-        items = list(value) if seq and isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            numeric = isinstance(item, (int, float)) and not isinstance(item, bool)
-            if base in (int, float) and not numeric or base is int and isinstance(item, float):
-                raise ConfigError(f"--{field.name} must be {base.__name__}, got {item!r}")
-            problem = _range_problem(item, meta) if numeric else None
-            if problem:
-                help_text = meta.get("help", "")
-                raise ConfigError(f"--{field.name} {item!r} is not valid: it must be {problem}"
-                                  + (f" ({help_text})" if help_text else ""))
-
-
 def parse_cfg(cfg_cls, argv: list[str] | None = None, description: str | None = None):
     """Resolve a CFG from defaults, ``--json_cfg`` and ``argv``; handle ``--dump_cfg``.
 
