@@ -13,6 +13,7 @@ stays light):
     reference_quantiles, list_images, load_images   reference sets
     Plan, run_plan, Callbacks                       one run as a value, and its runner
     ClassCFG, run_class, plan_class                 class mode   (class_neurons_fvis.py)
+    ClassBatchCFG, run_class_batch, plan_class_batch  several class targets in one batch
     InnerCFG, run_inner                             inner neurons (inner_neurons_fvis.py)
     ArithmeticCFG, run_arithmetic                   embedding arithmetic
     ConceptCFG, run_concepts, FacetCFG, run_facets  concepts and facets
@@ -43,6 +44,8 @@ _PUBLIC = {
     "Callbacks": "vital.modes.runner",
     "ClassCFG": "vital.modes.class_mode", "run_class": "vital.modes.class_mode",
     "plan_class": "vital.modes.class_mode",
+    "ClassBatchCFG": "vital.modes.class_batch", "run_class_batch": "vital.modes.class_batch",
+    "plan_class_batch": "vital.modes.class_batch",
     "InnerCFG": "vital.modes.inner", "run_inner": "vital.modes.inner",
     "ArithmeticCFG": "vital.modes.arithmetic", "run_arithmetic": "vital.modes.arithmetic",
     "ConceptCFG": "vital.modes.concepts", "run_concepts": "vital.modes.concepts",
