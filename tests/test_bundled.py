@@ -1,6 +1,8 @@
-"""Bundled reference photos: they exist, show their class, and build deterministic folders."""
+"""Bundled reference photos: they exist, show their class, and build deterministic folders;
+scripts/build_references.py builds them as a user runs it."""
 import torch
 
+from helpers import assert_png_shows, run_script
 from vital.refs.bundled import PHOTOS, build_reference_folders, photo_path
 from vital.refs.images import list_images, load_image
 
@@ -26,3 +28,14 @@ def test_folders_are_built_once_and_deterministic(tmp_path):
     stamp = list_images(made[one[0].folder])[0].stat().st_mtime_ns
     build_reference_folders(tmp_path / "a", n_views=3, size=32, photos=one)
     assert list_images(made[one[0].folder])[0].stat().st_mtime_ns == stamp
+
+
+def test_script_builds_one_folder_per_photo(tmp_path):
+    proc = run_script("scripts/build_references.py", "--out", tmp_path / "refs", "--views", "2",
+                      "--size", "32", cwd=tmp_path)
+    assert len(proc.stdout.splitlines()) == len(PHOTOS)
+    for photo in PHOTOS:
+        folder = tmp_path / "refs" / photo.folder
+        assert f"ImageNet class {photo.class_index}" in proc.stdout and str(folder) in proc.stdout
+        views = [assert_png_shows(f, (32, 32)) for f in list_images(folder)]
+        assert len(views) == 2 and (views[0] != views[1]).any()   # two different views

@@ -1,20 +1,25 @@
-"""class_neurons_fvis.py end to end on a tiny model, determinism flags, bad input."""
+"""class_neurons_fvis.py end to end on a tiny model (in this process and as a script), Ctrl-C,
+determinism, bad input; the embedded model at 64 px behind the slow marker."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from vital.modes.class_mode import ClassCFG, run_class
+from helpers import (TINY_CNN, TinyCNN, assert_png_equals, assert_png_shows, read_png,
+                     run_script)
 from vital.cli import main
+from vital.models import load_target
+from vital.modes.class_mode import ClassCFG, run_class
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(tmp_path, ref_folder, **kw):
-    base = dict(model="module:tests.conftest:TinyCNN", target="3", ref_dir=str(ref_folder),
+    base = dict(model=TINY_CNN, target="3", ref_dir=str(ref_folder),
                 size=32, steps_multires=[4, 6], save_steps=5, out_dir=str(tmp_path / "out"),
                 run_name="t", progress=False, device="cpu")
     base.update(kw)
@@ -24,15 +29,22 @@ def _cfg(tmp_path, ref_folder, **kw):
 def test_run_writes_the_run_folder(tmp_path, ref_folder):
     run_dir, result = run_class(_cfg(tmp_path, ref_folder))
     assert result.steps_done == 10
-    for name in ("final.png", "final_alpha.png", "config.json", "metrics.json",
-                 "steps/step_0005.png", "steps/step_0010.png", "steps_strip.png"):
-        assert (run_dir / name).is_file(), name
-    assert Image.open(run_dir / "final_alpha.png").mode == "RGBA"
+    assert_png_equals(run_dir / "final.png", result.image)
+    with Image.open(run_dir / "final_alpha.png") as alpha:
+        assert alpha.mode == "RGBA"
+        assert (read_png(run_dir / "final_alpha.png") == read_png(run_dir / "final.png")).all()
+        stored = np.asarray(alpha.getchannel("A"), dtype=np.float32)
+    expected = (result.alpha[0] * 255).round().numpy()            # normalised |gradient| map
+    assert np.abs(stored - expected).max() <= 1 and stored.max() == 255 > stored.min()
+    step5 = assert_png_shows(run_dir / "steps" / "step_0005.png", (32, 32))
+    assert (step5 != assert_png_shows(run_dir / "steps" / "step_0010.png", (32, 32))).any()
+    assert_png_shows(run_dir / "steps_strip.png")
     meta = json.loads((run_dir / "config.json").read_text())
-    assert meta["cfg"]["target"] == "3" and meta["weight_hash"]
+    assert meta["weight_hash"] == load_target(TinyCNN()).weight_hash
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and [s["step"] for s in metrics["steps"]] == [5, 10]
-    assert any(k.startswith("sort:") for k in metrics["steps"][0]["terms"])
+    terms = metrics["steps"][0]["terms"]
+    assert "class:3" in terms and any(k.startswith("sort:") for k in terms)
     again, _ = run_class(_cfg(tmp_path, ref_folder))
     assert again != run_dir          # a finished run is never overwritten
 
@@ -63,19 +75,29 @@ def test_bad_input_is_one_sentence(tmp_path, ref_folder, capsys, override, messa
     assert status == 2 and err.startswith("error:") and message in err and "Traceback" not in err
 
 
-def test_script_dump_and_json_round_trip(tmp_path):
+def test_script_dump_json_round_trip_and_run(tmp_path, ref_folder):
+    """--dump_cfg writes the resolved config; the script run from it (plus a few overrides) ends
+    with exit 0, the run folder, and exactly that config in its config.json."""
     dumped = tmp_path / "cfg.json"
-    cmd = [sys.executable, str(ROOT / "class_neurons_fvis.py"), "--target", "7", "--steps", "3",
-           "--dump_cfg", str(dumped)]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    run_script("class_neurons_fvis.py", "--target", "7", "--steps", "3", "--dump_cfg", dumped,
+               cwd=tmp_path)
     data = json.loads(dumped.read_text())
     assert data["target"] == "7" and data["steps"] == 3
-    dumped2 = tmp_path / "cfg2.json"
-    subprocess.run([sys.executable, str(ROOT / "class_neurons_fvis.py"), "--json_cfg", str(dumped),
-                    "--dump_cfg", str(dumped2)], check=True, cwd=tmp_path, capture_output=True)
-    assert json.loads(dumped2.read_text()) == data
+    overrides = {"model": TINY_CNN, "ref_dir": str(ref_folder), "size": 32,
+                 "out_dir": str(tmp_path / "out"), "run_name": "script", "device": "cpu"}
+    args = [a for key, value in overrides.items() for a in (f"--{key}", value)]
+    proc = run_script("class_neurons_fvis.py", "--json_cfg", dumped, *args, "--no-progress",
+                      cwd=tmp_path)
+    final = Path(proc.stdout.strip().splitlines()[-1])
+    assert final == tmp_path / "out" / "script" / "final.png"
+    assert_png_shows(final, (32, 32))
+    meta = json.loads((final.parent / "config.json").read_text())
+    assert meta["cfg"] == {**data, **overrides, "progress": False}
+    metrics = json.loads((final.parent / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["steps_done"] == 3
 
 
+@pytest.mark.slow   # the fast suite: the tiny CNN run above, test_models for the embedded model
 def test_embedded_model_end_to_end_at_64px(tmp_path, ref_folder):
     cfg = _cfg(tmp_path, ref_folder, model="efficientnet-lite0", target="espresso", size=64,
                steps_multires=[3, 3], save_steps=3)
@@ -93,7 +115,7 @@ def test_ctrl_c_saves_what_exists(tmp_path, ref_folder):
     import time
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "class_neurons_fvis.py"), "--model",
-           "module:tests.conftest:TinyCNN", "--target", "1", "--ref_dir", str(ref_folder),
+           TINY_CNN, "--target", "1", "--ref_dir", str(ref_folder),
            "--size", "32", "--steps", "100000", "--save_steps", "5", "--out_dir", str(out),
            "--run_name", "sigint", "--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -104,6 +126,7 @@ def test_ctrl_c_saves_what_exists(tmp_path, ref_folder):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
-    assert (out / "sigint" / "final.png").is_file()
-    assert json.loads((out / "sigint" / "metrics.json").read_text())["status"] == "interrupted"
+    metrics = json.loads((out / "sigint" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and 5 <= metrics["steps_done"] < 100000
+    assert_png_shows(out / "sigint" / "final.png", (32, 32))
     assert b"interrupted after" in err

@@ -7,7 +7,6 @@ import warnings
 import huggingface_hub.constants
 import pytest
 import torch
-from _clip_tiny import CONTEXT, VOCAB, open_clip_vit, random_images, random_tokens
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
@@ -15,8 +14,17 @@ import clip_custom
 from clip_custom import build_model, load, load_state_dict_any
 from clip_custom import download as download_mod
 from clip_custom.convert import from_transformers, transformers_arch
+from helpers import random_images, random_tokens, tiny_clip, tiny_clip_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+VOCAB, CONTEXT = 100, 16
+# the peer: a tiny ViT (width 64, one block, patch 8 at 32 px), text width 128, two blocks
+PEER = dict(width=64, layers=1, text_width=128, text_layers=2, vocab=VOCAB, context=CONTEXT)
+PEER_CFG = tiny_clip_cfg("vit", **PEER)   # as open_clip_config.json describes it
+
+
+def text_ids(n: int, seed: int = 0) -> torch.Tensor:
+    return random_tokens(n, VOCAB, CONTEXT, seed)
 
 
 def _sha256(path) -> str:
@@ -25,7 +33,7 @@ def _sha256(path) -> str:
 
 @pytest.fixture(scope="module")
 def peer():
-    return open_clip_vit(width=64, layers=1, seed=5)
+    return tiny_clip("vit", seed=5, **PEER)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def reference(peer):
 
 @torch.no_grad()
 def _assert_same_model(model, reference, size=32):
-    x, tokens = random_images(2, size, seed=1), random_tokens(2, seed=1)
+    x, tokens = random_images(2, size, seed=1), text_ids(2, seed=1)
     torch.testing.assert_close(model.encode_image(x), reference.encode_image(x), **TOL)
     torch.testing.assert_close(model.encode_text(tokens), reference.encode_text(tokens), **TOL)
 
@@ -45,7 +53,7 @@ def _assert_same_model(model, reference, size=32):
 
 def test_torchscript_archive(tmp_path, reference):
     path = tmp_path / "tiny_jit.pt"
-    example = (random_images(1, 32), random_tokens(1))
+    example = (random_images(1, 32), text_ids(1))
     with warnings.catch_warnings():  # TorchScript is deprecated; OpenAI still ships it
         warnings.simplefilter("ignore")
         torch.jit.trace(reference, example, check_trace=False).save(str(path))
@@ -224,7 +232,7 @@ def _features(out) -> torch.Tensor:
 
 @torch.no_grad()
 def _assert_matches_transformers(model, hf):
-    x, tokens = random_images(2, 32, seed=2), random_tokens(3, seed=2)
+    x, tokens = random_images(2, 32, seed=2), text_ids(3, seed=2)
     torch.testing.assert_close(model.encode_image(x), _features(hf.get_image_features(pixel_values=x)), **TOL)
     torch.testing.assert_close(model.encode_text(tokens), _features(hf.get_text_features(input_ids=tokens)), **TOL)
 
@@ -279,10 +287,7 @@ def test_hub_open_clip_layout(hub_cache, peer, reference):
     snapshot = hub_cache("tiny-org/tiny-clip-oc")
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()},
               str(snapshot / "open_clip_model.safetensors"))
-    config = {"model_cfg": {"embed_dim": 32, "quick_gelu": True,
-                            "vision_cfg": {"width": 64, "layers": 1, "patch_size": 8, "image_size": 32},
-                            "text_cfg": {"width": 128, "heads": 2, "layers": 2}}}
-    (snapshot / "open_clip_config.json").write_text(json.dumps(config))
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": PEER_CFG}))
     model, _ = load("hf-hub:tiny-org/tiny-clip-oc")
     _assert_same_model(model, reference)
     state_dict, sha = load_state_dict_any("hf-hub:tiny-org/tiny-clip-oc")

@@ -6,29 +6,35 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from _clip_tiny import (CONTEXT, EMBED, VOCAB, open_clip_resnet, open_clip_vit, random_images,
-                        random_tokens)
-from open_clip.model import CLIP as OpenClipCLIP
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from timm.layers import resample_abs_pos_embed
 
 from clip_custom import build_model
 from clip_custom.posembed import resize_grid_embedding
+from helpers import EMBED, open_clip_model, random_images, random_tokens, tiny_clip
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+# Narrowed and shortened real architectures: ViT width 128 (two 64-wide heads), 2 blocks, patch 8
+# at 32 px; ModifiedResNet one block per stage, width 16 at 64 px; text width 128, 2 blocks,
+# context 16, vocabulary 100.
+VOCAB, CONTEXT = 100, 16
+TEXT = dict(text_width=128, text_layers=2, vocab=VOCAB, context=CONTEXT)
+
+
+def text_ids(n: int, seed: int = 0) -> torch.Tensor:
+    return random_tokens(n, VOCAB, CONTEXT, seed)
 OPENAI_CONFIGS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
                   "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 
 
 @pytest.fixture(scope="module")
 def vit_pair():
-    peer = open_clip_vit()
+    peer = tiny_clip("vit", width=128, **TEXT)
     return peer, build_model(peer.state_dict())
 
 
 @pytest.fixture(scope="module")
 def rn_pair():
-    peer = open_clip_resnet()
+    peer = tiny_clip("resnet", width=16, image=64, **TEXT)
     return peer, build_model(peer.state_dict())
 
 
@@ -53,14 +59,14 @@ def test_encode_image_matches_open_clip(pair):
 @torch.no_grad()
 def test_encode_text_matches_open_clip(pair):
     peer, ours = pair
-    tokens = random_tokens(4)
+    tokens = text_ids(4)
     torch.testing.assert_close(ours.encode_text(tokens), peer.encode_text(tokens), **TOL)
 
 
 @torch.no_grad()
 def test_forward_logits_match_open_clip(vit_pair):
     peer, ours = vit_pair
-    x, tokens = random_images(2, 32), random_tokens(3)
+    x, tokens = random_images(2, 32), text_ids(3)
     image_f, text_f, scale = peer(x, tokens)[:3]  # normalised features and exp(logit_scale)
     per_image, per_text = ours(x, tokens)
     torch.testing.assert_close(per_image, scale * image_f @ text_f.t(), **TOL)
@@ -69,7 +75,7 @@ def test_forward_logits_match_open_clip(vit_pair):
 
 @torch.no_grad()
 def test_wider_vit_matches_open_clip():
-    peer = open_clip_vit(width=64, layers=1, patch=16, image=64, seed=3)
+    peer = tiny_clip("vit", width=64, layers=1, patch=16, image=64, seed=3, **TEXT)
     ours = build_model(peer.state_dict())
     x = random_images(2, 64, seed=3)
     torch.testing.assert_close(ours.encode_image(x), peer.encode_image(x), **TOL)
@@ -81,8 +87,7 @@ def test_every_openai_variant_is_read_off_shapes(name):
     path = Path(open_clip.__file__).parent / "model_configs" / f"{name}.json"
     cfg = json.loads(path.read_text())
     with torch.device("meta"):
-        peer = OpenClipCLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]),
-                            CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=True)
+        peer = open_clip_model({**cfg, "quick_gelu": True})
         ours = build_model(peer.state_dict())
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
     assert shapes(ours) == shapes(peer)
@@ -103,7 +108,7 @@ def _attention_modules(model):
 @torch.no_grad()
 def test_written_out_attention_equals_fast_path(pair, monkeypatch):
     _, ours = pair
-    x, tokens = random_images(2, _image_size(ours)), random_tokens(2)
+    x, tokens = random_images(2, _image_size(ours)), text_ids(2)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -152,7 +157,7 @@ def test_text_attention_is_causal_and_logits_hook_runs(vit_pair):
     hooks = [attn.probs.register_forward_hook(lambda m, i, o: seen.setdefault("probs", o)),
              attn.logits.register_forward_hook(lambda m, i, o: seen.setdefault("logits", o))]
     try:
-        ours.encode_text(random_tokens(2))
+        ours.encode_text(text_ids(2))
     finally:
         for h in hooks:
             h.remove()

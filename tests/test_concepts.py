@@ -1,24 +1,19 @@
 """Concept banks: patches, NMF, non-negativity, Sobol ranking, register tokens, the bank on
-disk, the direction objective, and concept_neurons_fvis.py end to end."""
+disk, the direction objective, and concept_neurons_fvis.py + faceted_fvis.py end to end."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+from helpers import TINY_CNN, assert_png_equals, assert_png_shows, run_script
 from vital.concepts import extract as C
-from vital.modes import runner as pipeline
 from vital.concepts import sobol
-from vital.concepts.bank import BankError, ConceptBank, load_bank, save_bank, bank_paths
-from vital.modes.concepts import ConceptCFG, run_concepts
+from vital.concepts.bank import BankError, ConceptBank, bank_paths, load_bank, save_bank
 from vital.models import load_target
+from vital.modes import runner as pipeline
+from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.refs.images import load_images
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = "module:tests.conftest:TinyCNN"
 
 
 @pytest.fixture
@@ -28,7 +23,7 @@ def no_opinion(monkeypatch):
 
 
 def _cfg(tmp_path, ref_folder, **kw):
-    base = dict(model=TINY, target="3", ref_dir=str(ref_folder),
+    base = dict(model=TINY_CNN, target="3", ref_dir=str(ref_folder),
                 size=32, steps_multires=[3, 3], save_steps=3, out_dir=str(tmp_path / "out"),
                 run_name="c", progress=False, device="cpu", n_concepts=3, sobol_designs=4,
                 rank_images=2, top_patches=4)
@@ -38,11 +33,17 @@ def _cfg(tmp_path, ref_folder, **kw):
 
 # ---------------------------------------------------------------- patches and NMF
 
-def test_patch_boxes_cut_the_same_patches_again(ref_folder):
+def _patches(target, files, settings) -> torch.Tensor:
+    """The patches (M, 3, size, size) a bank is extracted from."""
+    return C.extract_bank(target, files, settings)[1]
+
+
+def test_patch_boxes_cut_the_same_patches_again(tiny_cnn_target, ref_folder):
     settings = C.ExtractSettings(layer="stage2", size=16, patch_frac=0.5, patch_stride=0.5)
     files = sorted(ref_folder.iterdir())
-    patches, boxes, used, canvas = C._patch_grid(files, settings)
-    assert canvas == 32 and len(used) == 4 and len(boxes) == 4 * 9     # 3 x 3 per image
+    bank, patches = C.extract_bank(tiny_cnn_target, files, settings)
+    boxes, used, canvas = bank.tensors["boxes"], bank.meta["files"], bank.meta["canvas"]
+    assert canvas == 32 and used == [str(f) for f in files] and len(boxes) == 4 * 9   # 3 x 3 each
     assert set(boxes[:, 1].tolist()) == {0, 8, 16} and set(boxes[:, 3].tolist()) == {16}
     images, _ = load_images(used, canvas)
     torch.testing.assert_close(C.crop_boxes(images, boxes), patches)
@@ -52,7 +53,7 @@ def test_patch_boxes_cut_the_same_patches_again(ref_folder):
 
 def test_nmf_reconstruction_error_falls_as_components_grow(tiny_cnn_target, ref_folder):
     settings = C.ExtractSettings(layer="stage1", size=32, patch_frac=0.5, patch_stride=0.25)
-    patches = C._patch_grid(sorted(ref_folder.iterdir()), settings)[0]
+    patches = _patches(tiny_cnn_target, sorted(ref_folder.iterdir()), settings)
     view = C.layer_view(tiny_cnn_target, "stage1")
     acts = C.layer_activations(tiny_cnn_target, view, patches, C.RegisterRule())
     x = C.pooled(acts, "relu")
@@ -136,24 +137,28 @@ def test_only_concepts_the_output_reads_are_important(method):
 
 
 @pytest.mark.parametrize("layer", ["block.0", "embed"])
-def test_identity_concepts_leave_the_output_unchanged(tiny_clip_file, layer):
-    """Editing a layer with its own exact reconstruction must not change the output: checks the
-    (B, C, P) <-> layout plumbing and the class-token handling of the ranking."""
+def test_gradient_ranking_of_channel_concepts_is_gradient_times_activation(tiny_clip_file, layer):
+    """With every channel of the split space its own concept (directions = identity), the
+    gradient ranking of a concept is |gradient x activation| of its channel summed over the
+    patch tokens, computed here by hooking the layer: checks the (B, C, P) <-> layout plumbing
+    of the edited forward (it must rebuild the layer exactly at scale 1) and that the class token
+    is left alone."""
     target = load_target(str(tiny_clip_file))
     view = C.layer_view(target, layer)
     assert view.skip == 1 and view.stream == layer
-    image = torch.rand(3, 32, 32)
-    acts = C.layer_activations(target, view, image[None], C.RegisterRule())
-    channels = acts.acts.shape[1]
-    w = torch.eye(2 * channels)                       # split space: every channel a concept
-    u = C.to_nonneg(acts.acts, "split")[0].T          # (P, C')
-    edited = C._reconstruct(u, w, torch.ones(1, 2 * channels), "split")
-    keep = acts.keep[0]
-    with torch.no_grad():
-        out = C._forward_edited(target, view, image, edited, keep, batch=1)
-        torch.testing.assert_close(out, target(image[None]), atol=1e-4, rtol=1e-4)
-        zeroed = C._forward_edited(target, view, image, 0 * edited, keep, batch=1)
-    assert not torch.allclose(zeroed, out, atol=1e-3)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with target.hooks([layer]) as feats:
+        out = target(image.clone().requires_grad_(True))
+        (grad,) = torch.autograd.grad(out[0, 0], feats[layer])        # (1, 1+N, D)
+        acts = feats[layer][0, 1:].detach()                            # patch tokens (N, D)
+    g = grad[0, 1:]
+    expected = torch.cat([(acts.clamp_min(0) * g).sum(0), (-(-acts).clamp_min(0) * g).sum(0)])
+    assert expected.abs().max() > 1e-3                                 # the layer reaches out[0]
+    bank = ConceptBank({"directions": torch.eye(2 * acts.shape[1])},
+                       {"layer": layer, "nonneg": "split"})
+    C.rank_concepts(target, bank, image, lambda out, ref: out[:, 0], C.RankSettings("gradient"),
+                    C.RegisterRule())
+    torch.testing.assert_close(bank.tensors["importance"], expected.abs(), rtol=1e-3, atol=1e-6)
 
 
 # ---------------------------------------------------------------- registers
@@ -222,11 +227,22 @@ def test_direction_objective_lowers_its_loss(tiny_cnn_target):
     assert loss().item() < first - 0.01
 
 
+class _Passthrough(nn.Module):
+    """Its layer ``feat`` is its input: a target whose activations the test chooses."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Identity()
+
+    def forward(self, x):
+        return self.feat(x).mean((2, 3))
+
+
 @pytest.mark.parametrize("pool", ["mean", "positions"])
 def test_direction_objective_and_cosines_match_a_loop_reference(pool):
     torch.manual_seed(0)
-    feats = torch.randn(2, 4, 5)                       # (B, C, P), signed: split gives C' = 8
-    dirs = torch.rand(2, 8)
+    feats = torch.randn(2, 3, 5)                       # (B, C, P), signed: split gives C' = 6
+    dirs = torch.rand(2, 6)
     a = C.to_nonneg(feats, "split")
     ref = torch.zeros(2, 2)                            # ref[b, k]: image b, direction k
     for b in range(2):
@@ -236,10 +252,17 @@ def test_direction_objective_and_cosines_match_a_loop_reference(pool):
             else:
                 ref[b, k] = sum(torch.cosine_similarity(a[b, :, q], dirs[k], dim=0)
                                 for q in range(5)) / 5
-    unit = torch.nn.functional.normalize(dirs, dim=-1)
-    torch.testing.assert_close(C._cosines(a, unit, pool), ref)
+    target = load_target(_Passthrough(), input_size=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+    images = feats.view(2, 3, 1, 5)                    # the layer sees (B, C, 1, P) as it is
+    cosines = C.direction_cosines(target, C.layer_view(target, "feat"), images, dirs, "split",
+                                  pool)
+    torch.testing.assert_close(cosines, ref)
     obj = C.direction_objective("x", dirs, "split", pool=pool)
     torch.testing.assert_close(obj({"features": {"x": feats}}), 1 - ref.diag().mean())
+    for b in range(2):                                 # every pair: one image, one direction
+        for k in range(2):
+            one = C.direction_objective("x", dirs[k], "split", pool=pool)
+            torch.testing.assert_close(one({"features": {"x": feats[b:b + 1]}}), 1 - ref[b, k])
 
 
 # ---------------------------------------------------------------- end to end
@@ -247,9 +270,10 @@ def test_direction_objective_and_cosines_match_a_loop_reference(pool):
 def test_concept_run_writes_bank_grid_and_run_folder(tmp_path, ref_folder):
     run_dir, result = run_concepts(_cfg(tmp_path, ref_folder))
     assert result.steps_done == 6 and result.image.shape[0] == 3   # one image per concept
-    for name in ("final.png", "concepts_grid.png", "config.json", "metrics.json",
-                 "concept_bank.safetensors", "concept_bank.json"):
+    for name in ("config.json", "metrics.json", "concept_bank.safetensors", "concept_bank.json"):
         assert (run_dir / name).is_file(), name
+    assert_png_equals(run_dir / "final.png", result.image[0])
+    assert_png_shows(run_dir / "concepts_grid.png")
     bank = load_bank(run_dir)
     assert bank.meta["layer"] == "stage2" and bank.meta["nonneg"] == "relu"
     assert bank.meta["ranking"]["method"] == "sobol" and bank.meta["registers"]["excluded"] == 0
@@ -264,8 +288,8 @@ def test_concept_run_writes_bank_grid_and_run_folder(tmp_path, ref_folder):
     assert meta["concepts"]["shown"] == bank.order()
     match = json.loads((run_dir / "concepts_match.json").read_text())
     assert match["concepts"] == bank.order() and len(match["cosine"]) == 3
-    view = C.layer_view(load_target(TINY), "stage2")
-    direct = C.direction_cosines(load_target(TINY), view, result.image,
+    view = C.layer_view(load_target(TINY_CNN), "stage2")
+    direct = C.direction_cosines(load_target(TINY_CNN), view, result.image,
                                  bank.directions[bank.order()], "relu")
     torch.testing.assert_close(torch.tensor(match["cosine"]), direct)
 
@@ -274,7 +298,7 @@ def test_extract_only_writes_the_bank_and_stops(tmp_path, ref_folder):
     run_dir, result = run_concepts(_cfg(tmp_path, ref_folder, extract_only=True, rank="gradient",
                                         target=""))
     assert result.stopped is None and not (run_dir / "final.png").exists()
-    assert (run_dir / "concepts_patches.png").is_file()
+    assert_png_shows(run_dir / "concepts_patches.png")
     bank = load_bank(run_dir)
     assert bank.meta["ranking"]["method"] == "gradient"
     assert bank.meta["target"] == "each image's top class"
@@ -285,7 +309,7 @@ def test_tiny_vit_excludes_register_tokens_and_reports_the_count(tmp_path, ref_f
     # independent count first: residual-stream norms of the patch tokens on the same patches
     target = load_target(str(tiny_clip_file))
     settings = C.ExtractSettings(layer="block.0", size=32)
-    patches = C._patch_grid(sorted(ref_folder.iterdir()), settings)[0]
+    patches = _patches(target, sorted(ref_folder.iterdir()), settings)
     with torch.no_grad(), target.hooks(["block.0"]) as feats:
         target(patches)
         norms = feats["block.0"][:, 1:].norm(dim=-1)       # (M, N) without the class token
@@ -294,7 +318,8 @@ def test_tiny_vit_excludes_register_tokens_and_reports_the_count(tmp_path, ref_f
     cfg = _cfg(tmp_path, ref_folder, model=str(tiny_clip_file), target="a photo of a cat",
                exclude_registers=True, register_threshold=limit, register_relative=False, show=2)
     run_dir, result = run_concepts(cfg)
-    assert result.image.shape[0] == 2 and (run_dir / "concepts_grid.png").is_file()
+    assert result.image.shape[0] == 2
+    assert_png_shows(run_dir / "concepts_grid.png")
     bank = load_bank(run_dir)
     reg = bank.meta["registers"]
     assert bank.meta["layer"] == "block.0" and bank.meta["nonneg"] == "split"
@@ -305,6 +330,7 @@ def test_tiny_vit_excludes_register_tokens_and_reports_the_count(tmp_path, ref_f
     assert bank.tensors["importance"].abs().max() > 0      # block.0 reaches the output
 
 
+@pytest.mark.slow   # the fast suite: the tiny CNN and tiny ViT runs above
 def test_embedded_model_at_64px(tmp_path, ref_folder):
     cfg = _cfg(tmp_path, ref_folder, model="efficientnet-lite0", target="espresso", size=64,
                layer_block="blocks.15", rank_images=1, sobol_designs=4, n_concepts=2,
@@ -315,10 +341,22 @@ def test_embedded_model_at_64px(tmp_path, ref_folder):
     assert bank.directions.shape == (2, 640) and bank.meta["target"] == "espresso"
 
 
-def test_script_dump_cfg(tmp_path):
-    dumped = tmp_path / "cfg.json"
-    subprocess.run([sys.executable, str(ROOT / "concept_neurons_fvis.py"), "--n_concepts", "4",
-                    "--extract_only", "--dump_cfg", str(dumped)], check=True, cwd=tmp_path,
-                   capture_output=True)
-    data = json.loads(dumped.read_text())
-    assert data["n_concepts"] == 4 and data["extract_only"] is True
+def test_concept_then_facet_scripts_end_to_end(tmp_path, ref_folder):
+    """concept_neurons_fvis.py, then faceted_fvis.py on the bank it wrote, each in a fresh
+    interpreter as a user runs them."""
+    common = ["--model", TINY_CNN, "--size", "32", "--no-progress", "--device", "cpu"]
+    run_script("concept_neurons_fvis.py", *common, "--target", "3", "--ref_dir", ref_folder,
+               "--n_concepts", "2", "--sobol_designs", "4", "--rank_images", "1",
+               "--top_patches", "4", "--steps", "2", "--out_dir", tmp_path / "c", "--run_name",
+               "bank", cwd=tmp_path)
+    bank_dir = tmp_path / "c" / "bank"
+    bank = load_bank(bank_dir)
+    assert bank.directions.shape == (2, 32) and bank.meta["n_concepts"] == 2
+    assert_png_shows(bank_dir / "final.png", (32, 32))
+    run_script("faceted_fvis.py", *common, "--bank", bank_dir, "--n_facets", "2",
+               "--facet_patches", "4", "--steps", "2", "--out_dir", tmp_path / "f",
+               "--run_name", "facets", cwd=tmp_path)
+    facets = json.loads((tmp_path / "f" / "facets" / "facets.json").read_text())
+    assert facets["concept"] == bank.order()[0]
+    assert_png_shows(tmp_path / "f" / "facets" / "final.png", (32, 32))
+    assert_png_shows(tmp_path / "f" / "facets" / "facets_grid.png")

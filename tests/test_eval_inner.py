@@ -11,13 +11,12 @@ from vital.eval import metrics
 from vital.config import ConfigError
 from vital.eval.harness import EvalCFG, main
 
-from conftest import write_images
+from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, run_script, write_images
 
-TINY = "module:tests.conftest:TinyCNN"
 
 
 def _cfg(root, out="out", **kw):
-    base = dict(mode="inner", out_dir=str(root / out), models=[TINY], layer="stage2",
+    base = dict(mode="inner", out_dir=str(root / out), models=[TINY_CNN], layer="stage2",
                 neurons=[3, 7], data_dir=str(root / "data"), num_real=5,
                 methods=["vital", "am_fft"], seeds=[0], device="cpu", progress=False,
                 settings={"size": 32, "steps_multires": [2, 2], "save_steps": 4, "num_ref": 3,
@@ -44,12 +43,13 @@ def test_runs_are_scored_against_the_top_real_images(swept):
         [(3, "vital"), (3, "am_fft"), (7, "vital"), (7, "am_fft")]
     from vital.refs.patches import data_files
     from vital.models import load_target
-    target = load_target(TINY)
+    target = load_target(TINY_CNN)
     real = eval_inner.real_activations(target, "stage2", data_files(root / "data"), 32)
     for r in whole:
-        run_dir = root / "out" / "module_tests.conftest_TinyCNN" / "stage2" / r["method"] / \
-            "seed0" / f"n{r['neuron']}"
-        assert (run_dir / "final.png").is_file() and (run_dir / "result.json").is_file()
+        run_dir = root / "out" / TINY_CNN_DIR / "stage2" / r["method"] / "seed0" / \
+            f"n{r['neuron']}"
+        assert_png_shows(run_dir / "final.png", (32, 32))
+        assert (run_dir / "result.json").is_file()
         top = real[:, r["neuron"]].topk(5).values
         fv = torch.tensor(json.loads((run_dir / "neuron.json").read_text())["visualisation"])
         expected = metrics.auc_mad(fv, top)
@@ -80,7 +80,7 @@ def test_shards_merge_to_the_unsharded_report(swept):
     assert scores(root / "out") == scores(root / "sharded") and len(scores(root / "out")) == 4
     no_timing = lambda t: [line.rsplit("|", 3)[0] for line in t.splitlines()]  # noqa: E731
     assert no_timing(table) == no_timing(sharded)
-    assert (root / "out" / "report" / "inner_grid_module_tests.conftest_TinyCNN.png").is_file()
+    assert_png_shows(root / "out" / "report" / f"inner_grid_{TINY_CNN_DIR}.png")
 
 
 def test_changed_settings_refuse_to_reuse_without_redo(swept, monkeypatch):
@@ -110,16 +110,23 @@ def test_bad_inner_sweeps_fail_before_any_run(tmp_path, change, message, monkeyp
         eval_inner.run_inner_sweep(_cfg(tmp_path, **change))
 
 
-def test_script_entry_point_runs_inner_mode(tmp_path, monkeypatch, capsys):
+def test_script_runs_an_inner_sweep_end_to_end(tmp_path, monkeypatch):
+    """evaluate_fvis.py --mode inner in a fresh interpreter: runs, scores, prints the table and
+    writes the report; --report alone rebuilds it from the run folders."""
     write_images(tmp_path / "data", 4)
     monkeypatch.setenv("VITAL_CACHE", str(tmp_path / "cache"))
-    code = main(EvalCFG, ["--mode", "inner", "--models", TINY, "--layer", "stage2",
-                          "--neurons", "1", "--data_dir", str(tmp_path / "data"),
-                          "--num_real", "3", "--methods", "am_fft", "--out_dir",
-                          str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--settings",
-                          "size=32,steps=2,num_ref=2,data_size=40,patch_size=20"])
-    assert code == 0
-    assert "| am_fft |" in capsys.readouterr().out
-    assert (tmp_path / "o" / "report" / "inner_report.md").is_file()
+    proc = run_script("evaluate_fvis.py", "--mode", "inner", "--models", TINY_CNN, "--layer",
+                      "stage2", "--neurons", "1", "--data_dir", tmp_path / "data", "--num_real",
+                      "3", "--methods", "am_fft", "--out_dir", tmp_path / "o", "--device", "cpu",
+                      "--no-progress", "--settings",
+                      "size=32,steps=2,num_ref=2,data_size=40,patch_size=20", cwd=tmp_path)
+    assert "| am_fft |" in proc.stdout
+    run_dir = tmp_path / "o" / TINY_CNN_DIR / "stage2" / "am_fft" / "seed0" / "n1"
+    assert_png_shows(run_dir / "final.png", (32, 32))
+    report = tmp_path / "o" / "report" / "inner_report.md"
+    written = report.read_text()
+    assert "| am_fft |" in written
+    report.unlink()
     assert main(EvalCFG, ["--mode", "inner", "--out_dir", str(tmp_path / "o"),
                           "--layer", "stage2", "--data_dir", "x", "--report"]) == 0
+    assert report.read_text() == written

@@ -19,16 +19,15 @@ from vital.eval.harness import (EvalCFG, expand, parse_shard, run_sweep, select_
 from vital.eval.metrics import zeroshot_classifier
 from vital.models.labels import encode_texts
 
-from conftest import write_images
+from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, write_images
 
-TINY = "module:tests.conftest:TinyCNN"
 
 
 def _cfg(root, out="out", **kw):
-    base = dict(out_dir=str(root / out), models=[TINY], targets=["class3", "class5"],
+    base = dict(out_dir=str(root / out), models=[TINY_CNN], targets=["class3", "class5"],
                 ref_root=str(root / "refs"), methods=["vital", "maco"], seeds=[0],
                 settings={"size": 32, "steps": 2, "save_steps": 1, "num_ref": 4},
-                judge=TINY, device="cpu", progress=False)
+                judge=TINY_CNN, device="cpu", progress=False)
     base.update(kw)
     return EvalCFG(**base)
 
@@ -64,21 +63,25 @@ def test_sweep_writes_runs_results_and_report(swept):
     root, whole, _ = swept
     assert [(r["target"], r["method"]) for r in whole] == [
         ("class3", "vital"), ("class3", "maco"), ("class5", "vital"), ("class5", "maco")]
-    run_dir = root / "out" / "module_tests.conftest_TinyCNN" / "class3" / "maco" / "seed0"
-    for name in ("final.png", "config.json", "metrics.json", "steps/step_0002.png",
-                 "result.json", "fid_features.safetensors"):
+    run_dir = root / "out" / TINY_CNN_DIR / "class3" / "maco" / "seed0"
+    for name in ("config.json", "metrics.json", "result.json", "fid_features.safetensors"):
         assert (run_dir / name).is_file(), name
+    final = assert_png_shows(run_dir / "final.png", (32, 32))
+    first = assert_png_shows(run_dir / "steps" / "step_0001.png", (32, 32))
+    assert (first != final).any()                     # the two steps changed the image
     record = json.loads((run_dir / "result.json").read_text())
     assert record["class_index"] == 3 and record["status"] == "finished"
     assert record["method_overrides"]["param"] == "maco"
     assert [row["step"] for row in record["curve"]] == [1, 2]
-    for key in ("self_top1", "judge_top5", "class_auc", "class_mad", "seconds_per_step"):
-        assert key in record["metrics"], key
+    scores = record["metrics"]
+    for key in ("self_top1", "judge_top5", "class_auc"):
+        assert 0 <= scores[key] <= 1, key
+    assert scores["seconds_per_step"] > 0 and scores["class_mad"] == scores["class_mad"]  # no NaN
     report = write_report(root / "out")
     text = report.read_text()
     assert "| vital |" in text and "| maco |" in text and "(reference images)" in text
     for png in ("grid_", "curves_"):
-        assert (report.parent / f"{png}module_tests.conftest_TinyCNN.png").stat().st_size > 1000
+        assert_png_shows(report.parent / f"{png}{TINY_CNN_DIR}.png")
 
 
 def test_resume_skips_finished_runs(swept, monkeypatch):
@@ -170,9 +173,9 @@ def test_expand_order_paths_and_user_methods(tmp_path):
         {"name": "maco_fast", "base": "maco", "overrides": {"lr": "0.1"}}])
     runs = expand(cfg)
     assert len(runs) == 2 * 3 * 2 and [r.index for r in runs] == list(range(12))
-    assert [r.key for r in runs[:3]] == ["module_tests.conftest_TinyCNN/class3/am_fft/seed0",
-                                         "module_tests.conftest_TinyCNN/class3/am_fft/seed1",
-                                         "module_tests.conftest_TinyCNN/class3/vital_cw1/seed0"]
+    assert [r.key for r in runs[:3]] == [f"{TINY_CNN_DIR}/class3/am_fft/seed0",
+                                         f"{TINY_CNN_DIR}/class3/am_fft/seed1",
+                                         f"{TINY_CNN_DIR}/class3/vital_cw1/seed0"]
     assert runs[2].cfg.class_weight == 1.0 and isinstance(runs[2].cfg.class_weight, float)
     maco = runs[4].cfg
     assert (maco.param, maco.lr, maco.feat_weight, maco.size) == ("maco", 0.1, 0.0, 32)
@@ -270,9 +273,11 @@ def test_clip_zero_shot_uses_template_averaged_class_embeddings(monkeypatch):
     weights = eval_scoring.zeroshot_weights(fake)
     per_class = [encode_texts(clip, [t.format(n) for t in templates], "cpu") for n in names]
     torch.testing.assert_close(weights, zeroshot_classifier(torch.stack(per_class)))
-    assert eval_scoring._zeroshot_cache(fake).is_file()      # cached for the next sweep
+    fake.clip = SimpleNamespace(context_length=77, encode_text=lambda tokens: pytest.fail(
+        "the zero-shot weights were encoded again instead of read from the cache"))
+    torch.testing.assert_close(eval_scoring.zeroshot_weights(fake), weights)   # the next sweep
     fake.embed = lambda x: weights[2].expand(x.shape[0], -1)  # every image looks like a teapot
-    scorer = eval_scoring.Scorer(judge="fake")
-    scorer._models["fake"] = fake
-    logits = scorer.logits("fake", torch.rand(3, 3, 20, 20))
+    monkeypatch.setattr(eval_scoring, "load_target",
+                        lambda spec, device="cpu": fake if spec == "fake" else pytest.fail(spec))
+    logits = eval_scoring.Scorer(judge="fake").logits("fake", torch.rand(3, 3, 20, 20))
     assert logits.shape == (3, 3) and logits.argmax(1).tolist() == [2, 2, 2]

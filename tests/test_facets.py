@@ -1,4 +1,5 @@
-"""faceted_fvis.py: facets of one concept of a bank, and refusal of banks that do not fit."""
+"""faceted_fvis.py: facets of one concept of a bank, and refusal of banks that do not fit (the
+script itself runs in test_concepts, on the bank concept_neurons_fvis.py writes)."""
 import json
 import shutil
 
@@ -6,18 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_images
-from vital.modes import runner as pipeline
-from vital.concepts.bank import BankError, BankMismatch, load_bank
+from helpers import TINY_CNN, assert_png_equals, assert_png_shows, write_images
 from vital.cli import main
+from vital.concepts.bank import BankError, BankMismatch, load_bank
+from vital.modes import runner as pipeline
 from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.modes.facets import FacetCFG, facet_rows, run_facets
 
-TINY = "module:tests.conftest:TinyCNN"
 
 
 def _bank(tmp_path, refs, **kw):
-    base = dict(model=TINY, target="3", ref_dir=str(refs), size=32, out_dir=str(tmp_path / "c"),
+    base = dict(model=TINY_CNN, target="3", ref_dir=str(refs), size=32, out_dir=str(tmp_path / "c"),
                 run_name="bank", progress=False, device="cpu", n_concepts=3, sobol_designs=4,
                 rank_images=2, top_patches=4, extract_only=True)
     base.update(kw)
@@ -25,7 +25,7 @@ def _bank(tmp_path, refs, **kw):
 
 
 def _facet_cfg(tmp_path, bank, **kw):
-    base = dict(model=TINY, bank=str(bank), size=32, steps=4, save_steps=2, n_facets=2,
+    base = dict(model=TINY_CNN, bank=str(bank), size=32, steps=4, save_steps=2, n_facets=2,
                 facet_patches=6, out_dir=str(tmp_path / "f"), run_name="f", progress=False,
                 device="cpu")
     base.update(kw)
@@ -42,9 +42,10 @@ def test_facets_of_the_top_concept_end_to_end(tmp_path, refs):
     bank = load_bank(bank_dir)
     run_dir, result = run_facets(_facet_cfg(tmp_path, bank_dir, steps=8, save_steps=1))
     assert result.image.shape[0] == 2 and result.steps_done == 8
-    for name in ("final.png", "facets_grid.png", "facets.json", "facets.safetensors",
-                 "config.json", "metrics.json"):
+    for name in ("facets.json", "facets.safetensors", "config.json", "metrics.json"):
         assert (run_dir / name).is_file(), name
+    assert_png_equals(run_dir / "final.png", result.image[0])
+    assert_png_shows(run_dir / "facets_grid.png")
     info = json.loads((run_dir / "facets.json").read_text())
     assert info["concept"] == bank.order()[0] and info["decomp_layer"] == "stage1"
     steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
@@ -84,9 +85,9 @@ def test_a_bank_that_does_not_fit_is_refused(tmp_path, refs, capsys):
     moved = tmp_path / "moved"                       # same images elsewhere: accepted by content
     shutil.copytree(refs, moved)
     run_dir, _ = run_facets(_facet_cfg(tmp_path, bank_dir, ref_dir=str(moved), steps=1))
-    assert (run_dir / "facets_grid.png").is_file()
+    assert_png_shows(run_dir / "facets_grid.png")
     (refs / "img_00.png").write_bytes((other / "img_00.png").read_bytes())   # data changed
-    status = main(FacetCFG, run_facets, ["--model", TINY, "--bank", str(bank_dir), "--steps",
+    status = main(FacetCFG, run_facets, ["--model", TINY_CNN, "--bank", str(bank_dir), "--steps",
                                          "1", "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err
     assert status == 2 and "does not fit" in err and "Traceback" not in err
@@ -109,6 +110,7 @@ def test_tiny_vit_facets(tmp_path, refs, tiny_clip_file, monkeypatch):
     bank_dir = _bank(tmp_path, refs, model=str(tiny_clip_file), target="a photo of a cat")
     run_dir, result = run_facets(_facet_cfg(tmp_path, bank_dir, model=str(tiny_clip_file),
                                             concept=1))
+    assert load_bank(bank_dir).order()[0] != 1        # so concept 1 is not the default choice
     info = json.loads((run_dir / "facets.json").read_text())
     assert info["concept"] == 1 and info["decomp_layer"] == "embed" and info["nonneg"] == "split"
     assert result.image.shape[0] == 2
@@ -116,6 +118,7 @@ def test_tiny_vit_facets(tmp_path, refs, tiny_clip_file, monkeypatch):
         run_facets(_facet_cfg(tmp_path, bank_dir, model=str(tiny_clip_file), concept=5))
 
 
+@pytest.mark.slow   # the fast suite: the tiny CNN and tiny ViT facets above
 def test_embedded_model_facets_at_64px(tmp_path, refs):
     bank_dir = _bank(tmp_path, refs, model="efficientnet-lite0", target="espresso", size=64,
                      layer_block="blocks.15", n_concepts=2, rank_images=1, patch_frac=0.75)

@@ -1,5 +1,6 @@
-"""The desktop GUI: the render hooks it relies on, its form -> CFG logic, and the Tk window
-itself under a virtual X server (Xvfb), driven through its buttons with the real mainloop.
+"""The desktop GUI: the render hooks it relies on, its form -> CFG logic, the Tk window itself
+under a virtual X server (Xvfb), driven through its buttons with the real mainloop, and
+vital_gui.py started as a user starts it (with and without a display).
 
 Window tests skip when no X server can be started (install Xvfb: `apt-get install xvfb`;
 .ci/run does this). A screenshot of the window after a run is written to test-artifacts/.
@@ -17,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_CNN, assert_png_shows, read_png
 from vital.app import forms as gm
 from vital.modes.runner import Callbacks
 from vital.optvis.render import Schedule, render
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = "module:tests.conftest:TinyCNN"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -62,7 +63,7 @@ def test_should_stop_ends_the_run_like_ctrl_c(tiny_cnn_target):
 def test_callbacks_reach_the_render_of_a_mode(tmp_path):
     """A mode's run function passes its callbacks to the runner: watch, record and stop."""
     from vital.modes.arithmetic import ArithmeticCFG, run_arithmetic
-    cfg = ArithmeticCFG(model=TINY, base="KING", add=["WOMAN"], sub=["MAN"], size=32,
+    cfg = ArithmeticCFG(model=TINY_CNN, base="KING", add=["WOMAN"], sub=["MAN"], size=32,
                         steps=50, save_steps=2, out_dir=str(tmp_path), progress=False,
                         device="cpu", ref_views=1)
     seen, records = [], []
@@ -73,13 +74,13 @@ def test_callbacks_reach_the_render_of_a_mode(tmp_path):
     assert result.stopped == "stopped" and result.steps_done == 4 and seen == [1, 2, 4]
     assert records == [2, 4, 4]        # two save steps, then the final opinion
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "stopped"
-    assert (run_dir / "final.png").is_file()
+    assert_png_shows(run_dir / "final.png", (32, 32))
 
 
 # ---------------------------------------------------------------- form logic (no X needed)
 
 def _form(**kw):
-    base = {"model": TINY, "steps": "9", "size": "32", "target": "class3", "ref_dir": "",
+    base = {"model": TINY_CNN, "steps": "9", "size": "32", "target": "class3", "ref_dir": "",
             "class_weight": "0.2", "tv_weight": "0.01", "layer": "stage1", "neuron": "5",
             "neuron_weight": "0.3", "feat_weight": "1", "base": "KING", "add": "WOMAN, QUEEN",
             "sub": "MAN", "sub_alpha": "0.5", "add_beta": "2", "direction_weight": "1",
@@ -213,7 +214,7 @@ def make_app(display, tmp_path):
     from vital.app.gui import VitalApp
     apps = []
 
-    def make(model=TINY):
+    def make(model=TINY_CNN):
         root = tk.Tk()
         apps.append(VitalApp(root, out_dir=str(tmp_path / "out"), model=model))
         return apps[-1]
@@ -276,12 +277,12 @@ def test_embedded_model_run_from_the_window(make_app, ref_folder):
     app.buttons["run"].invoke()
     pump_until(app, lambda: _idle(app))
     assert app.message.get() == "" and app.status.get() == "finished after 4 steps"
-    from PIL import Image
-    assert Image.open(Path(app.run_dir) / "final.png").size == (64, 64)
+    final = assert_png_shows(Path(app.run_dir) / "final.png", (64, 64))
+    assert (read_png(Path(app.run_dir) / "steps" / "step_0001.png") != final).any()
     assert app.opinion.get().startswith("top-5:") and float(app.bar.cget("value")) == 4
     assert str(Path(app.run_dir).resolve()) in app.out_path.get()
     shot = _screenshot(app, ARTIFACTS / "gui_after_run.png")
-    assert shot is None or Image.open(shot).size[0] > 400
+    assert shot is None or assert_png_shows(shot).shape[1] > 400
 
 
 def test_window_run_equals_the_script_with_the_saved_config(make_app, ref_folder, tmp_path):
@@ -291,10 +292,11 @@ def test_window_run_equals_the_script_with_the_saved_config(make_app, ref_folder
     app.buttons["run"].invoke()
     pump_until(app, lambda: _idle(app))
     final = Path(app.run_dir) / "final.png"
-    assert app.status.get() == "finished after 6 steps" and final.is_file()
+    assert app.status.get() == "finished after 6 steps"
+    assert_png_shows(final, (32, 32))
     saved = app.save_config(str(tmp_path / "gui_cfg.json"))
     data = json.loads(Path(saved).read_text())
-    assert (data["model"], data["target"], data["class_weight"]) == (TINY, "class3", 0.5)
+    assert (data["model"], data["target"], data["class_weight"]) == (TINY_CNN, "class3", 0.5)
     assert "class_neurons_fvis.py --json_cfg" in app.status.get()
     proc = subprocess.run([sys.executable, str(ROOT / "class_neurons_fvis.py"), "--json_cfg",
                            saved, "--no-progress"], cwd=ROOT, capture_output=True, text=True,
@@ -315,7 +317,7 @@ def test_stop_ends_the_run_and_keeps_what_exists(make_app, ref_folder):
     assert app.status.get().startswith("stopped; saved what exists after")
     metrics = json.loads((Path(app.run_dir) / "metrics.json").read_text())
     assert metrics["status"] == "stopped" and 0 < metrics["steps_done"] < 100_000
-    assert (Path(app.run_dir) / "final.png").is_file()
+    assert_png_shows(Path(app.run_dir) / "final.png", (32, 32))
 
 
 def test_errors_show_as_sentences_and_the_window_stays_usable(make_app, ref_folder, tmp_path):
@@ -338,11 +340,12 @@ def test_errors_show_as_sentences_and_the_window_stays_usable(make_app, ref_fold
     app.request_model_info()
     pump_until(app, lambda: "cannot be loaded" in app.message.get())
     assert "Valid forms" in app.message.get()
-    app.model.set(TINY)
+    app.model.set(TINY_CNN)
     _fill(app, ref_folder, steps=2, size=32, target="class3")
     app.buttons["run"].invoke()                  # still usable: a good run now finishes
     pump_until(app, lambda: _idle(app))
-    assert app.message.get() == "" and (Path(app.run_dir) / "final.png").is_file()
+    assert app.message.get() == ""
+    assert_png_shows(Path(app.run_dir) / "final.png", (32, 32))
 
 
 def test_every_mode_shows_its_fields(make_app):
@@ -354,3 +357,52 @@ def test_every_mode_shows_its_fields(make_app):
         shown = [label.cget("text") for label in app.key_labels if label.cget("text")]
         assert len(shown) == len(mode.keys)
         assert str(app.ref_box.cget("state")) == ("normal" if mode.ref_field else "disabled")
+
+
+# ---------------------------------------------------------------- the script
+
+def test_script_without_a_display_says_so_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    proc = subprocess.run([sys.executable, str(ROOT / "vital_gui.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot open a window") and "display" in proc.stderr
+
+
+# Run vital_gui.py as __main__; once its window is up and has loaded its model's classes (in a
+# background thread), report it and press the window manager's close button (the
+# WM_DELETE_WINDOW protocol), as a user closing the window does.
+_CLOSE_WHEN_READY = """
+import runpy, sys, time, tkinter
+from vital.app import forms, gui
+apps, made = [], gui.VitalApp.__init__
+def remember(self, *args, **kwargs):
+    made(self, *args, **kwargs)
+    apps.append(self)
+gui.VitalApp.__init__ = remember
+deadline = time.monotonic() + 120
+def close_when_ready(root):
+    app = apps[0] if apps else None
+    ready = app is not None and root.winfo_ismapped() and isinstance(
+        app.infos.get(app.model.get()), forms.ModelInfo)
+    if not ready and time.monotonic() < deadline:
+        root.after(50, close_when_ready, root)
+        return
+    print("window:", root.title(), "| model:", app.model_note.get() if app else None, flush=True)
+    root.tk.call(root.protocol("WM_DELETE_WINDOW"))
+init = tkinter.Tk.__init__
+def opened(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.after(50, close_when_ready, self)
+tkinter.Tk.__init__ = opened
+sys.argv = [sys.argv[1], "--out_dir", sys.argv[2]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_script_opens_the_window_and_exits_when_it_is_closed(display, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _CLOSE_WHEN_READY, str(ROOT / "vital_gui.py"),
+                           str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("window: VITAL") and "1000 classes" in proc.stdout, proc.stdout

@@ -1,5 +1,6 @@
 """Inner neuron visualisation: targets, top-k patch references, cache, --auto, end to end on a
-tiny CNN, a tiny CLIP ViT and the embedded EfficientNet-Lite0 at 64 px, bad input."""
+tiny CNN, a tiny CLIP ViT and (slow) the embedded EfficientNet-Lite0 at 64 px, bad input, and
+inner_neurons_fvis.py run as a script."""
 import json
 from pathlib import Path
 
@@ -9,11 +10,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import write_images
-from vital.refs import patches as P
+from helpers import (TINY_CNN, assert_png_equals, assert_png_shows, read_png, run_script,
+                     write_images)
 from vital.cli import main
-from vital.modes.inner import InnerCFG, neuron_objective, resolve_target, run_inner
 from vital.models import load_target
+from vital.modes.inner import InnerCFG, neuron_objective, resolve_target, run_inner
+from vital.refs import patches as P
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +89,7 @@ def test_top_k_picks_the_planted_patch(tmp_path, red):
 
 
 def test_small_data_set_and_unreadable_files_warn(tmp_path, red):
-    files = _red_data(tmp_path / "data", n=4)
+    _red_data(tmp_path / "data", n=4)
     (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
     neuron = resolve_target(red, "conv", 0)
     with pytest.warns(UserWarning) as record:
@@ -119,8 +121,11 @@ def test_patch_cache_hits_and_rebuilds_when_corrupt(tmp_path, red, isolated_cach
 def test_contact_sheet(tmp_path, red):
     files = _red_data(tmp_path / "data")
     top = P.top_patches(red, resolve_target(red, "conv", 0), files, 48, 16, 8, 4, progress=False)
-    sheet = Image.open(P.contact_sheet(top, tmp_path / "sheet.png"))
-    assert sheet.width >= 2 * 96 and sheet.height >= 2 * 96
+    sheet = assert_png_shows(P.contact_sheet(top, tmp_path / "sheet.png"))
+    assert sheet.shape[1] >= 2 * 96 and sheet.shape[0] >= 2 * 96          # 2 x 2 tiles of 96 px
+    first = sheet[4:4 + 96:6, 4:4 + 96:6].astype(np.float32)               # best tile, 6x NEAREST
+    expected = (top.images[0] * 255).round().permute(1, 2, 0).numpy()    # the planted red patch
+    assert np.abs(first - expected).max() <= 1
 
 
 def test_bad_targets_say_what_is_valid(tmp_path, tiny_cnn_target):
@@ -174,7 +179,7 @@ def test_neuron_objective_lowers_its_loss(tiny_cnn_target):
 
 
 def _cfg(tmp_path, data, **kw):
-    base = dict(model="module:tests.conftest:TinyCNN", layer="stage2", neuron=3,
+    base = dict(model=TINY_CNN, layer="stage2", neuron=3,
                 data_dir=str(data), num_ref=4, data_size=40, patch_size=20, size=32,
                 steps_multires=[3, 4], save_steps=4, out_dir=str(tmp_path / "out"),
                 run_name="t", progress=False, device="cpu")
@@ -187,9 +192,15 @@ def test_run_writes_the_run_folder(tmp_path, rule):
     data = write_images(tmp_path / "data", 6)
     run_dir, result = run_inner(_cfg(tmp_path, data, relevance=rule))
     assert result.steps_done == 7 and run_dir.parent.name == "out"
-    for name in ("final.png", "final_alpha.png", "references.png", "neuron.json", "config.json",
-                 "metrics.json", "steps/step_0004.png"):
+    for name in ("neuron.json", "config.json", "metrics.json"):
         assert (run_dir / name).is_file(), name
+    assert_png_equals(run_dir / "final.png", result.image)
+    with Image.open(run_dir / "final_alpha.png") as alpha:
+        assert alpha.mode == "RGBA" and alpha.getchannel("A").getextrema()[1] == 255
+    assert (read_png(run_dir / "final_alpha.png") == read_png(run_dir / "final.png")).all()
+    assert (assert_png_shows(run_dir / "steps" / "step_0004.png", (32, 32))
+            != read_png(run_dir / "final.png")).any()                # 3 more steps after it
+    assert_png_shows(run_dir / "references.png")
     terms = json.loads((run_dir / "metrics.json").read_text())["steps"][0]["terms"]
     assert "neuron:stage2:3" in terms and {"sort:stem", "sort:stage1"} <= set(terms)
     meta = json.loads((run_dir / "config.json").read_text())
@@ -227,7 +238,7 @@ def test_auto_visualises_the_most_active_neurons(tmp_path, tiny_cnn_target):
 ])
 def test_bad_input_is_one_sentence(tmp_path, capsys, args, message):
     data = write_images(tmp_path / "data", 2)
-    base = ["--model", "module:tests.conftest:TinyCNN", "--layer", "stage2", "--data_dir",
+    base = ["--model", TINY_CNN, "--layer", "stage2", "--data_dir",
             str(data), "--size", "32", "--steps", "2", "--no-progress", "--device", "cpu",
             "--out_dir", str(tmp_path / "out")]
     status = main(InnerCFG, run_inner, base + args)
@@ -250,11 +261,12 @@ def test_tiny_vit_end_to_end(tmp_path, tiny_clip_file, monkeypatch):
     assert result.steps_done == 4 and meta["layers"] == ["embed", "block.0"]
     terms = json.loads((run_dir / "metrics.json").read_text())["steps"][-1]["terms"]
     assert "neuron:block.1.mlp:5" in terms and "sort:block.0" in terms
-    assert (run_dir / "references.png").is_file()
+    assert_png_shows(run_dir / "references.png")
     opinion_words = json.loads((run_dir / "metrics.json").read_text())["final_opinion"]["opinion"]
     assert {w for w, _ in opinion_words} == {"bird", "wing", "neck"}
 
 
+@pytest.mark.slow   # the fast suite: the tiny CNN and tiny ViT runs above
 def test_embedded_model_end_to_end_at_64px(tmp_path):
     data = write_images(tmp_path / "data", 4, size=64)
     cfg = _cfg(tmp_path, data, model="efficientnet-lite0", layer="blocks.2", neuron=10,
@@ -264,6 +276,24 @@ def test_embedded_model_end_to_end_at_64px(tmp_path):
     meta = json.loads((run_dir / "config.json").read_text())
     assert result.steps_done == 3 and meta["layers"] == ["stem", "blocks.0"]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_script_runs_end_to_end(tmp_path):
+    """inner_neurons_fvis.py in a fresh interpreter, as a user runs it: the run folder with the
+    visualisation and its reference patches."""
+    data = write_images(tmp_path / "data", 4)
+    proc = run_script("inner_neurons_fvis.py", "--model", TINY_CNN, "--layer", "stage2",
+                      "--neuron", "3", "--data_dir", data, "--num_ref", "2", "--data_size", "40",
+                      "--patch_size", "20", "--size", "32", "--steps", "3", "--out_dir",
+                      tmp_path / "out", "--run_name", "script", "--no-progress", "--device",
+                      "cpu", cwd=tmp_path)
+    run_dir = tmp_path / "out" / "script"
+    assert str(run_dir) in proc.stdout
+    report = json.loads((run_dir / "neuron.json").read_text())
+    assert len(report["references"]) == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["steps_done"] == 3
+    assert_png_shows(run_dir / "final.png", (32, 32))
+    assert_png_shows(run_dir / "references.png")
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "presets").glob("inner_*.json")))

@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from skimage import data
 
-from vital.models import loaders as _sources
+from helpers import hooks_left, tiny_clip_file
 from vital.models import LayerInfo, channels_positions, imagenet_classes, load_target
+from vital.models.efficientnet import weights_file
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
 
@@ -25,10 +26,6 @@ def _photo(name: str, size: int) -> torch.Tensor:
 
 def _sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def _no_hooks_left(module: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +48,6 @@ def test_efficientnet_lite_classifies_real_photos(spec, lite0):
 def test_efficientnet_lite_matches_reference_package(lite0):
     """Our shape-read EfficientNet-Lite equals the efficientnet_lite_pytorch implementation."""
     from efficientnet_lite_pytorch import EfficientNet
-    from vital.models.efficientnet import weights_file
     ref = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic SAME padding
     ref.load_state_dict(torch.load(weights_file("efficientnet-lite0"), weights_only=True))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -61,7 +57,7 @@ def test_efficientnet_lite_matches_reference_package(lite0):
 
 def test_lite0_metadata(lite0):
     assert (lite0.kind, lite0.input_size) == ("classifier", 224)
-    assert lite0.weight_hash == _sha256(_sources._efficientnet.weights_file("efficientnet-lite0"))
+    assert lite0.weight_hash == _sha256(weights_file("efficientnet-lite0"))
     assert not lite0.module.training
     assert not any(p.requires_grad for p in lite0.module.parameters())
     assert lite0.default_layers() == ["stem", "blocks.0", "blocks.2", "blocks.4", "blocks.10",
@@ -96,14 +92,14 @@ def test_hooks_capture_values_keep_grad_and_are_removed(lite0):
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert out.shape == (2, 1000)
     assert feats == {}
-    assert _no_hooks_left(lite0.module)
+    assert hooks_left(lite0.module) == 0
 
 
 def test_hooks_removed_after_an_exception(lite0):
     with pytest.raises(RuntimeError, match="boom"):
         with lite0.hooks(["blocks.1"]):
             raise RuntimeError("boom")
-    assert _no_hooks_left(lite0.module)
+    assert hooks_left(lite0.module) == 0
 
 
 def test_unknown_layer_names_close_matches_and_the_listing_command(lite0):
@@ -113,7 +109,7 @@ def test_unknown_layer_names_close_matches_and_the_listing_command(lite0):
     message = str(err.value)   # close matches and where the rest is, not 198 names (issue 15)
     assert "blocks.99" in message and "blocks.9" in message and "0..15" in message
     assert "query_model_layers.py" in message and len(message) < 400
-    assert _no_hooks_left(lite0.module)
+    assert hooks_left(lite0.module) == 0
 
 
 def test_layers_agree_with_hooked_shapes(lite0):
@@ -193,9 +189,9 @@ def test_torchvision_loads_from_torch_home_cache(tmp_path, monkeypatch):
 def test_torchvision_offline_error_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
-    def offline(url, dst):
+    def offline(url, dst, *args, **kwargs):
         raise OSError("no network (test)")
-    monkeypatch.setattr(_sources, "_download", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="offline") as err:
         load_target("torchvision:resnet18")
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-") in str(err.value)
@@ -276,29 +272,16 @@ def test_torchscript_file_is_a_generic_module(tmp_path):
             pass
 
 
-# ----- CLIP towers from clip_custom (tiny random OpenAI-layout state dicts) ---------------------
-VOCAB = 49408  # the real BPE vocabulary size, so real prompts tokenize
-
-
-def _tiny_clip_file(folder, visual, name) -> str:
-    from safetensors.torch import save_file
-    from clip_custom.model import CLIP
-    torch.manual_seed(0)
-    clip = CLIP(32, visual, context_length=16, vocab_size=VOCAB, width=64, heads=1, layers=1)
-    path = folder / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
-    return str(path)
-
-
+# ----- CLIP towers (tiny random OpenAI-layout state dicts) -----------------------------------
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
-    from clip_custom.resnet import ModifiedResNet
-    from clip_custom.vit import VisionTransformer
+    """ViT: width 128 (2 heads), 2 blocks, patch 8 at 32 px; ModifiedResNet: width 8 (4 heads in
+    the attention pool) at 64 px; text context 16 with the real vocabulary (prompts tokenize)."""
     folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    vit = VisionTransformer(32, 8, width=128, layers=2, heads=2, output_dim=32)
-    rn = ModifiedResNet((1, 1, 1, 1), output_dim=32, heads=4, input_resolution=64, width=8)
-    return {"vit": _tiny_clip_file(folder, vit, "vit"), "rn": _tiny_clip_file(folder, rn, "rn")}
+    text = dict(context=16, text_width=64, text_layers=1)
+    return {"vit": str(tiny_clip_file(folder / "vit.safetensors", "vit", width=128, **text)),
+            "rn": str(tiny_clip_file(folder / "rn.safetensors", "resnet", width=8, image=64,
+                                     **text))}
 
 
 def test_clip_vit_layers_and_hooks(clip_files):
@@ -341,7 +324,7 @@ def test_clip_vit_hooked_values_match_manual_forward(clip_files):
     torch.testing.assert_close(feats["block.0.attn"].sum(-1), torch.ones(2, 2, 17))
     torch.testing.assert_close(feats["ln_post"] @ visual.proj, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(target.embed(x), out)
-    assert _no_hooks_left(visual)
+    assert hooks_left(visual) == 0
     with pytest.raises(ValueError, match="block.1"):
         target.hooks(["block.7"]).__enter__()
 
