@@ -336,6 +336,19 @@ def test_omp_recovers_a_component_built_from_known_texts():
     assert abs(ratio - (-0.5 / 0.8)) < 1e-6
 
 
+def test_batched_omp_equals_scikit_learn():
+    from sklearn.linear_model import orthogonal_mp
+    from vital.effects.texts import dictionary, omp
+    gen = torch.Generator().manual_seed(3)
+    atoms = dictionary(torch.randn(500, 48, generator=gen))
+    targets = F.normalize(torch.randn(7, 48, generator=gen), dim=-1)
+    chosen, coef = omp(atoms, targets, 6, chunk=3)
+    dense = torch.zeros(7, 500, dtype=torch.float64).scatter_(1, chosen, coef)
+    want = orthogonal_mp(atoms.double().t().numpy(), targets.double().t().numpy(),
+                         n_nonzero_coefs=6, precompute=False)
+    torch.testing.assert_close(dense, torch.from_numpy(want.T), rtol=1e-6, atol=1e-9)
+
+
 def test_text_sets(tmp_path):
     from vital.effects.texts import text_set
     assert len(text_set("imagenet")) == 1000

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,22 +64,44 @@ class Decomposition:
     cosine: float                    # cosine of the reconstruction with the component
 
 
+def omp(atoms: torch.Tensor, targets: torch.Tensor, k: int,
+        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit, batched over targets: (chosen atom indices (M, k), their
+    least-squares coefficients (M, k), float64). The same algorithm as scikit-learn's
+    ``orthogonal_mp`` (the tests compare them), but each step's correlations are one matrix
+    product for a chunk of targets (BLAS-3) instead of one matrix-vector product per target:
+    3.2x less CPU for 20,000 texts (measured, see docs/effects.md)."""
+    atoms64 = atoms.double()
+    chosen_all, coef_all = [], []
+    for y in targets.double().split(chunk):
+        residual = y.clone()
+        chosen = torch.empty(len(y), 0, dtype=torch.long)
+        coef = torch.empty(len(y), 0, dtype=torch.float64)
+        for step in range(k):
+            corr = (residual.float() @ atoms.float().t()).abs()              # (m, N)
+            if step:
+                corr.scatter_(1, chosen, -1.0)                               # never twice
+            chosen = torch.cat([chosen, corr.argmax(1, keepdim=True)], 1)
+            picked = atoms64[chosen]                                         # (m, j, E)
+            coef = torch.linalg.lstsq(picked.transpose(1, 2), y[..., None]).solution[..., 0]
+            residual = y - (coef[:, None, :] @ picked)[:, 0]
+        chosen_all.append(chosen)
+        coef_all.append(coef)
+    return torch.cat(chosen_all), torch.cat(coef_all)
+
+
 def sparse_decompose(components: torch.Tensor, atoms: torch.Tensor,
                      k: int) -> list[Decomposition]:
-    """Orthogonal matching pursuit: each component (M, E) as at most ``k`` atoms (N, E)."""
-    from sklearn.linear_model import orthogonal_mp
+    """Each component (M, E) as at most ``k`` atoms (N, E), by orthogonal matching pursuit."""
     k = max(1, min(k, atoms.shape[0], atoms.shape[1]))
-    x = atoms.double().t().numpy()                                            # (E, N)
-    y = components.double().t().numpy()                                      # (E, M)
-    coef = np.asarray(orthogonal_mp(x, y, n_nonzero_coefs=k, precompute=False))
-    coef = coef.reshape(atoms.shape[0], -1)                                   # (N, M)
+    chosen, coef = omp(atoms, components, k)
+    recon = (coef[:, None, :] @ atoms.double()[chosen])[:, 0]                  # (M, E)
+    cosine = F.cosine_similarity(recon, components.double(), dim=-1)
     out = []
-    for m in range(coef.shape[1]):
-        c = coef[:, m]
-        nonzero = np.flatnonzero(c)
-        order = nonzero[np.argsort(-np.abs(c[nonzero]), kind="stable")]
-        recon = x @ c
-        denom = np.linalg.norm(recon) * np.linalg.norm(y[:, m])
-        cosine = float(recon @ y[:, m] / denom) if denom > 0 else 0.0
-        out.append(Decomposition([(int(i), float(c[i])) for i in order], cosine))
+    for m in range(len(components)):
+        c = coef[m]
+        keep = c.abs() > 1e-12 * c.abs().max().clamp_min(1e-300)
+        order = c.abs().argsort(descending=True, stable=True)
+        terms = [(int(chosen[m, i]), float(c[i])) for i in order if keep[i]]
+        out.append(Decomposition(terms, float(cosine[m]) if terms else 0.0))
     return out
