@@ -55,8 +55,8 @@ def launch(cfg, tasks: list[Task], describe: Callable[[dict, bool], str]) -> lis
     records, failed = [None] * len(tasks), []
     for k, (i, outcome) in enumerate(outcomes, 1):
         if isinstance(outcome, BaseException):
-            failed.append(f"{tasks[i].key} ({type(outcome).__name__}: {_first_line(outcome)})")
-            line = f"failed: {_first_line(outcome)}"
+            failed.append(f"{tasks[i].key} ({_error_line(outcome)})")
+            line = f"failed: {_error_line(outcome)}"
         else:
             records[i] = outcome[0]
             line = describe(*outcome)
@@ -68,7 +68,7 @@ def launch(cfg, tasks: list[Task], describe: Callable[[dict, bool], str]) -> lis
     return records
 
 
-def _first_line(err: BaseException) -> str:
+def _error_line(err: BaseException) -> str:
     """The error's own line: a worker's traceback travels as text, so its last
     ``SomeError: message`` line."""
     lines = [line.strip() for line in str(err).strip().splitlines()]
