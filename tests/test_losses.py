@@ -305,3 +305,20 @@ def test_threaded_rank_residual_equals_the_previous_sort_matching(threads, monke
     torch.testing.assert_close(fast.grad, old.grad, rtol=0, atol=0)
     where = torch.empty_like(x).scatter_(-1, L.sort_order(x), ref.expand_as(x))
     torch.testing.assert_close(L.rank_residual(x, ref), x - where, rtol=0, atol=0)
+
+
+def test_sort_matching_on_random_positions_is_an_option():
+    """``positions`` matches a random subset per step against the resampled quantiles; 0 or a
+    subset as large as the map is the full loss."""
+    g = _gen(31)
+    x = torch.randn(1, 3, 400, generator=g, requires_grad=True)
+    refs = {32: {"a": torch.randn(3, 400, generator=g).sort(-1).values}}
+    ctx = {"features": {"a": x}, "size": 32}
+    full = L.staged_sort_matching(refs, {"a": 1.0})(ctx)
+    assert L.staged_sort_matching(refs, {"a": 1.0}, positions=400)(ctx) == full
+    sub = L.staged_sort_matching(refs, {"a": 1.0}, positions=50,
+                                 generator=torch.Generator().manual_seed(5))(ctx)
+    index = torch.randperm(400, generator=torch.Generator().manual_seed(5))[:50]
+    torch.testing.assert_close(sub, L.sort_matching(x[..., index], refs[32]["a"]))
+    sub.backward()
+    assert (x.grad != 0).sum(-1).tolist() == [[50, 50, 50]]

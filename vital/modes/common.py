@@ -58,6 +58,10 @@ class RenderCFG:
                             "see query_model_layers.py)")
     layer_weights: list[float] = opt([], "one weight per layer (empty = all 1)", low=0)
     feat_weight: float = opt(1.0, "weight of the sort-matching terms (0 = none)")
+    sort_positions: int = opt(0, "match each layer with more positions on a random subset of "
+                              "this many per step (0 = all; plain sort matching, not with "
+                              "--relevance): faster, noisier; its effect on "
+                              "quality is not measured yet", low=0)
     tv_weight: float = opt(0.05, "total-variation prior weight", low=0)
     l2_weight: float = opt(0.0, "L2 prior weight (pulls pixels toward grey)", low=0)
     jitter: int = opt(8, "max roll jitter in px per step", low=0)
@@ -201,7 +205,9 @@ def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, n
                                                      crop=getattr(cfg, "ref_crop", 1.0))
         by_px[px] = {k: v.to(target.device) for k, v in quantiles.items()}  # once, not per step
     refs = {s: by_px[px] for s, px in ref_px.items()}
-    obj = staged_sort_matching(refs, dict(zip(layers, weights)))
+    obj = staged_sort_matching(refs, dict(zip(layers, weights)),
+                               positions=getattr(cfg, "sort_positions", 0),
+                               generator=torch.Generator().manual_seed(cfg.seed))
     meta = {"ref_sizes": {str(s): px for s, px in ref_px.items()}}
     return cfg.feat_weight * obj, {s: px_info[px] for s, px in ref_px.items()}, meta
 

@@ -351,13 +351,28 @@ def sort_matching_objectives(refs: dict[str, torch.Tensor],
     return sum(sort_matching_objective(k, r, weights.get(k, 1.0)) for k, r in refs.items())
 
 
+def random_positions(x: torch.Tensor, positions: int, generator: torch.Generator | None
+                     ) -> torch.Tensor:
+    """``x`` (B, C, P) at ``positions`` positions drawn without replacement (the same for every
+    channel and image); ``x`` itself when it has no more than that many."""
+    if not positions or x.shape[-1] <= positions:
+        return x
+    index = torch.randperm(x.shape[-1], generator=generator)[:positions].to(x.device)
+    return x.index_select(-1, index)
+
+
 def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
-                         weights: dict[str, float]) -> Objective:
+                         weights: dict[str, float], positions: int = 0,
+                         generator: torch.Generator | None = None) -> Objective:
     """Terms ``sort:<layer>``: sort matching against the references of the current stage's size
-    (``refs_by_size[ctx["size"]][layer]``, (C, Q) quantiles per stage size)."""
+    (``refs_by_size[ctx["size"]][layer]``, (C, Q) quantiles per stage size). ``positions`` > 0
+    matches a layer with more positions on a random subset of that many per step (drawn from
+    ``generator``; the quantiles are resampled to the subset): a cheaper, noisier estimate of
+    the same loss, off by default because its effect on quality is not measured."""
     def term(layer):
         def fn(ctx):
-            return sort_matching(ctx["features"][layer], refs_by_size[ctx["size"]][layer])
+            x = random_positions(ctx["features"][layer], positions, generator)
+            return sort_matching(x, refs_by_size[ctx["size"]][layer])
         return weights[layer] * Objective(fn, f"sort:{layer}")
     return sum(term(layer) for layer in weights)
 
