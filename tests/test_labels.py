@@ -348,12 +348,12 @@ def test_tiny_clip_as_concept_model_end_to_end(tmp_path, tiny_clip_file):
 
 def test_tiny_clip_vit_token_layers_as_target(tmp_path, tiny_clip_file):
     write_colour_images(tmp_path / "probe")
-    for pool in ("avg", "cls", "max"):
-        run_dir, run = run_labels(_cfg(tmp_path, tmp_path / "probe", model=str(tiny_clip_file),
-                                       layers=["block.1.mlp", "block.0"], pool=pool, sheets=0))
-        assert run.layers["block.1.mlp"].similarity.shape == (256, 6)
-        assert run.layers["block.0"].spec.skip == 1
-    target = load_target(str(tiny_clip_file))
+    run_dir, run = run_labels(_cfg(tmp_path, tmp_path / "probe", model=str(tiny_clip_file),
+                                   layers=["block.1.mlp", "block.0"], pool="cls", sheets=0))
+    assert run.layers["block.1.mlp"].similarity.shape == (256, 6)
+    assert run.layers["block.0"].spec.skip == 1
+    assert len((run_dir / "descriptions.csv").read_text().splitlines()) == 1 + 256 + 64
+    target = run.target
     x = torch.rand(2, 3, 32, 32)
     from vital.labels.probe import layer_spec, summarise
     with torch.no_grad(), target.hooks(["block.0"]) as feats:
@@ -363,6 +363,8 @@ def test_tiny_clip_vit_token_layers_as_target(tmp_path, tiny_clip_file):
                                    tokens[:, 1:].mean(1))     # class token left out
         torch.testing.assert_close(summarise(tokens, layer_spec(target, "block.0", "cls")),
                                    tokens[:, 0])
+        torch.testing.assert_close(summarise(tokens, layer_spec(target, "block.0", "max")),
+                                   tokens[:, 1:].amax(1))
 
 
 def test_words20k_is_filtered_and_reproducible():

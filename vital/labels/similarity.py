@@ -141,15 +141,15 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, p: float = 3.0, top_fraction:
         s = t.flip(0)                                          # ascending
         # all top activations equal: every order is as good as any; avoid 0 / 0
         baseline = _baseline_error(s, p, generator).clamp_min(1e-12)
-        Pk = P[index[:, k]].double()                           # (n, M)
+        Pk = P[index[:, k]].t().double().contiguous()          # (n, M) -> (M, n): rows sort fast
         # the mean concept score can be tiny or negative (CLIP cosines); the reference code
         # would give NaN or huge values there: a floor of 1e-6 makes such concepts rank last
-        avg = Pk.mean(0).clamp_min(_MIN_AVG_P) ** scale_p      # (M,)
+        avg = Pk.mean(1).clamp_min(_MIN_AVG_P) ** scale_p      # (M,)
         for start in range(0, P.shape[1], chunk):
-            block = Pk[:, start:start + chunk]                 # (n, c)
-            rank = block.argsort(dim=0, stable=True).argsort(dim=0)   # rank of each image, ascending P
-            reorg = s[rank]                                    # (n, c)
-            err = ((t[:, None] - reorg).abs() ** p).mean(0) / baseline
+            block = Pk[start:start + chunk]                    # (c, n)
+            rank = block.argsort(dim=1, stable=True).argsort(dim=1)   # image ranks, ascending P
+            reorg = s[rank]                                    # (c, n)
+            err = ((t[None] - reorg).abs() ** p).mean(1) / baseline
             out[k, start:start + chunk] = -err / avg[start:start + chunk]
     return out.float()
 
