@@ -445,15 +445,18 @@ def test_mean_ablation_of_everything_matches_direct_sum(clip3):
     (["--layer", "0", "--neurons", "99999"], "out of range"),
     (["--probe_dir", "EMPTY"], "holds no images"),
     (["--texts", "NOLINES"], "has no lines"),
+    (["--ablate", "--ablate_dir", "BADCLASS"], "is not an ImageNet class name"),
 ])
 def test_bad_input_is_one_sentence(tiny_clip_file, tmp_path, capsys, args, says):
     (tmp_path / "empty").mkdir()
     (tmp_path / "nolines.txt").write_text("\n")
+    write_images(tmp_path / "badclass" / "goldfsh_and_chips", 1)
     probe = write_images(tmp_path / "probe", 2)
     base = {"--model": str(tiny_clip_file), "--probe_dir": str(probe), "--layer": "0",
             "--out_dir": str(tmp_path / "out"), "--texts": "imagenet"}
     args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("NOLINES",
-            str(tmp_path / "nolines.txt")) for a in args]
+            str(tmp_path / "nolines.txt")).replace("BADCLASS", str(tmp_path / "badclass"))
+            for a in args]
     for key, value in base.items():
         if key not in args:
             args += [key, value]

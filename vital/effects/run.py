@@ -150,6 +150,7 @@ def _chunks(n: int, size: int):
 
 
 def pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
+    """Pass 1: every neuron's mean first- and second-order effect; returns the images read."""
     used_all = []
     for _, used, rec, scale in _batches(target, files, list(runs), cfg, "effects: means"):
         used_all += used
@@ -167,6 +168,8 @@ def pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
 
 
 def pass_top(target, files, runs: dict[int, LayerRun], cfg, direction) -> None:
+    """Pass 2: centred norms, the top k with their vectors, mean first-order norms, and the
+    per-token projections on ``direction`` (E,) for the heatmap (None: no heatmap)."""
     for run in runs.values():
         n = len(run.maps.neurons)
         run.top = TopTracker(n, cfg.top_k, run.maps.first.shape[1])
@@ -281,8 +284,8 @@ def _write_sheets(run_dir, result, files, texts, cfg, size) -> None:
 
 # ---------------------------------------------------------------- ablation
 
-def _ablate(target, runs, cfg, result: EffectsResult) -> None:
-    files, labels, present = labelled_folder(cfg.ablate_dir or cfg.probe_dir)
+def _ablate(target, runs, cfg, result: EffectsResult, labelled) -> None:
+    files, labels, present = labelled
     classes = present if cfg.zeroshot_classes == "present" else list(range(1000))
     classifier = zeroshot_classifier(target, classes, progress=cfg.progress).to(target.device)
     label_of = dict(zip(files, labels))
@@ -350,6 +353,7 @@ def layer_runs(target, layers, neurons, cfg) -> dict[int, LayerRun]:
 def run_effects(cfg: EffectsCFG, argv=None):
     """neuron_effects.py: returns (run folder, EffectsResult)."""
     target, layers, neurons, files, texts = prepare(cfg)
+    labelled = labelled_folder(cfg.ablate_dir or cfg.probe_dir) if cfg.ablate else None
     direction = None
     if cfg.heatmap:
         direction = encode_texts(target.clip, [cfg.heatmap], target.device)[0].to(target.device)
@@ -375,7 +379,7 @@ def run_effects(cfg: EffectsCFG, argv=None):
     _write_tables(run_dir, result, runs, texts, files, cfg)
     _write_sheets(run_dir, result, files, texts, cfg, target.input_size)
     if cfg.ablate:
-        _ablate(target, runs, cfg, result)
+        _ablate(target, runs, cfg, result, labelled)
         write_json(run_dir / "ablation.json", result.accuracy)
         for layer, acc in result.accuracy.items():
             said = ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()
