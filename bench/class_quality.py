@@ -67,8 +67,12 @@ def read_classes(data: Path) -> list[dict]:
 
 def run_one(args, row, method, recipe, over, seed) -> Path:
     run_dir = Path(args.out) / "runs" / method / f"seed{seed}" / row["name"]
-    if (run_dir / "final.png").is_file():
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("status") == "finished":
         return run_dir
+    if run_dir.exists():   # an interrupted run (it saved what existed): render it again
+        import shutil
+        shutil.rmtree(run_dir)
     cfg = with_recipe(ClassCFG, recipe, **{
         **over, "model": args.model, "target": str(row["index"]), "ref_dir": str(row["refs"]),
         "num_ref": 50, "size": args.size, "seed": seed, "save_steps": 0, "progress": False,
