@@ -289,8 +289,9 @@ def test_clip_vit_layers_and_hooks(clip_files):
     assert (target.kind, target.input_size, target.weight_hash) == (
         "clip-vit", 32, _sha256(clip_files["vit"]))
     infos = {i.name: i for i in target.layers()}
-    assert list(infos) == ["embed", "block.0.attn", "block.0.mlp", "block.0",
+    assert list(infos) == ["conv1", "embed", "block.0.attn", "block.0.mlp", "block.0",
                            "block.1.attn", "block.1.mlp", "block.1", "ln_post"]
+    assert infos["conv1"] == LayerInfo("conv1", "Conv2d", (1, 128, 4, 4), 128, "BCHW")  # patches
     assert infos["embed"] == LayerInfo("embed", "Identity", (1, 17, 128), 128, "BND")
     assert infos["block.1"].shape == (1, 17, 128) and infos["block.1"].layout == "BND"
     assert infos["block.0.mlp"].shape == (1, 17, 512) and infos["block.0.mlp"].channels == 512
