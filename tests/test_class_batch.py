@@ -10,9 +10,8 @@ from vital.config import ConfigError
 from vital.modes.class_batch import ClassBatchCFG, run_class_batch, target_cfgs
 from vital.modes.class_mode import ClassCFG, run_class
 
-from conftest import write_images
+from helpers import TINY_CNN as TINY, write_images
 
-TINY = "module:tests.conftest:TinyCNN"
 SETTINGS = dict(model=TINY, size=32, steps_multires=[2, 3], num_ref=4, save_steps=5,
                 device="cpu", progress=False, seed=3)
 

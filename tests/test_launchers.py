@@ -14,9 +14,8 @@ from vital.eval import launchers
 from vital.eval.harness import EvalCFG, run_sweep
 from vital.eval.report import QUALITY, write_report
 
-from conftest import write_images
+from helpers import TINY_CNN as TINY, write_images
 
-TINY = "module:tests.conftest:TinyCNN"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -32,7 +31,7 @@ def _cfg(root, out, **kw):
 
 @pytest.fixture(scope="module")
 def sweep_root(tmp_path_factory):
-    """Reference folders, a shared cache, worker processes that import tests.conftest, and the
+    """Reference folders, a shared cache, worker processes that import tests.helpers, and the
     serial sweep every engine is compared with."""
     root = tmp_path_factory.mktemp("launch")
     write_images(root / "refs" / "class3", 4, seed=0)
