@@ -3,7 +3,7 @@
 optimisation (``class_neurons_fvis.py --targets ... --batch_size B``).
 
 For each batch size B the first B of 8 targets (the 7 bundled photos' classes, plus
-``coffee_mug`` on the espresso views) are planned with ``plan_class_batch`` and rendered for
+coffee mug on the espresso views) are planned with ``plan_class_batch`` and rendered for
 ``--steps`` steps at ``--size`` px; seconds per step are the render loop's own
 (``result.step_seconds``, without setup), and images per hour assume ``--budget`` steps per
 image: 3600 * B / (budget * seconds per step). Batch sizes alternate within every repeat
@@ -26,12 +26,13 @@ from vital.models import load_target
 from vital.modes.class_batch import plan_class_batch
 from vital.modes.class_mode import ClassCFG
 from vital.optvis.render import render
-from vital.refs.bundled import build_reference_folders
+from vital.refs.bundled import PHOTOS, build_reference_folders
 
 
 def target_cfgs(ref_root: Path, args) -> list[ClassCFG]:
     folders = build_reference_folders(ref_root, n_views=12)
-    pairs = list(folders.items()) + [("coffee_mug", folders["espresso"])]
+    pairs = [(str(p.class_index), folders[p.folder]) for p in PHOTOS]   # targets by index
+    pairs.append(("504", folders["espresso"]))                         # coffee mug
     return [ClassCFG(model=args.model, target=name, ref_dir=str(folder), num_ref=12,
                      size=args.size, steps=args.steps, save_steps=0, progress=False,
                      device="cpu", precision=args.precision) for name, folder in pairs[:8]]
