@@ -7,6 +7,7 @@ import json
 import os
 import runpy
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from vital.cli import main
 from vital.config import ConfigError, check_cfg, parse_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--size", "32", "--steps", "2", "--save_steps", "1", "--no-progress", "--num_ref", "2"]
+TINY = "module:tests.helpers:TinyCNN"   # a 3-stage random CNN: script runs in about a second
+FAST = ["--model", TINY, "--target", "class3", "--size", "32", "--steps", "2", "--save_steps",
+        "1", "--no-progress", "--num_ref", "2"]
 
 
 def write_images(folder: Path, n: int, size: int = 40) -> Path:
@@ -63,9 +66,12 @@ def one_error_line(capsys) -> str:
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # for the TINY spec (tests.helpers); not syspath_prepend, whose undo imports pkg_resources
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
     threads = torch.get_num_threads()
     yield tmp_path
-    torch.use_deterministic_algorithms(False)
+    if torch.are_deterministic_algorithms_enabled():   # the first call of the setter costs ~9 s
+        torch.use_deterministic_algorithms(False)
     torch.set_num_threads(threads)
 
 
@@ -135,7 +141,7 @@ def test_hard_determinism_does_not_depend_on_the_cache(refs, tmp_path, isolated_
 def test_hard_run_ignores_features_cached_by_a_multi_threaded_run(refs, isolated_cache):
     from vital.models import load_target
     from vital.refs.references import reference_quantiles
-    target, files = load_target("efficientnet-lite0"), sorted(refs.iterdir())
+    target, files = load_target(TINY), sorted(refs.iterdir())
     torch.set_num_threads(2)
     reference_quantiles(target, ["stem"], files, 32, progress=False)
     assert _poison_reference_cache(isolated_cache) == 1
@@ -150,7 +156,7 @@ def test_hard_run_ignores_features_cached_by_a_multi_threaded_run(refs, isolated
 def test_reference_cache_key_holds_the_thread_count_only_under_hard_determinism(refs):
     from vital.models import load_target
     from vital.refs.references import reference_key
-    target = load_target("efficientnet-lite0")
+    target = load_target(TINY)
     files = sorted(refs.iterdir())
     keys = {}
     for hard, threads in ((False, 1), (False, 2), (True, 1), (True, 2)):
@@ -287,20 +293,29 @@ def test_query_model_layers_size_is_checked(capsys):
     assert stop.value.code == 2 and "--size -5 is not valid" in capsys.readouterr().err
 
 
-def test_size_that_cannot_fit_in_memory_is_refused_up_front(monkeypatch):
-    from vital.models import load_target, memory
-    target = load_target("efficientnet-lite0")
-    with pytest.raises(ConfigError, match="--size 4096 .* needs about .* GB"):
-        memory.check_memory(target, 4096, 1, free=8 * 2 ** 30)
-    assert memory.check_memory(target, 224, 1, free=8 * 2 ** 30) < 2 ** 30
-    with pytest.warns(UserWarning, match="may run out of memory"):
-        memory.check_memory(target, 1024, 1, free=6 * 2 ** 30)
-
-
-def test_negative_class_index_names_the_range():
+@pytest.fixture(scope="module")
+def tiny():
     from vital.models import load_target
-    with pytest.raises(ValueError, match=r"class index -1 .* valid 0\.\.999"):
-        load_target("efficientnet-lite0").class_index("-1")
+    from helpers import TinyCNN
+    return load_target(TinyCNN())
+
+
+def test_size_that_cannot_fit_in_memory_is_refused_up_front(tiny):
+    from vital.models import memory
+    need_48 = memory.step_bytes(tiny, 48)        # at the input size
+    need_4096 = memory.step_bytes(tiny, 4096)
+    assert need_4096 == pytest.approx(need_48 * (4096 / 48) ** 2, rel=1e-6)
+    free = need_4096 // 2
+    with pytest.raises(ConfigError, match="--size 4096 .* needs about .* GB .* are free"):
+        memory.check_memory(tiny, 4096, 1, free=free)
+    assert memory.check_memory(tiny, 48, 1, free=free) == need_48
+    with pytest.warns(UserWarning, match="may run out of memory"):
+        memory.check_memory(tiny, 4096, 1, free=int(need_4096 * 1.5))
+
+
+def test_negative_class_index_names_the_range(tiny):
+    with pytest.raises(ValueError, match=r"class index -1 .* valid 0\.\.9"):
+        tiny.class_index("-1")
 
 
 @pytest.mark.parametrize("text, said", [
@@ -326,7 +341,8 @@ def test_corrupt_init_image_is_one_sentence(refs, tmp_path, capsys):
 def test_font_that_is_not_a_font_is_one_sentence(tmp_path, capsys):
     bad = tmp_path / "font.ttf"
     bad.write_text("not a font")
-    status = run_script("class_neurons_fvis_arithmetic.py", "--size", "32", "--steps", "2",
+    status = run_script("class_neurons_fvis_arithmetic.py", "--model", TINY, "--size", "32",
+                        "--steps", "2",
                         "--no-progress", "--font", str(bad))
     assert status == 2
     assert "is not a font" in one_error_line(capsys)
@@ -335,8 +351,8 @@ def test_font_that_is_not_a_font_is_one_sentence(tmp_path, capsys):
 def test_direction_with_letters_names_the_file(tmp_path, capsys):
     direction = tmp_path / "direction.txt"
     direction.write_text("1 2 abc\n")
-    status = run_script("inner_neurons_fvis.py", "--size", "32", "--steps", "2",
-                        "--no-progress", "--direction", str(direction))
+    status = run_script("inner_neurons_fvis.py", "--model", TINY, "--layer", "stage2", "--size",
+                        "32", "--steps", "2", "--no-progress", "--direction", str(direction))
     assert status == 2
     line = one_error_line(capsys)
     assert str(direction) in line and "numbers only" in line
@@ -393,7 +409,7 @@ def test_a_layer_number_the_model_lacks_gives_the_range(capsys, refs):
     status = run_script("inner_neurons_fvis.py", "--layer", "40", "--size", "32", "--steps",
                         "2", "--no-progress", "--data_dir", str(refs))
     assert status == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys)   # the embedded EfficientNet-Lite0 has blocks 0..15
     assert "no block 40" in line and "0..15" in line and len(line) < 200
 
 

@@ -58,7 +58,8 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     yield tmp_path
-    torch.use_deterministic_algorithms(False)
+    if torch.are_deterministic_algorithms_enabled():   # the first call of the setter costs ~9 s
+        torch.use_deterministic_algorithms(False)
     torch.set_num_threads(threads)
 
 
