@@ -138,7 +138,8 @@ def resolve_target(target, layer: str, neuron: int = 0, direction: str = "") -> 
                           f"{info.shape}); pick a layer with spatial positions or tokens, e.g. "
                           f"{_with_positions(target.layers())}")
     skip = 1 if target.kind == "clip-vit" and info.layout == "BND" else 0
-    base = dict(layer=layer, layout=info.layout, channels=info.channels, skip=skip)
+    # info.name: a layer number ("12") becomes its block's name (blocks.12, block.12)
+    base = dict(layer=info.name, layout=info.layout, channels=info.channels, skip=skip)
     if direction:
         return NeuronTarget(direction=load_direction(direction, info.channels), **base)
     if not 0 <= neuron < info.channels:
