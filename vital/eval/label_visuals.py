@@ -2,7 +2,8 @@
 
 After ``vital.labels.describe.run_labels`` has labelled a layer, the ``N`` reported neurons with
 the highest label similarity are visualised with inner mode (``vital.modes.inner``: the top
-probe patches are the references, a small budget by default) into ``visuals/<layer>_<unit>/``,
+patches of the neuron's ``--vis_probe`` most activating probe images are the references, a small
+budget by default) into ``visuals/<layer>_<unit>/``,
 and ``visualisations.png`` shows each visualisation beside the neuron's top probe images and its
 label. With ``--check`` the concept model scores each visualisation exactly as it scores a probe
 image (one row of P); the picture's label is its best concept, and the report counts the neurons
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from vital.config import ConfigError, opt, set_determinism
 from vital.imaging import grid, save_png, to_pil
 from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, titled, \
-    top_image_tiles, write_summary
+    top_image_tiles, top_probe_files, write_summary
 from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron
 
 __all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "check_agreement"]
@@ -43,13 +45,18 @@ class DescribeCFG(LabelCFG):
     vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
     vis_patch: int = opt(64, "inner mode: side of the reference patches in px")
     vis_images: int = opt(6, "top probe images beside each visualisation")
+    vis_probe: int = opt(32, "inner mode crops its reference patches from the neuron's N most "
+                         "activating probe images (copied to visuals/probe_<layer>_<unit>/); "
+                         "0 = from the whole probe folder (every patch of every image is "
+                         "scored: slow for a large probe set)")
 
 
 def _vis_checks(cfg: DescribeCFG):
     """Refuse --visualise / --check input before any heavy work."""
-    if cfg.visualise < 0 or cfg.vis_steps < 1 or cfg.vis_num_ref < 1 or cfg.vis_images < 1:
-        raise ConfigError("--visualise must be >= 0 and --vis_steps, --vis_num_ref, "
-                          "--vis_images >= 1")
+    if cfg.visualise < 0 or cfg.vis_probe < 0 or min(cfg.vis_steps, cfg.vis_num_ref,
+                                                     cfg.vis_images) < 1:
+        raise ConfigError("--visualise and --vis_probe must be >= 0 and --vis_steps, "
+                          "--vis_num_ref, --vis_images >= 1")
     if cfg.check and not cfg.visualise:
         raise ConfigError("--check labels the visualisations; give --visualise N (N >= 1) too")
 
@@ -65,12 +72,26 @@ def _vis_checks(cfg: DescribeCFG):
     return checks
 
 
-def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> InnerCFG:
+def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
+               data_dir: str = "") -> InnerCFG:
     return InnerCFG(model=cfg.model, device=cfg.device, layer=layer, neuron=unit,
-                    data_dir=cfg.probe_dir, num_ref=cfg.vis_num_ref, patch_size=cfg.vis_patch,
-                    size=cfg.vis_size, steps=cfg.vis_steps, save_steps=0, seed=cfg.seed,
-                    out_dir=str(run.run_dir / "visuals"), run_name=f"{layer}_{unit}",
-                    cache=cfg.cache, progress=cfg.progress)
+                    data_dir=data_dir or cfg.probe_dir, num_ref=cfg.vis_num_ref,
+                    patch_size=cfg.vis_patch, size=cfg.vis_size, steps=cfg.vis_steps,
+                    save_steps=0, seed=cfg.seed, out_dir=str(run.run_dir / "visuals"),
+                    run_name=f"{layer}_{unit}", cache=cfg.cache, progress=cfg.progress)
+
+
+def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str:
+    """A folder with copies of the neuron's ``cfg.vis_probe`` top probe images (rank first in
+    the name), or "" for the whole probe folder."""
+    if not cfg.vis_probe:
+        return ""
+    folder = run.run_dir / "visuals" / f"probe_{layer}_{unit}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files, _ = top_probe_files(run, layer, unit, cfg.vis_probe)
+    for rank, path in enumerate(files):
+        shutil.copyfile(path, folder / f"{rank:03d}_{path.name}")
+    return str(folder)
 
 
 def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
@@ -79,14 +100,15 @@ def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
     done = []
     for name, res in run.layers.items():
         probe = resolve_target(run.target, name, 0)
-        base = _inner_cfg(cfg, run, name, 0)   # patch scores: the whole layer, scored once
+        base = _inner_cfg(cfg, run, name, 0)   # whole-folder patch scores: shared, once
         shared = functools.cache(lambda b=base, p=probe: layer_patch_scores(b, run.target, p))
         for unit in res.by_similarity()[:cfg.visualise]:
             set_determinism(cfg.seed, True)
-            icfg = _inner_cfg(cfg, run, name, unit)
+            data_dir = _neuron_probe(cfg, run, name, unit)
+            icfg = _inner_cfg(cfg, run, name, unit, data_dir)
             run_dir, result = run_neuron(icfg, run.target, resolve_target(run.target, name, unit),
                                          argv, {"label": res.label(unit, run.concept.concepts)},
-                                         patch_scores=shared)
+                                         patch_scores=None if data_dir else shared)
             best = int(res.similarity[unit].argmax())
             done.append({"layer": name, "unit": unit, "label": run.concept.concepts[best],
                          "label_index": best, "similarity": float(res.similarity[unit, best]),

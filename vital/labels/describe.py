@@ -34,7 +34,7 @@ from vital.models import load_target
 from vital.refs.images import load_image
 
 __all__ = ["LabelCFG", "LabelRun", "LayerLabels", "run_labels", "titled", "stack_rows",
-           "top_image_tiles", "write_summary", "NEXT_LABELS"]
+           "top_image_tiles", "top_probe_files", "write_summary", "NEXT_LABELS"]
 
 NEXT_LABELS = 4        # labels after the best one in descriptions.csv
 _TILE = 96             # px of a probe image in a contact sheet
@@ -260,13 +260,17 @@ def stack_rows(rows: list[Image.Image]) -> Image.Image:
     return out
 
 
-def top_image_tiles(run: LabelRun, layer: str, unit: int, k: int) -> tuple[list, list[str]]:
-    """The neuron's ``k`` most activating probe images as PIL tiles, and their activations."""
+def top_probe_files(run: LabelRun, layer: str, unit: int, k: int) -> tuple[list[Path], list]:
+    """The neuron's ``k`` most activating probe files, best first, and their activations."""
     values = _aligned(run.layers[layer].acts, run.used)[:, unit]
     top = values.topk(min(k, len(values)))
-    files = [run.probe.files[int(run.used[i])] for i in top.indices]
-    tiles = [to_pil(load_image(f, _TILE)) for f in files]
-    return tiles, [f"{v:.3g}" for v in top.values.tolist()]
+    return [run.probe.files[int(run.used[i])] for i in top.indices], top.values.tolist()
+
+
+def top_image_tiles(run: LabelRun, layer: str, unit: int, k: int) -> tuple[list, list[str]]:
+    """The neuron's ``k`` most activating probe images as PIL tiles, and their activations."""
+    files, values = top_probe_files(run, layer, unit, k)
+    return [to_pil(load_image(f, _TILE)) for f in files], [f"{v:.3g}" for v in values]
 
 
 def _sheet(run: LabelRun, layer: str, unit: int, k: int) -> Image.Image:
