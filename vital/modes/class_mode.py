@@ -31,13 +31,14 @@ class ClassCFG(vit_extras.ViTExtrasCFG, common.RenderCFG):
                       choices=list(recipes.CLASS_RECIPES))
     target: str = opt("espresso", "class name or index; for CLIP also a free prompt")
     ref_dir: str = opt("references/espresso", "folder of real images of the class")
-    num_ref: int = opt(50, "reference images to use (fewer if fewer exist)")
+    num_ref: int = opt(50, "reference images to use (fewer if fewer exist)", low=1)
     class_weight: float = opt(0.1, "weight of the class term (0 = pure VITAL)")
     relevance: str = opt("none", "relevance weighting of sort matching for the class (paper "
                          "B.2): lrp_paper, lrp, gradxact, guided, none", choices=list(RULES))
     relevance_floor: float = opt(0.0, "weight of an activation where its relevance is lowest "
-                                 "(0 = the paper's plain min-max maps)")
-    relevance_every: int = opt(1, "recompute the synthetic image's relevance every N steps")
+                                 "(0 = the paper's plain min-max maps)", low=0, high=0.99)
+    relevance_every: int = opt(1, "recompute the synthetic image's relevance every N steps",
+                               low=1)
 
 
 def class_term(cfg: ClassCFG, target) -> tuple[losses.Objective | int, str, dict]:

@@ -36,7 +36,7 @@ class RenderCFG:
     warmup: int = opt(20, "linear learning-rate warm-up steps per stage", low=0)
     adam_eps: float = opt(1e-8, "Adam epsilon: larger values (e.g. 0.1) damp the fine grain Adam "
                           "adds where the gradient is almost zero (arithmetic with alpha = beta "
-                          "= 0) but also weaken real steering (README, Embedding arithmetic)",
+                          "= 0) but also weaken real steering (docs/arithmetic.md)",
                           positive=True)
     adam_betas: list[float] = opt([0.5, 0.99], "Adam betas (the official VITAL code: 0.5 0.9)")
     lr_final: float = opt(0.05, "the cosine decay ends at lr * lr_final (the official code: 0)",
@@ -45,7 +45,8 @@ class RenderCFG:
                           "[0, 1]) or paper (the official code's sums of norms on the model's "
                           "normalised input)", choices=["mean", "paper"])
     ref_crop: float = opt(1.0, "centre crop of the reference images as a fraction of the short "
-                          "side (0.875 = Resize 256 + CenterCrop 224, the official code's)")
+                          "side (0.875 = Resize 256 + CenterCrop 224, the official code's)",
+                          positive=True, high=1.0)
     batch: int = opt(1, "images optimised together", low=1)
     precision: str = opt("fp32", "the model's forward: fp32, or bf16 under autocast (CPU and "
                          "CUDA; features, sort matching and the loss stay fp32)",

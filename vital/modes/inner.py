@@ -61,7 +61,7 @@ class InnerCFG(common.RenderCFG):
                          "visualise this direction instead of --neuron")
     data_dir: str = opt("references", "folder of real images (searched recursively) to crop "
                         "the reference patches from")
-    num_ref: int = opt(50, "top-k patches (from distinct images) used as references")
+    num_ref: int = opt(50, "top-k patches (from distinct images) used as references", low=1)
     data_size: int = opt(0, "images are resized and centre-cropped to this many px before "
                          "cropping patches (0 = the model's input size)")
     patch_size: int = opt(64, "side of the square patches in px (at data_size)")
