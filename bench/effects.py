@@ -99,7 +99,8 @@ def main() -> None:
         files = probe_images(work / "probe", args.images)
         cfg = EffectsCFG(batch_size=args.batch, neuron_chunk=args.chunk, top_k=args.top_k,
                          progress=False)
-        neurons = torch.arange(target.module.transformer.resblocks[args.layer].mlp.c_fc.out_features)
+        mlp = target.module.transformer.resblocks[args.layer].mlp
+        neurons = torch.arange(mlp.c_fc.out_features)
         before = peak_mb()
         _, t_forward = timed(forwards, target, files, args.batch)
         runs, t_maps = timed(layer_runs, target, [args.layer], neurons, cfg)

@@ -13,7 +13,8 @@ below). Two paths of ``r`` reach the embedding:
   the class token, then through ``ln_post`` and ``proj``; summed over heads and blocks L > l.
 
     first[n]  = act[0, n] / s_post * G w_n
-    second[n] = sum_{L>l, h} sum_t A_L[h, 0, t] act[t, n] / (s_L[t] s_post) * G Wo_h Wv_h (g_L * P w_n)
+    second[n] = sum_{L>l, h} sum_t A_L[h, 0, t] act[t, n] / (s_L[t] s_post)
+                * G Wo_h Wv_h (g_L * P w_n)
     G = proj^T diag(g_post) P,   P x = x - mean(x)   (the centring of a layer norm)
 
 Biases and means (a choice, see docs/effects.md). A layer norm's centring ``P`` is linear, so

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vital.cache import write_json
-from vital.config import ConfigError, make_run_dir, opt, run_metadata
+from vital.config import ConfigError, check_cfg, make_run_dir, opt, run_metadata
 from vital.effects import decompose as dec
 from vital.effects.ablation import AblationCounter, labelled_folder, zeroshot_classifier
 from vital.effects.stats import MeanTracker, TopTracker, summarise
@@ -46,30 +46,30 @@ class EffectsCFG:
     layer: list[str] = opt(["block.9.mlp"], "MLP layer(s): block.N.mlp or a bare block number")
     neurons: list[int] = opt([], "neurons of the layer to analyse (empty = all)")
     probe_dir: str = opt("references", "probe images (searched recursively)")
-    batch_size: int = opt(32, "images per forward pass")
-    neuron_chunk: int = opt(512, "neurons whose effects are materialised at once")
+    batch_size: int = opt(32, "images per forward pass", low=1)
+    neuron_chunk: int = opt(512, "neurons whose effects are materialised at once", low=1)
     top_k: int = opt(100, "images per neuron with the largest centred effect norm (PCA, "
-                     "significance threshold)")
+                     "significance threshold)", low=1)
     normalise: str = opt("none", "effect units: none (embedding units) or embedding (x 100 / "
                          "|embedding| per image, as the official code)",
                          choices=["none", "embedding"])
     texts: str = opt("words20k", "text set for the decomposition: a file (one text per line), "
                      "words20k or imagenet; empty = no decomposition")
-    components: int = opt(16, "texts per neuron in the sparse decomposition (OMP)")
-    top_words: int = opt(5, "texts per neuron written into neurons.csv")
-    sheets: int = opt(8, "contact sheets of top images for the N strongest neurons")
-    sheet_images: int = opt(16, "images per contact sheet")
+    components: int = opt(16, "texts per neuron in the sparse decomposition (OMP)", low=1)
+    top_words: int = opt(5, "texts per neuron written into neurons.csv", low=0)
+    sheets: int = opt(8, "contact sheets of top images for the N strongest neurons", low=0)
+    sheet_images: int = opt(16, "images per contact sheet", low=1)
     ablate: bool = opt(False, "mean-ablate the layer's second-order effects and report "
                        "zero-shot accuracy on --ablate_dir")
     ablate_dir: str = opt("", "labelled folder (class folders named by ImageNet class); "
                           "empty = --probe_dir")
     ablate_keep: list[int] = opt([0, 100], "ablate all neurons (0) or all but the top N by "
-                                 "effect norm per image")
+                                 "effect norm per image", low=0)
     zeroshot_classes: str = opt("all", "zero-shot classifier over all 1000 ImageNet classes or "
                                 "only those present in the folder", choices=["all", "present"])
     heatmap: str = opt("", "text: per-patch contributions of the neurons projected on its "
                        "embedding, as a heatmap over each probe image")
-    heatmap_images: int = opt(16, "probe images in the heatmap sheet")
+    heatmap_images: int = opt(16, "probe images in the heatmap sheet", low=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     out_dir: str = opt("out_effects", "folder for runs")
     run_name: str = opt("", "run folder name (empty = from model, layers and probe folder)")
@@ -106,11 +106,7 @@ class LayerRun:
 # ---------------------------------------------------------------- checks
 
 def _check(cfg: EffectsCFG) -> None:
-    for name in ("batch_size", "neuron_chunk", "top_k", "components"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if any(k < 0 for k in cfg.ablate_keep):
-        raise ConfigError(f"--ablate_keep takes N >= 0, got {cfg.ablate_keep}")
+    check_cfg(cfg)   # the declared ranges (parse_cfg checks them too; this is for Python callers)
     if not cfg.layer:
         raise ConfigError("give at least one --layer (e.g. block.9.mlp)")
 
@@ -157,7 +153,8 @@ def pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
         for run in runs.values():
             coef = dec.coefficients(rec, run.maps)
             for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
-                run.means.update(part, dec.second_order(coef, run.maps, part) * scale[:, None, None])
+                run.means.update(part, dec.second_order(coef, run.maps, part)
+                                 * scale[:, None, None])
                 run.first_means.update(part, dec.first_order(rec, run.maps, part)
                                        * scale[:, None, None])
             run.means.step(len(used))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vital.config import ConfigError, opt
+from vital.config import opt
 from vital.effects.run import EffectsCFG, run_effects
 from vital.imaging import grid, save_png, to_pil
 from vital.modes import common
@@ -40,12 +40,13 @@ _TILE = 128
 class NeuronEffectsCFG(EffectsCFG):
     """Second-order effects of CLIP neurons, optionally with VITAL visualisations."""
     visualise: int = opt(0, "render the N strongest neurons' second-order direction with VITAL "
-                         "(steered embedding + sort matching to their top images)")
+                         "(steered embedding + sort matching to their top images)", low=0)
     vis_beta: float = opt(1.0, "weight of the neuron's component added to the top images' "
                           "mean embedding")
-    vis_refs: int = opt(8, "top images of the neuron used as sort-matching references")
-    vis_steps: list[int] = opt([100, 200], "steps per resolution stage of each visualisation")
-    vis_size: int = opt(0, "px of the visualisation (0 = the model's input size)")
+    vis_refs: int = opt(8, "top images of the neuron used as sort-matching references", low=1)
+    vis_steps: list[int] = opt([100, 200], "steps per resolution stage of each visualisation",
+                               low=1)
+    vis_size: int = opt(0, "px of the visualisation (0 = the model's input size)", low=0)
     seed: int = opt(0, "random seed of the visualisations")
 
 
@@ -116,8 +117,6 @@ def visualise(cfg: NeuronEffectsCFG, run_dir: Path, result, argv=None) -> list[P
 
 def run_neuron_effects(cfg: NeuronEffectsCFG, argv=None):
     """neuron_effects.py: the effects run, then ``--visualise`` renders; (run_dir, result)."""
-    if cfg.visualise < 0:
-        raise ConfigError(f"--visualise takes N >= 0, got {cfg.visualise}")
     run_dir, result = run_effects(cfg, argv)
     if cfg.visualise:
         result.visuals = visualise(cfg, run_dir, result, argv)
