@@ -252,7 +252,7 @@ def test_a_crash_mid_run_leaves_no_running_status(refs, monkeypatch):
     (["--save_steps", "-1"], "--save_steps -1 is not valid"),
     (["--batch", "0"], "--batch 0 is not valid: it must be >= 1"),
     (["--batch", "-2"], "--batch -2 is not valid"),
-    (["--num_ref", "0"], None),   # ClassCFG's own field: refused by the reference loader
+    (["--num_ref", "0"], "--num_ref 0 is not valid: it must be >= 1"),
     (["--lr", "nan"], "--lr nan is not valid: it must be a number > 0"),
 ])
 def test_bad_values_are_refused_before_running(argv, said, capsys, refs):
