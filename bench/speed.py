@@ -49,19 +49,9 @@ from vital.refs.images import list_images
 from vital.optvis import losses
 from vital.optvis.render import Schedule, render
 
+from clip_shapes import random_vit_b32  # bench/ is on sys.path when a bench script runs
+
 WARMUP_STEPS = 3
-
-
-def random_vit_b32(path: Path) -> Path:
-    """A ViT-B/32-shaped CLIP (random weights) as OpenAI-layout safetensors, built by open_clip."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    vision = CLIPVisionCfg(layers=12, width=768, patch_size=32, image_size=224)
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
-    model = CLIP(512, vision, text, quick_gelu=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def model_specs(work: Path, names: list[str]) -> dict[str, str]:

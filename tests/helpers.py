@@ -184,3 +184,18 @@ def run_script(script: str, *args, cwd: Path, timeout: float = 300) -> subproces
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
+
+
+def isolated_workdir(tmp_path, monkeypatch, extra_path=None):
+    """Body of a test file's autouse fixture (``yield from isolated_workdir(...)``): run in a
+    fresh folder (out_<mode>/ go there), optionally with ``extra_path`` first on sys.path, and
+    undo --hard_determinism (deterministic algorithms, thread count) afterwards."""
+    import sys
+    monkeypatch.chdir(tmp_path)
+    if extra_path is not None:   # not syspath_prepend, whose undo imports pkg_resources
+        monkeypatch.setattr(sys, "path", [str(extra_path), *sys.path])
+    threads = torch.get_num_threads()
+    yield tmp_path
+    if torch.are_deterministic_algorithms_enabled():   # the first call of the setter costs ~9 s
+        torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import isolated_workdir
 from vital.cli import main
 from vital.config import ConfigError, check_cfg, parse_cfg
 
@@ -65,14 +66,8 @@ def one_error_line(capsys) -> str:
 
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    # for the TINY spec (tests.helpers); not syspath_prepend, whose undo imports pkg_resources
-    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
-    threads = torch.get_num_threads()
-    yield tmp_path
-    if torch.are_deterministic_algorithms_enabled():   # the first call of the setter costs ~9 s
-        torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+    # ROOT on sys.path for the TINY spec (tests.helpers)
+    yield from isolated_workdir(tmp_path, monkeypatch, extra_path=ROOT)
 
 
 @pytest.fixture
@@ -416,7 +411,6 @@ def test_a_layer_number_the_model_lacks_gives_the_range(capsys, refs):
 @pytest.mark.slow   # a fresh interpreter (~15 s): the real signal from outside, as SLURM sends it
 def test_sigterm_from_outside_the_process(refs, tmp_path):
     import subprocess
-    import sys
     import time
     out = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, str(ROOT / "class_neurons_fvis.py"), *FAST,

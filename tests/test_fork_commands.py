@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import isolated_workdir
 from vital.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,12 +56,7 @@ def run(name: str, command: str, *extra: str) -> int:
 @pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
     """Run in a fresh folder (out_<mode>/ go there); undo --hard_determinism afterwards."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    yield tmp_path
-    if torch.are_deterministic_algorithms_enabled():   # the first call of the setter costs ~9 s
-        torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+    yield from isolated_workdir(tmp_path, monkeypatch)
 
 
 @pytest.fixture

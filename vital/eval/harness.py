@@ -135,7 +135,8 @@ def _score(run: Run, scorer, cls, result, wall: float) -> dict:
     save_file({k: v.contiguous() for k, v in features.items()}, str(run.run_dir / FEATURES_FILE))
     steps = sorted((run.run_dir / "steps").glob("step_*.png"))
     return {"metrics": {**scorer.score(run.model, cls, images, run.ref_dir, num_ref),
-                        **scorer.score_heldout(run.target, images), **_timing(result, wall)},
+                        **scorer.score_heldout(run.target, images, features.get("fv_judge")),
+                        **_timing(result, wall)},
             "real": {**scorer.score_real(run.model, cls, run.ref_dir, num_ref),
                      **scorer.score_heldout_real(run.target)},
             "curve": scorer.curve(run.model, cls, steps),

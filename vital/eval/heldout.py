@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vital import cache
 from vital.config import ConfigError
 from vital.eval import metrics
+from vital.eval.scoring import fit_images
 from vital.refs.images import list_images, load_images
 
 
@@ -44,13 +44,6 @@ def check_disjoint(ref_files, heldout_files) -> None:
         raise ConfigError(f"{len(same)} held-out photo(s) are also references (same content), "
                           f"e.g. {same[0][0]} = {same[0][1]}; held-out photos must never be "
                           f"matched, or the metrics reward copying")
-
-
-def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=images.shape[-1] > size).clamp(0, 1)
 
 
 @dataclass
@@ -76,7 +69,7 @@ class HeldoutJudge:
     def run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate features, logits) of images in [0, 1] at any size."""
         feats, logits = [], []
-        for chunk in _fit(images, self.judge.input_size).split(16):
+        for chunk in fit_images(images, self.judge.input_size).split(16):
             with self.judge.embed_hook() as grabbed:
                 out = self.judge(chunk.to(self.judge.device)).float()
                 feats.append(grabbed["embed"].float().cpu())

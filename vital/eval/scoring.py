@@ -45,7 +45,8 @@ def quantise(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float().clamp(0, 1).cpu() * 255).round() / 255
 
 
-def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
+def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch resized to size x size (bilinear, antialiased), for a judge's input."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
@@ -139,7 +140,7 @@ class Scorer:
         """(B, K) class scores: a classifier's logits or CLIP zero-shot logits (80 templates)."""
         model = self.model(spec)
         out = []
-        for chunk in _fit(images, model.input_size).split(_CHUNK):
+        for chunk in fit_images(images, model.input_size).split(_CHUNK):
             chunk = chunk.to(model.device)
             if model.clip is not None:
                 out.append(metrics.zeroshot_logits(model.embed(chunk), self._classifier(model)))
@@ -151,7 +152,7 @@ class Scorer:
     def embed(self, spec: str, images: torch.Tensor) -> torch.Tensor:
         """(B, D) features for FID: penultimate features of a classifier, CLIP's embedding."""
         model = self.model(spec)
-        chunks = _fit(images, model.input_size).split(_CHUNK)
+        chunks = fit_images(images, model.input_size).split(_CHUNK)
         return torch.cat([model.embed(c.to(model.device)).float().cpu() for c in chunks])
 
     def _classifier(self, model) -> torch.Tensor:
@@ -226,12 +227,14 @@ class Scorer:
             self._heldout_judge = HeldoutJudge(self.model(self.judge), dict(self.heldout))
         return self._heldout_judge
 
-    def score_heldout(self, target: str, images: torch.Tensor) -> dict:
-        """Nearest-centroid top-1 of the FVs among the held-out centroids of every target."""
+    def score_heldout(self, target: str, images: torch.Tensor,
+                      feats: torch.Tensor | None = None) -> dict:
+        """Nearest-centroid top-1 of the FVs among the held-out centroids of every target;
+        ``feats``: the judge's features of ``images`` if already computed (``fid_features``)."""
         if target not in self.heldout:
             return {}
         judge = self.heldout_judge()
-        feats = judge.run(images)[0]
+        feats = judge.run(images)[0] if feats is None else feats
         label = judge.names.index(target)
         return {"centroid_top1": metrics.centroid_top1(feats, [label] * len(feats),
                                                        judge.centroids)}
