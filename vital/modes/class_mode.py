@@ -81,16 +81,16 @@ def _relevance_references(cfg: ClassCFG, target, layers, weights, files, sizes) 
     layer, score = class_score(cfg, target)
     native = target.input_size
     images, used = load_images(files, native, cfg.num_ref, getattr(cfg, "ref_crop", 1.0))
-    obj, info = common.relevance_objective(cfg, target, layers, weights, images, sizes, layer,
-                                           score, cfg.relevance, cfg.relevance_floor,
-                                           cfg.relevance_every)
+    obj, info, maps = common.relevance_objective(cfg, target, layers, weights, images, sizes,
+                                                 layer, score, cfg.relevance,
+                                                 cfg.relevance_floor, cfg.relevance_every)
     return obj, {"references": {"files": [str(p) for p in used], "size": native,
-                                "relevance": cfg.relevance, "layer": layer, **info}}
+                                "relevance": cfg.relevance, "layer": layer, **info}}, maps
 
 
 def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
-    """(sort-matching objective, metadata) against the class's real images; a CLIP ViT with
-    ``--neural_field`` removes the field from both sides."""
+    """(sort-matching objective, metadata, relevance maps or None) against the class's real
+    images; a CLIP ViT with ``--neural_field`` removes the field from both sides."""
     if cfg.relevance != "none":
         return _relevance_references(cfg, target, layers, weights, files, sizes)
     vit = target.kind == "clip-vit"
@@ -102,7 +102,7 @@ def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
                                                      cfg.num_ref)
         if vit:
             meta["neural_field"] = {"active": False}
-    return obj, {"references": {str(k): v for k, v in info.items()}, **meta}
+    return obj, {"references": {str(k): v for k, v in info.items()}, **meta}, None
 
 
 def plan_class(cfg: ClassCFG, target) -> Plan:
@@ -118,9 +118,10 @@ def plan_class(cfg: ClassCFG, target) -> Plan:
         objective = objective + steer
         hooked += [layer for layer in steer_layers if layer not in hooked]
     files = list_images(cfg.ref_dir) if cfg.feat_weight or cfg.param == "maco" else []
+    maps = None
     if cfg.feat_weight:
-        ref_obj, ref_meta = _references(cfg, target, layers, weights, files,
-                                        schedule.stage_sizes(size))
+        ref_obj, ref_meta, maps = _references(cfg, target, layers, weights, files,
+                                              schedule.stage_sizes(size))
         objective = ref_obj + objective
         meta.update(ref_meta)
     if not isinstance(objective, losses.Objective) or not objective.names:
@@ -131,7 +132,8 @@ def plan_class(cfg: ClassCFG, target) -> Plan:
     param = common.make_param(cfg, size, target.device, gen, target=target, **extras)
     name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
     return Plan("class", target, objective, hooked, param, schedule, common.make_augment(cfg),
-                gen, name, {"target_label": label, "recipe": cfg.recipe, **meta})
+                gen, name, {"target_label": label, "recipe": cfg.recipe, **meta},
+                relevance_maps=maps)
 
 
 def run_class(cfg: ClassCFG, argv=None, callbacks: Callbacks | None = None):

@@ -215,11 +215,11 @@ def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, n
 
 def relevance_objective(cfg, target, layers, weights, images: torch.Tensor, sizes,
                         target_layer: str, score_fn, rule: str, floor: float = 0.0,
-                        every: int = 1) -> tuple[Objective, dict]:
+                        every: int = 1) -> tuple[Objective, dict, object]:
     """Sort matching against ``images`` (N, 3, S, S), resized to each stage size, weighted by
     relevance for ``score_fn`` on ``target_layer`` (VITAL's relevant information flow; ``rule``
     "none" = plain sort matching); returns (feat_weight x objective, info with the most
-    important channels per stage)."""
+    important channels per stage, the synthetic image's ``SyntheticMaps`` or None)."""
     from vital.optvis import relevance as rel
     refs, importance, info = {}, {}, {}
     for size in sorted(set(sizes)):
@@ -232,13 +232,14 @@ def relevance_objective(cfg, target, layers, weights, images: torch.Tensor, size
             info[str(size)] = {k: v.topk(min(5, len(v))).indices.tolist()
                                for k, v in importance[size].items()}
         refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
+    maps = None
     if rule == "none":
         obj = staged_sort_matching(refs, dict(zip(layers, weights)))
     else:
         maps = rel.SyntheticMaps(target, layers, target_layer, score_fn, rule, every,
                                  floor=floor)
         obj = rel.relevance_sort_matching(refs, importance, dict(zip(layers, weights)), maps)
-    return cfg.feat_weight * obj, {"top_channels_by_relevance": info}
+    return cfg.feat_weight * obj, {"top_channels_by_relevance": info}, maps
 
 
 def priors(cfg: RenderCFG, target=None) -> Objective | int:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from vital.optvis import losses
 from vital.optvis.losses import staged_sort_matching
 from vital.modes import common, recipes
+from vital.modes.batch import run_in_batches
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import relevance as rel
 from vital.config import ConfigError, opt, set_determinism
@@ -83,6 +84,10 @@ class InnerCFG(common.RenderCFG):
     relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
                                "(1 = every step, as in the paper; > 1 is faster but reuses maps "
                                "across jitter and flips)")
+    neurons: list[int] = opt([], "several neurons of --layer, optimised together in batches "
+                             "(one run folder each; instead of --neuron)", low=0)
+    batch_size: int = opt(4, "with --neurons or --auto: neurons per batched optimisation (the "
+                          "rest in further batches; 1 = one at a time)", low=1)
     auto: int = opt(0, "> 0: rank the layer's neurons and visualise the top N (not --neuron)")
     auto_prompt: str = opt("", "CLIP + --auto: rank by attribution to this text prompt instead "
                            "of by mean activation on the data set")
@@ -226,9 +231,10 @@ def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str]
 
 
 def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weights,
-                      patches: torch.Tensor, sizes) -> tuple[losses.Objective, dict]:
+                      patches: torch.Tensor, sizes) -> tuple[losses.Objective, dict, object]:
     """Sort matching against the references at each stage size (relevance-weighted unless
-    ``--relevance none``); returns (objective, info with the most important channels)."""
+    ``--relevance none``); returns (objective, info with the most important channels, the
+    synthetic image's relevance maps or None)."""
     return common.relevance_objective(cfg, target, layers, weights, patches, sizes,
                                       neuron.layer, neuron.score, cfg.relevance,
                                       cfg.relevance_floor, cfg.relevance_every)
@@ -268,18 +274,19 @@ def reference_images(cfg: InnerCFG, target, top) -> torch.Tensor:
 
 
 def _objective(cfg, target, neuron, top, refs, size, schedule
-               ) -> tuple[losses.Objective, list, dict]:
+               ) -> tuple[losses.Objective, list, dict, object]:
     scale = float(np.mean(top.scores))
     objective = neuron_objective(neuron, scale, cfg.neuron_weight) + common.priors(cfg, target)
     layers, weights = lower_layers(cfg, target, neuron)
     meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale}
+    maps = None
     if cfg.feat_weight and layers:
-        feat, info = feature_objective(cfg, target, neuron, layers, weights, refs,
-                                       schedule.stage_sizes(size))
+        feat, info, maps = feature_objective(cfg, target, neuron, layers, weights, refs,
+                                             schedule.stage_sizes(size))
         objective, meta = feat + objective, {**meta, **info}
     if not isinstance(objective, losses.Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")
-    return objective, layers, meta
+    return objective, layers, meta, maps
 
 
 def _param_extras(cfg: InnerCFG, patches: torch.Tensor, size: int) -> dict:
@@ -303,7 +310,7 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
     schedule = common.make_schedule(cfg, target)
     top = _patches(cfg, target, neuron, patch_scores)
     refs = reference_images(cfg, target, top)
-    objective, layers, meta = _objective(cfg, target, neuron, top, refs, size, schedule)
+    objective, layers, meta, maps = _objective(cfg, target, neuron, top, refs, size, schedule)
     gen = common.generator_for(cfg, target.device)
     param = common.make_param(cfg, size, target.device, gen, target=target,
                               **_param_extras(cfg, refs, size))
@@ -315,7 +322,7 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
         write_neuron_report(target, neuron, result.image, top, size, run_dir)
     return Plan("inner", target, objective, list(dict.fromkeys(layers + [neuron.layer])), param,
                 schedule, common.make_augment(cfg), gen, _run_name(target, neuron, cfg.seed),
-                meta, after=after)
+                meta, after=after, relevance_maps=maps)
 
 
 def run_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, argv=None, extra: dict | None = None,
@@ -385,30 +392,60 @@ def run_auto(cfg: InnerCFG, target, argv=None, callbacks: Callbacks | None = Non
     top = scores.topk(min(cfg.auto, len(scores)))
     print("ranked neurons of", cfg.layer, ":", ", ".join(
         f"{i} ({s:.3g})" for s, i in zip(top.values.tolist(), top.indices.tolist())))
-    shared = functools.cache(lambda: layer_patch_scores(cfg, target, probe))   # on a cache miss
-    dirs, result = [], None
-    for rank, (value, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-        set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
-        one = dataclasses.replace(cfg, neuron=index,
-                                  run_name=f"{cfg.run_name}_{index}" if cfg.run_name else "")
-        extra = {"auto": {"rank": rank, "score": value, "by": cfg.auto_prompt or "activation"}}
-        run_dir, result = run_neuron(one, target, resolve_target(target, cfg.layer, index),
-                                     argv, extra, patch_scores=shared, callbacks=callbacks)
-        dirs.append(run_dir)
-        if result.stopped in ("interrupted", "stopped"):
-            break
-    return dirs, result
+    extras = {index: {"auto": {"rank": rank, "score": value,
+                               "by": cfg.auto_prompt or "activation"}}
+              for rank, (value, index) in enumerate(zip(top.values.tolist(),
+                                                        top.indices.tolist()))}
+    return run_neurons(cfg, target, list(extras), argv, extras, callbacks)
+
+
+def run_neurons(cfg: InnerCFG, target, indices: list[int], argv=None,
+                extras: dict | None = None, callbacks: Callbacks | None = None):
+    """Neurons ``indices`` of ``cfg.layer``, ``cfg.batch_size`` per batched optimisation (1 =
+    one run at a time); the data set's patches are scored once for all of them. Returns
+    (run_dirs, last result)."""
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"a neuron appears twice in {indices}")
+    neurons = [resolve_target(target, cfg.layer, i) for i in indices]   # all checked up front
+    shared = functools.cache(lambda: layer_patch_scores(cfg, target, neurons[0]))  # on a miss
+    extras = extras or {}
+
+    def one_cfg(index):
+        return dataclasses.replace(cfg, neuron=index, run_name=f"{cfg.run_name}_{index}"
+                                   if cfg.run_name else "")
+    cfgs = [one_cfg(i) for i in indices]
+    if cfg.batch_size == 1:
+        dirs, result = [], None
+        for one, neuron in zip(cfgs, neurons):
+            set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
+            run_dir, result = run_neuron(one, target, neuron, argv, extras.get(neuron.index),
+                                         patch_scores=shared, callbacks=callbacks)
+            dirs.append(run_dir)
+            if result.stopped in ("interrupted", "stopped"):
+                break
+        return dirs, result
+    by_index = {n.index: n for n in neurons}
+    runs = run_in_batches(cfgs, lambda c: plan_neuron(c, target, by_index[c.neuron],
+                                                      extras.get(c.neuron), shared),
+                          target, cfg.batch_size, argv, callbacks)
+    return [run_dir for run_dir, _ in runs], runs[-1][1]
 
 
 def run_inner(cfg: InnerCFG, argv=None, callbacks: Callbacks | None = None):
-    """Inner neuron visualisation (or --auto); returns (run_dir or run_dirs, last result)."""
+    """Inner neuron visualisation (or --neurons, --auto); returns (run_dir or run_dirs, last
+    result)."""
     if not 0.0 <= cfg.relevance_floor < 1.0:
         raise ConfigError(f"--relevance_floor must be in [0, 1), got {cfg.relevance_floor}")
     if cfg.auto < 0 or cfg.relevance_every < 1:
         raise ConfigError(f"--auto must be >= 0 and --relevance_every >= 1, got {cfg.auto} and "
                           f"{cfg.relevance_every}")
+    if (cfg.auto or cfg.neurons) and cfg.direction:
+        raise ConfigError("--direction visualises one direction; leave out --neurons / --auto")
     _, target = prepare(cfg)
     if cfg.auto:
         return run_auto(cfg, target, argv, callbacks)
+    if cfg.neurons:
+        return run_neurons(cfg, target, [int(n) for n in cfg.neurons], argv,
+                           callbacks=callbacks)
     neuron = resolve_target(target, cfg.layer, cfg.neuron, cfg.direction)
     return run_neuron(cfg, target, neuron, argv, callbacks=callbacks)

@@ -53,6 +53,7 @@ class Plan:
     embed: bool = False            # put the model's embedding into ctx["embed"] each step
     run_dir: Path | None = None    # a folder the mode already made (else make_run_dir)
     after: Callable | None = None  # (run_dir, result) -> None: the mode's own extra outputs
+    relevance_maps: object = None  # the run's SyntheticMaps (batched runs compute them at once)
 
 
 # CFG fields that name layers; a bare number in them means block N of the model

@@ -336,6 +336,7 @@ class SyntheticMaps:
         self.target, self.every = target, max(1, int(every))
         self.lead = 1 if target.kind == "clip-vit" else 0      # a ViT's class token
         self.step, self.maps = None, None
+        self.group: MapsGroup | None = None     # set when the run is one element of a batch
 
     def _compute(self, ctx) -> None:
         layers, target_layer, score_fn, rule = self.args
@@ -356,6 +357,9 @@ class SyntheticMaps:
         return out
 
     def __call__(self, ctx) -> dict[str, torch.Tensor]:
+        if self.group is not None and "batch" in ctx:    # element b of a batched run
+            b = ctx["element"]
+            return {k: v[b:b + 1] for k, v in self.group.maps(ctx["batch"]).items()}
         step = ctx.get("step", 0)
         if self.maps is None or not 0 <= step - self.step < self.every:
             self._compute(ctx)
@@ -364,6 +368,43 @@ class SyntheticMaps:
             self._compute(ctx)
             fitted = self.maps
         return fitted
+
+
+class MapsGroup:
+    """The relevance maps of a batch of runs (``vital.modes.batch``), computed in one forward +
+    backward of the whole batch: element b's maps come from its own run's score (the scores
+    are summed before the backward pass, and the elements of a batch do not interact in an
+    evaluation-mode model, so each gets the gradient of its own score alone)."""
+
+    def __init__(self, members: list[SyntheticMaps]):
+        first = members[0]
+        layers, target_layer, _, rule = first.args
+        fns = [m.args[2] for m in members]
+
+        def score(feats):       # (B, C, P) -> (B,): element b scored by run b's target
+            return torch.cat([fn(feats[b:b + 1]) for b, fn in enumerate(fns)])
+        self.shared = SyntheticMaps(first.target, layers, target_layer, score, rule,
+                                    first.every, floor=first.floor)
+
+    @classmethod
+    def join(cls, members: list) -> "MapsGroup | None":
+        """Group the runs' maps when every run has them with the same layers, rule, floor and
+        refresh interval; otherwise each element keeps computing its own (same result,
+        one forward + backward per element)."""
+        if len(members) < 2 or any(m is None for m in members):
+            return None
+        key = lambda m: (id(m.target), tuple(m.args[0]), m.args[1], m.args[3], m.floor,
+                         m.every)
+        if len({key(m) for m in members}) != 1:
+            return None
+        group = cls(members)
+        for m in members:
+            m.group = group
+        return group
+
+    def maps(self, ctx) -> dict[str, torch.Tensor]:
+        """{layer: (B, C, P)} maps of the whole batch for this step (computed once a step)."""
+        return self.shared(ctx)
 
 
 def relevance_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],

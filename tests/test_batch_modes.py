@@ -1,0 +1,115 @@
+"""Several targets in one batched optimisation (vital.modes.batch): inner --neurons / --auto and
+class --targets give the images of the runs one by one with the same seed (up to the float
+reduction order of a batched forward), with relevance maps computed once for the batch, one run
+folder per target, --batch_size splitting the targets."""
+import json
+
+import pytest
+import torch
+
+from vital.config import ConfigError
+from vital.modes import batch as B
+from vital.modes.class_batch import ClassBatchCFG, run_class_batch
+from vital.modes.class_mode import ClassCFG, run_class
+from vital.modes.inner import InnerCFG, run_inner
+from vital.optvis import relevance as rel
+
+from helpers import TINY_CNN, read_png, write_images
+
+INNER = dict(model=TINY_CNN, layer="stage2", num_ref=4, data_size=40, patch_size=20, size=32,
+             steps_multires=[2, 3], save_steps=5, progress=False, device="cpu", seed=5)
+
+
+def _count_relevance_passes(monkeypatch) -> list:
+    calls = []
+    real = rel.layer_relevance
+
+    def counting(target, images, *args, **kw):
+        calls.append(images.shape[0])
+        return real(target, images, *args, **kw)
+    monkeypatch.setattr(rel, "layer_relevance", counting)
+    return calls
+
+
+@pytest.mark.parametrize("rule", ["gradxact", "lrp", "none"])
+def test_batched_neurons_equal_the_runs_one_by_one(tmp_path, monkeypatch, rule):
+    data = write_images(tmp_path / "data", 6)
+    calls = _count_relevance_passes(monkeypatch)
+    dirs, last = run_inner(InnerCFG(neurons=[3, 7, 11], batch_size=2, relevance=rule,
+                                    data_dir=str(data), out_dir=str(tmp_path / "batched"),
+                                    **INNER))
+    batched_calls = list(calls)
+    assert len(dirs) == 3 and last.steps_done == 5
+    for k, (run_dir, neuron) in enumerate(zip(dirs, (3, 7, 11))):
+        single_dir, single = run_inner(InnerCFG(neuron=neuron, relevance=rule, data_dir=str(data),
+                                                out_dir=str(tmp_path / "single"), **INNER))
+        meta = json.loads((run_dir / "config.json").read_text())
+        assert meta["neuron"] == neuron and meta["batched_with"] == [2, 2, 1][k]
+        for name in ("final.png", "neuron.json", "references.png", "steps/step_0005.png"):
+            assert (run_dir / name).is_file(), name
+        mine = json.loads((run_dir / "neuron.json").read_text())["visualisation"]
+        theirs = json.loads((single_dir / "neuron.json").read_text())["visualisation"]
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-6)
+        diff = abs(read_png(run_dir / "final.png").astype(int)
+                   - read_png(single_dir / "final.png").astype(int))
+        assert diff.max() <= 1          # PNG rounding of images equal to ~1e-5
+        steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
+        assert list(steps[0]["terms"]) == [f"stage2:{neuron}[{k % 2}]"]
+    if rule != "none":
+        # one relevance pass per step for each batch (2 images, then 1), not one per element
+        assert batched_calls == [2] * 5 + [1] * 5
+
+
+def test_auto_in_batches_keeps_ranks_and_shares_the_patch_scores(tmp_path, monkeypatch):
+    data = write_images(tmp_path / "data", 4)
+    import vital.modes.inner as inner
+    scored = []
+    real = inner.layer_patch_scores
+    monkeypatch.setattr(inner, "layer_patch_scores",
+                        lambda *a, **k: scored.append(1) or real(*a, **k))
+    dirs, result = run_inner(InnerCFG(auto=3, batch_size=2, data_dir=str(data), cache=False,
+                                      out_dir=str(tmp_path / "out"), **INNER))
+    metas = [json.loads((d / "config.json").read_text()) for d in dirs]
+    assert [m["auto"]["rank"] for m in metas] == [0, 1, 2] and result.stopped is None
+    assert [m["batched_with"] for m in metas] == [2, 2, 1] and len(scored) == 1
+
+
+def test_class_targets_with_relevance_equal_one_by_one(tmp_path, monkeypatch):
+    for k, name in enumerate(("class3", "class5")):
+        write_images(tmp_path / "refs" / name, 4, seed=k)
+    settings = dict(model=TINY_CNN, size=32, steps_multires=[2, 3], num_ref=4, save_steps=0,
+                    device="cpu", progress=False, seed=1, relevance="gradxact")
+    calls = _count_relevance_passes(monkeypatch)
+    batched = run_class_batch(ClassBatchCFG(targets=["class3", "class5"],
+                                            ref_root=str(tmp_path / "refs"),
+                                            out_dir=str(tmp_path / "b"), **settings))
+    assert calls == [2] * 5
+    for (run_dir, result), name in zip(batched, ("class3", "class5")):
+        _, single = run_class(ClassCFG(target=name, ref_dir=str(tmp_path / "refs" / name),
+                                       out_dir=str(tmp_path / "s"), **settings))
+        torch.testing.assert_close(result.image, single.image, rtol=0, atol=1e-4)
+
+
+def test_maps_group_only_joins_compatible_maps(tiny_cnn_target):
+    score = lambda f: f[:, 0].mean(-1)
+    a = rel.SyntheticMaps(tiny_cnn_target, ["stem"], "stage2", score, "gradxact")
+    b = rel.SyntheticMaps(tiny_cnn_target, ["stem"], "stage2", score, "gradxact")
+    other = rel.SyntheticMaps(tiny_cnn_target, ["stem"], "stage2", score, "gradxact", floor=0.5)
+    assert rel.MapsGroup.join([a, None]) is None and a.group is None
+    assert rel.MapsGroup.join([a, other]) is None and a.group is None
+    group = rel.MapsGroup.join([a, b])
+    assert a.group is group and b.group is group
+
+
+def test_bad_batches_are_one_sentence(tmp_path):
+    data = write_images(tmp_path / "data", 2)
+    with pytest.raises(ConfigError, match="appears twice"):
+        run_inner(InnerCFG(neurons=[3, 3], data_dir=str(data), **INNER))
+    with pytest.raises(ConfigError, match="valid 0..31"):
+        run_inner(InnerCFG(neurons=[3, 99], data_dir=str(data), **INNER))
+    with pytest.raises(ConfigError, match="--direction"):
+        run_inner(InnerCFG(neurons=[3], direction="x.npy", data_dir=str(data), **INNER))
+    with pytest.raises(ConfigError, match="--batch 1"):
+        run_inner(InnerCFG(neurons=[3, 4], batch=2, data_dir=str(data), **INNER))
+    with pytest.raises(ConfigError, match="batch_size"):
+        B.run_in_batches([None], lambda c: c, None, 0)
