@@ -13,6 +13,7 @@ Examples:
   python inner_neurons_fvis.py --model ViT-B/32 --layer block.9.mlp --neuron 1234 \
       --data_dir my_images/ --relevance lrp
   python inner_neurons_fvis.py --model efficientnet-lite0 --layer blocks.12 --auto 4
+  python inner_neurons_fvis.py --layer blocks.10 --neurons 3 17 40 52 --batch_size 4
   python inner_neurons_fvis.py --model ViT-B/32 --layer block.9.mlp --auto 4 \
       --auto_prompt "a photo of a bird" --data_dir my_images/
   python inner_neurons_fvis.py --layer blocks.10 --direction my_direction.npy

@@ -10,10 +10,10 @@ coffee mug on the espresso views) are planned with ``plan_class_batch`` and rend
 image: 3600 * B / (budget * seconds per step). Batch sizes alternate within every repeat
 (A/B on a shared machine); medians are reported with the load average.
 
-Memory (``--memory``): each (size, batch) renders 2 steps in a fresh process, which reports
-its peak resident set (CPU; ``ru_maxrss``) or ``torch.cuda.max_memory_allocated`` (CUDA),
-next to the model alone (a forward without gradients) and ``vital.models.memory.step_bytes``'s
-up-front estimate.
+Memory (``--memory``): each (size, batch) renders 2 steps in a fresh process; once the model
+and the plan (references) are ready the peak is reset (CPU: ``/proc/self/clear_refs``; CUDA:
+``torch.cuda.reset_peak_memory_stats``) and the render's peak above what was in use is
+reported, next to ``vital.models.memory.step_bytes``'s up-front estimate.
 
 Models: ``efficientnet-lite0`` (or any spec), ``vit-b32`` / ``vit-b16`` = ViT-B-shaped CLIPs
 with random weights (bench/clip_shapes.py).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,34 +64,50 @@ def step_seconds(cfgs, target) -> float:
     return result.step_seconds
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024                    # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak(device: str) -> int:
+    """Start a new peak measurement; returns the memory in use now."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")   # Linux: VmHWM := VmRSS
+    return _status_bytes("VmRSS")
+
+
 def peak_bytes(device: str) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+    return _status_bytes("VmHWM")
 
 
 def one_memory(args) -> None:
-    """(child process) peak memory of the model alone, then of a 2-step batched render."""
+    """(child process) memory in use once the model and the plan are ready, and the peak of a
+    2-step batched render above it."""
     spec = model_spec(args.model, Path(args.work))
     target = load_target(spec, device=args.device)
     size, batch = args.sizes[0], args.batch_sizes[0]
     cfgs = target_cfgs(Path(args.work) / "refs", spec, args, size)[:batch]
     plan, _ = plan_class_batch(cfgs, target)            # references (cached by the parent)
-    with torch.no_grad():
-        target(torch.zeros(batch, 3, size, size, device=target.device))
-    model_only = peak_bytes(args.device)
+    ready = reset_peak(args.device)
     render(target, plan.objective, plan.param, plan.schedule, plan.layers, augment=plan.augment,
            generator=plan.generator, save_steps=0, progress=False, precision=args.precision)
     from vital.models.memory import step_bytes
-    print(json.dumps({"model_only": model_only, "render": peak_bytes(args.device),
+    print(json.dumps({"ready": ready, "render": peak_bytes(args.device),
                       "estimate": step_bytes(target, size, batch)}))
 
 
 def memory_table(args) -> None:
     print(f"{args.model}, {args.precision}, device {args.device}, torch {torch.__version__}; "
-          f"peak memory of a 2-step batched class render, one fresh process per row\n")
-    print("| px | batch | peak, model forward only (GB) | peak, render (GB) | render - forward "
-          "(GB) | per image (GB) | up-front estimate (GB) |")
+          f"peak memory of a 2-step batched class render, one fresh process per row "
+          f"(CPU: resident set, the peak reset once the model and the plan are ready)\n")
+    print("| px | batch | in use before the render (GB) | peak during the render (GB) | "
+          "render's own (GB) | per image (GB) | up-front estimate (GB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     gb = lambda n: n / 2 ** 30
     for size in args.sizes:
@@ -106,8 +121,8 @@ def memory_table(args) -> None:
                 print(f"| {size} | {batch} | failed: {out.stderr.strip().splitlines()[-1]} |")
                 continue
             m = json.loads(out.stdout.strip().splitlines()[-1])
-            extra = m["render"] - m["model_only"]
-            print(f"| {size} | {batch} | {gb(m['model_only']):.2f} | {gb(m['render']):.2f} | "
+            extra = m["render"] - m["ready"]
+            print(f"| {size} | {batch} | {gb(m['ready']):.2f} | {gb(m['render']):.2f} | "
                   f"{gb(extra):.2f} | {gb(extra) / batch:.2f} | {gb(m['estimate']):.2f} |",
                   flush=True)
 

@@ -48,6 +48,9 @@ def methods(budget: int) -> dict[str, tuple[str, dict]]:
         "paper": ("paper", {"steps": budget}),
         "toolkit": ("toolkit", {"steps_multires": multires}),
         "toolkit_pure": ("toolkit", {"steps_multires": multires, "class_weight": 0.0}),
+        # issue 18: sort matching on a random quarter of the 112 x 112 layers' positions
+        "toolkit_sub3136": ("toolkit", {"steps_multires": multires, "sort_positions": 3136}),
+        "toolkit_bf16": ("toolkit", {"steps_multires": multires, "precision": "bf16"}),
         "am_fft": ("toolkit", {"param": "fft", **am}),
         "maco": ("toolkit", {"param": "maco", **am}),
     }

@@ -14,7 +14,8 @@ the rest <= 10 % of a step.
 Variants, measured in alternation within every repeat (A/B on a shared machine): ``--precision``
 (fp32, bf16: the model's forward under bfloat16 autocast, its bare forward + backward too) and
 ``--sort`` (``new``: ``rank_residual``, rows ranked in parallel threads; ``previous``: the
-implementation before it, one thread, gather / scatter in torch). ``sort ms`` is sort matching
+implementation before it, one thread, gather / scatter in torch; ``positions:N``: ``new`` on N
+random positions per layer and step, ``--sort_positions N``). ``sort ms`` is sort matching
 alone (forward + backward) on the hooked features' shapes.
 
 Models: the embedded ``efficientnet-lite0`` and a ViT-B/32-shaped CLIP with random weights
@@ -71,10 +72,10 @@ def timed_references(cfg, target, layers, weights, size) -> tuple:
     return obj, time.perf_counter() - start, info[size]["cache_hit"]
 
 
-def build(spec: str, ref_dir: Path, steps: int):
+def build(spec: str, ref_dir: Path, steps: int, sort_positions: int = 0):
     """(cfg, target, objective, layers, size, cache figures) for one model."""
     cfg = ClassCFG(model=spec, target="espresso", ref_dir=str(ref_dir), num_ref=12, steps=steps,
-                   save_steps=0, progress=False, device="cpu")
+                   save_steps=0, progress=False, device="cpu", sort_positions=sort_positions)
     target = load_target(spec)
     size = pipeline.image_size(cfg, target)
     layers, weights = pipeline.resolve_layers(cfg, target)
@@ -113,7 +114,7 @@ def previous_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.T
 def sort_variant(name: str):
     """``new`` as the library has it, or ``previous`` swapped in for the duration (the
     objectives look ``sort_matching`` up in vital.optvis.losses at every call)."""
-    if name == "new":
+    if name == "new" or name.startswith("positions:"):
         yield
         return
     kept = losses.sort_matching, losses.PARALLEL_MIN_VALUES
@@ -170,17 +171,20 @@ def measure(name: str, spec: str, ref_dir: Path, args) -> list[dict]:
     """One row per (precision, sort) variant; the variants alternate within every repeat."""
     cfg, target, objective, layers, size, cache = build(spec, ref_dir, args.steps)
     variants = [(p, v) for p in args.precision for v in args.sort]
+    objectives = {v: build(spec, ref_dir, args.steps, int(v.split(":")[1]))[2]
+                  if v.startswith("positions:") else objective for v in args.sort}
     for precision, variant in variants:                      # warm-up
         with sort_variant(variant):
-            render_step_seconds(cfg, target, objective, layers, size, WARMUP_STEPS, precision)
+            render_step_seconds(cfg, target, objectives[variant], layers, size, WARMUP_STEPS,
+                                precision)
         bare_step_seconds(target, size, WARMUP_STEPS, precision)
     timed = {v: ([], [], []) for v in variants}
     for _ in tqdm(range(args.repeats), desc=name, leave=False):
         for precision, variant in variants:
             renders, bares, sorts = timed[(precision, variant)]
             with sort_variant(variant):
-                renders.append(render_step_seconds(cfg, target, objective, layers, size,
-                                                   args.steps, precision))
+                renders.append(render_step_seconds(cfg, target, objectives[variant], layers,
+                                                   size, args.steps, precision))
                 sorts.append(sort_seconds(target, layers, size, args.steps))
             bares.append(bare_step_seconds(target, size, args.steps, precision))
     rows = []
@@ -227,8 +231,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="the model's forward precision(s), alternated")
-    p.add_argument("--sort", nargs="+", default=["new"], choices=["new", "previous"],
-                   help="sort matching implementation(s), alternated")
+    p.add_argument("--sort", nargs="+", default=["new"],
+                   help="sort matching variant(s), alternated: new, previous, or positions:N "
+                        "(new, matching each layer on N random positions per step, "
+                        "--sort_positions N; 'sort ms' is still the full sort)")
     return p.parse_args(argv)
 
 
