@@ -5,8 +5,9 @@ each rendered with VITAL.
 The reference images are cut into patches; their activations at --layer_block are made
 non-negative and factorised by NMF into --n_concepts directions (a concept bank, saved as
 safetensors + JSON). Concepts are ranked by Sobol total-order indices (CRAFT) or a gradient
-estimate; each one is rendered by sort matching to its top patches plus a direction term.
---extract_only writes the bank and stops.
+estimate; each one is rendered by sort matching to its top patches plus a direction term,
+--batch_size concepts per batched optimisation, each with its own random generator (seeded from
+--seed and the concept id), into one run folder. --extract_only writes the bank and stops.
 
 Examples:
   python concept_neurons_fvis.py --json_cfg presets/concept_efficientnet_espresso.json

@@ -4,7 +4,9 @@
 The concept's top patches are cut again from the bank's reference images (checked by hash: a
 bank made with another model, layer or data set is refused), their activations at
 --decomp_layer are factorised by NMF into --n_facets directions, and each facet is rendered with
-VITAL: its direction at --decomp_layer while the concept stays active at --target_layer.
+VITAL: its direction at --decomp_layer while the concept stays active at --target_layer
+(--batch_size facets per batched optimisation, each with its own random generator seeded from
+--seed and the facet index).
 
 Examples:
   python faceted_fvis.py --json_cfg presets/concept_facets_efficientnet_espresso.json

@@ -433,22 +433,25 @@ def direction_objective(layer: str, directions: torch.Tensor, nonneg: str, skip:
 
 def facet_objective(layer: str, directions: torch.Tensor, nonneg: str, skip: int = 0,
                     pool: str = "positions", contrast: float = 1.0,
-                    name: str | None = None) -> Objective:
+                    name: str | None = None, facet: int | None = None) -> Objective:
     """Term ``facet:<layer>``: image b of the batch shows facet b (directions (F, C'), B = F)
-    and not its sibling facets: ``1 - cos_b + contrast * mean_{g != b} cos_g``.
+    and not its sibling facets: ``1 - cos_b + contrast * mean_{g != b} cos_g``. With
+    ``facet``, every image of the batch shows that one facet (a batch of one per facet).
 
     Facets of one concept overlap (they share the concept), so every facet's cosine starts
     alike; the sibling penalty makes the image show what sets its facet apart."""
     unit = F.normalize(directions.detach().float(), dim=-1)
     if len(unit) < 2 and contrast:
         raise ValueError("the facet contrast needs at least 2 facets")
+    if facet is not None and not 0 <= facet < len(unit):
+        raise ValueError(f"facet {facet} is not one of the {len(unit)} facets")
 
     def fn(ctx) -> torch.Tensor:
         a = to_nonneg(ctx["features"][layer][..., skip:], nonneg)   # (B, C', P) image positions
         cos = _cosines(a, unit.to(a), pool)                         # (B, F)
-        if len(cos) != len(unit):
+        if facet is None and len(cos) != len(unit):
             raise ValueError(f"facet objective: batch {len(cos)} != {len(unit)} facets")
-        own = cos.diag()
+        own = cos.diag() if facet is None else cos[:, facet]
         others = (cos.sum(1) - own) / max(1, len(unit) - 1)
         return (1.0 - own + contrast * others).mean()
     return Objective(fn, name or f"facet:{layer}")

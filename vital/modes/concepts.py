@@ -1,23 +1,30 @@
 """Concept visualisation runs (``concept_neurons_fvis.py``): extract a CRAFT concept bank
-(``vital.concepts``), rank it, save it, then render every shown concept in one batch: VITAL sort
-matching to *that concept's* top patches plus a direction objective at the concept layer. The
-steps shared with facets (``vital.modes.facets``) live here too.
+(``vital.concepts``), rank it, save it, then render every shown concept, ``--batch_size`` at a
+time: VITAL sort matching to *that concept's* top patches plus a direction objective at the
+concept layer. The steps shared with facets (``vital.modes.facets``) live here too, among them
+``run_elements``: the images of one run folder rendered in batches, each image (element) with
+its own loss on its cut of the batch and its own generator seeded from (seed, concept id / facet
+index), so an image does not depend on what shares its batch.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from vital.concepts import extract as C
 from vital.modes import common
-from vital.modes.runner import Callbacks, Plan, prepare, run_plan
+from vital.modes.batch import batch_plans, element_context
+from vital.modes.outputs import RunWriter
+from vital.modes.runner import NO_CALLBACKS, Callbacks, Plan, prepare, report
 from vital.concepts.bank import FILE_NAME, save_bank
-from vital.config import ConfigError, make_run_dir, opt, run_metadata
+from vital.config import ConfigError, make_run_dir, opt, run_metadata, set_determinism
 from vital.cache import write_json
+from vital.models.opinion import make_opinion
 from vital.optvis.losses import Objective, batched_sort_matching
+from vital.optvis.render import RenderResult, render
 from vital.imaging import grid, save_png, to_pil
 from vital.optvis.param import magnitude_spectrum
 from vital.refs.images import ReferenceError, list_images, load_images, resize_images
@@ -55,8 +62,9 @@ class ConceptCFG(common.RenderCFG):
     register_relative: bool = opt(True, "register_threshold is relative to the median norm")
     exclude_registers: bool = opt(False, "drop high-norm (register) tokens from the concepts")
     extract_only: bool = opt(False, "write the concept bank and stop (no rendering)")
-    show: int = opt(0, "render the N most important concepts (0 = all); they form the batch",
-                    low=0)
+    show: int = opt(0, "render the N most important concepts (0 = all)", low=0)
+    batch_size: int = opt(4, "concepts optimised together (the rest in further batches; 4 was "
+                          "the fastest on 2 CPU cores, bench/README.md)", low=1)
     direction_weight: float = opt(1.0, "weight of the concept-direction term", low=0)
     direction_how: str = opt("cosine", "direction term: cosine or dot (projection)",
                              choices=["cosine", "dot"])
@@ -92,31 +100,184 @@ def patch_quantiles(target, layers, groups: list[torch.Tensor], sizes, device) -
     return refs
 
 
-def vital_terms(cfg, target, groups, size) -> tuple[Objective | int, list[str], dict]:
-    """Sort matching of each batch image to its patch group, plus the priors."""
+def vital_terms(cfg, target, groups, size) -> tuple[list[Objective | int], list[str], dict]:
+    """Per patch group: sort matching of one image to that group, plus the priors."""
     layers, weights = common.resolve_layers(cfg, target)
-    objective = common.priors(cfg)
-    if cfg.feat_weight:
-        sizes = common.make_schedule(cfg, target).stage_sizes(size)
-        refs = patch_quantiles(target, layers, groups, sizes, target.device)
-        objective = cfg.feat_weight * batched_sort_matching(refs, dict(zip(layers, weights))) \
-            + objective
-    return objective, layers, {"layers": layers, "layer_weights": weights}
+    prior = common.priors(cfg)
+    if not cfg.feat_weight:
+        return [prior] * len(groups), layers, {"layers": layers, "layer_weights": weights}
+    sizes = common.make_schedule(cfg, target).stage_sizes(size)
+    refs = patch_quantiles(target, layers, groups, sizes, target.device)   # (G, C, Q) each
+    objectives = [cfg.feat_weight * batched_sort_matching(
+        {s: {l: q[g:g + 1] for l, q in by_layer.items()} for s, by_layer in refs.items()},
+        dict(zip(layers, weights))) + prior for g in range(len(groups))]
+    return objectives, layers, {"layers": layers, "layer_weights": weights}
 
 
-def plan_batch(cfg, mode, target, objective, layers, size, groups, run_dir, name, meta,
-          batch: int, after=None) -> Plan:
-    """The batch render of concepts or facets as a plan (one image per concept / facet)."""
-    if not isinstance(objective, Objective) or not objective.names:
+def param_keywords(cfg, groups: list[torch.Tensor], size: int) -> dict:
+    """``make_param`` keywords of a concept or facet run: with ``--param maco`` a natural
+    amplitude spectrum, that of all the reference patches (the same for every image)."""
+    if cfg.param != "maco":
+        return {}
+    return {"magnitude": magnitude_spectrum(resize_images(torch.cat(groups), size))}
+
+
+# ---------------------------------------------------------------- images in batches
+
+SEED_STRIDE = 1_000_003   # a prime above any concept id or facet index: no two images share a seed
+
+
+def element_seed(seed: int, key: int) -> int:
+    """The seed of image ``key`` (a concept id or a facet index) of a run seeded ``seed``:
+    ``seed * 1000003 + key`` (modulo 2**63, so that any seed fits torch's generator)."""
+    return (seed * SEED_STRIDE + key) % 2 ** 63
+
+
+def element_generator(cfg, device, key: int) -> torch.Generator:
+    """Image ``key``'s own random numbers: its start image and its augmentation every step."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(element_seed(cfg.seed, key))
+    return gen
+
+
+@dataclass
+class Elements:
+    """The images of one concept or facet run: one per key, each with its own loss."""
+    keys: list[int]                # concept ids / facet indices: they seed the generators
+    objectives: list[Objective]    # image k's loss, read on its own cut of the step's context
+    layers: list[str]              # every layer the losses read
+    size: int                      # px of the images
+    param_kw: dict = field(default_factory=dict)   # make_param keywords (param_keywords)
+
+
+def summed_terms(objectives: list[Objective]) -> Objective:
+    """One loss for a batch whose element b has its own loss ``objectives[b]`` on its cut of the
+    step's context (``element_context``): term n is the sum over the elements of their term n.
+    A sum, not a mean, so element b gets the gradient of its image alone, whatever shares its
+    batch; the terms keep their names (``sort:<layer>``, ``direction:<layer>`` ...)."""
+    names = list(dict.fromkeys(n for o in objectives for n in o.names))
+    last: dict = {}
+
+    def element_terms(ctx) -> list[dict]:
+        if last.get("ctx") is not ctx:   # once per step, shared by every term of the step
+            last["ctx"] = ctx
+            last["terms"] = [o.terms(element_context(ctx, b)) for b, o in enumerate(objectives)]
+        return last["terms"]
+
+    def term(name: str) -> Objective:
+        return Objective(lambda ctx: sum(t[name] for t in element_terms(ctx) if name in t), name)
+    return sum(term(n) for n in names)
+
+
+def _check(cfg, elements: Elements) -> None:
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if not all(isinstance(o, Objective) and o.names for o in elements.objectives):
         raise ConfigError("every weight is zero: nothing to optimise")
-    gen = common.generator_for(cfg, target.device)
-    extras = {}
-    if cfg.param == "maco":   # a natural amplitude spectrum: that of the reference patches
-        extras["magnitude"] = magnitude_spectrum(resize_images(torch.cat(groups), size))
-    param = common.make_param(dataclasses.replace(cfg, batch=batch), size, target.device, gen,
-                              **extras)
-    return Plan(mode, target, objective, layers, param, common.make_schedule(cfg, target),
-                common.make_augment(cfg), gen, name, meta, run_dir=run_dir, after=after)
+
+
+def _element_plan(cfg, mode: str, target, elements: Elements, i: int) -> Plan:
+    gen = element_generator(cfg, target.device, elements.keys[i])
+    param = common.make_param(dataclasses.replace(cfg, batch=1), elements.size, target.device,
+                              gen, **elements.param_kw)
+    return Plan(mode, target, elements.objectives[i], elements.layers, param,
+                common.make_schedule(cfg, target), common.make_augment(cfg), gen,
+                f"{mode}{elements.keys[i]}")
+
+
+def _render_batch(cfg, plans: list[Plan], callbacks: Callbacks, offset: int, total: int):
+    """Render ``plans`` side by side; (result, {save step: the batch's images})."""
+    batched = batch_plans(plans)   # own parameters, augmentation and generator per element
+    objective = summed_terms([p.objective for p in plans])
+    saved = {}
+    on_progress = None
+    if callbacks.on_progress is not None:   # steps of the whole run, not of this batch
+        on_progress = lambda step, _, loss, image: callbacks.on_progress(offset + step, total,
+                                                                          loss, image)
+    result = render(batched.target, objective, batched.param, batched.schedule, batched.layers,
+                    augment=batched.augment, generator=batched.generator,
+                    save_steps=cfg.save_steps,
+                    callback=lambda step, image, record: saved.__setitem__(step, image),
+                    progress=cfg.progress, on_progress=on_progress,
+                    progress_every=callbacks.progress_every, should_stop=callbacks.should_stop,
+                    precision=getattr(cfg, "precision", "fp32"))
+    return result, saved
+
+
+def render_elements(cfg, mode: str, target, elements: Elements,
+                    callbacks: Callbacks = NO_CALLBACKS) -> list[tuple[RenderResult, dict]]:
+    """Every image of ``elements``, ``cfg.batch_size`` at a time (each batch seeded like a single
+    run); stops after a batch that was interrupted. [(result, saved step images) per batch]."""
+    _check(cfg, elements)
+    n = len(elements.keys)
+    starts = range(0, n, cfg.batch_size)
+    steps = common.make_schedule(cfg, target).total
+    out = []
+    for j, start in enumerate(starts):
+        set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
+        plans = [_element_plan(cfg, mode, target, elements, i)
+                 for i in range(start, min(n, start + cfg.batch_size))]
+        out.append(_render_batch(cfg, plans, callbacks, j * steps, len(starts) * steps))
+        stopped = out[-1][0].stopped or ""
+        if stopped in ("interrupted", "stopped") or stopped.startswith("term"):
+            break   # a NaN in one batch is recorded and the next batch still runs
+    return out
+
+
+def merge_batches(batches: list[tuple[RenderResult, dict]]) -> RenderResult:
+    """One result for the images of every batch (in order): their images and transparency
+    maps, one record per save step that every batch reached with each term the mean over the
+    images (as one batch of them all would record it), the first stop reason, the fewest steps
+    done and the seconds of one step of every image. Records carry their "images"."""
+    results = [r for r, _ in batches]
+    n = sum(len(r.image) for r in results)
+    by_step = [{rec["step"]: rec for rec in r.history} for r in results]
+    history = []
+    for step in [s for s in by_step[0] if all(s in b for b in by_step)]:
+        records = [b[step] for b in by_step]
+        terms = {name: sum(rec["terms"].get(name, 0.0) for rec in records) / n
+                 for name in records[0]["terms"]}
+        images = torch.cat([saved[step] for _, saved in batches])
+        history.append({"step": step, "loss": sum(terms.values()), "terms": terms,
+                        "images": images})
+    return RenderResult(image=torch.cat([r.image for r in results]),
+                        alpha=torch.cat([r.alpha for r in results]), history=history,
+                        steps_done=min(r.steps_done for r in results),
+                        stopped=next((r.stopped for r in results if r.stopped), None),
+                        step_seconds=sum(r.step_seconds for r in results))
+
+
+def run_elements(cfg, mode: str, target, elements: Elements, run_dir: Path, meta: dict,
+                 after, argv=None, callbacks: Callbacks | None = None):
+    """Render ``elements`` in batches (``render_elements``) and write ONE run folder for them
+    all, as one batch would: config.json, the step PNGs and records, final.png, metrics.json,
+    then ``after(run_dir, result)`` (the mode's grid and match files). (run_dir, result); after
+    a stop ``result.image`` holds only the images rendered."""
+    callbacks = callbacks or NO_CALLBACKS
+    _check(cfg, elements)
+    writer = RunWriter(run_dir, run_metadata(cfg, argv, mode=mode, model_spec=str(target.spec),
+                                             weight_hash=target.weight_hash, **meta))
+    try:   # whatever ends the run, metrics.json says how
+        opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
+        result = merge_batches(render_elements(cfg, mode, target, elements, callbacks))
+        for record in result.history:   # the step records, with the opinion of all images
+            images = record.pop("images")
+            if opinion is not None:
+                with torch.no_grad():
+                    record.update(opinion(images))
+            writer.on_step(record["step"], images, record)
+            if callbacks.on_record is not None:
+                callbacks.on_record(record["step"], record)
+        final_opinion = opinion(result.image) if opinion is not None else {}
+        final = writer.finish(result, {"final_opinion": final_opinion})
+    except BaseException as err:
+        writer.fail(err)
+        raise
+    if callbacks.on_record is not None:
+        callbacks.on_record(result.steps_done, {"final": True, **final_opinion})
+    report(result, final, final_opinion)
+    after(run_dir, result)
+    return run_dir, result
 
 
 def grid_rows(visuals: list[torch.Tensor] | None, patch_rows: list[torch.Tensor],
@@ -179,7 +340,8 @@ def _report(bank) -> None:
 
 
 def run_concepts(cfg: ConceptCFG, argv=None, callbacks: Callbacks | None = None):
-    """Bank + (unless extract_only) one batch render of the shown concepts; (run_dir, result)."""
+    """Bank + (unless extract_only) the shown concepts rendered ``--batch_size`` at a time into
+    one run folder; (run_dir, result)."""
     _, target = prepare(cfg)
     size = common.image_size(cfg, target)
     bank, patches, label = build_bank(cfg, target, size)
@@ -196,17 +358,19 @@ def run_concepts(cfg: ConceptCFG, argv=None, callbacks: Callbacks | None = None)
                          "registers": bank.meta["registers"], "ranking": bank.meta["ranking"]}}
     if cfg.extract_only:
         return _extract_only(cfg, target, run_dir, meta, groups, labels, argv)
-    objective, layers, info, view = _concept_objective(cfg, target, bank, shown, groups, size)
+    objectives, layers, info, view = _concept_objectives(cfg, target, bank, shown, groups, size)
+    elements = Elements(shown, objectives, layers, size, param_keywords(cfg, groups, size))
 
     def after(run_dir, result):
-        save_png(grid_rows(list(result.image), groups, labels), run_dir / "concepts_grid.png")
-        cos = C.direction_cosines(target, view, result.image, bank.directions[shown],
+        k = len(result.image)   # fewer than shown after a stop
+        save_png(grid_rows(list(result.image), groups[:k], labels[:k]),
+                 run_dir / "concepts_grid.png")
+        cos = C.direction_cosines(target, view, result.image, bank.directions[shown[:k]],
                                   bank.meta["nonneg"])
-        write_match(run_dir / "concepts_match.json", shown, cos, "concept")
+        write_match(run_dir / "concepts_match.json", shown[:k], cos, "concept")
         print(run_dir / "concepts_grid.png")
-    plan = plan_batch(cfg, "concept", target, objective, layers, size, groups, run_dir, name,
-                 {**meta, **info}, batch=len(shown), after=after)
-    return run_plan(cfg, plan, argv, callbacks)
+    return run_elements(cfg, "concept", target, elements, run_dir, {**meta, **info}, after,
+                        argv, callbacks)
 
 
 def _extract_only(cfg, target, run_dir: Path, meta: dict, groups, labels, argv):
@@ -217,13 +381,15 @@ def _extract_only(cfg, target, run_dir: Path, meta: dict, groups, labels, argv):
     return run_dir, ExtractResult()
 
 
-def _concept_objective(cfg: ConceptCFG, target, bank, shown: list[int], groups, size: int):
-    """VITAL terms per concept plus the direction term; (objective, layers, info, view)."""
-    objective, layers, info = vital_terms(cfg, target, groups, size)
+def _concept_objectives(cfg: ConceptCFG, target, bank, shown: list[int], groups, size: int):
+    """Per shown concept: its VITAL terms plus its direction term; (objectives, layers, info,
+    view)."""
+    objectives, layers, info = vital_terms(cfg, target, groups, size)
     view = C.layer_view(target, bank.meta["layer"])
-    objective = objective + cfg.direction_weight * C.direction_objective(
-        view.name, bank.directions[shown], bank.meta["nonneg"], view.skip, cfg.direction_how)
-    return objective, list(dict.fromkeys(layers + [view.name])), info, view
+    objectives = [objective + cfg.direction_weight * C.direction_objective(
+        view.name, bank.directions[k], bank.meta["nonneg"], view.skip, cfg.direction_how)
+        for objective, k in zip(objectives, shown)]
+    return objectives, list(dict.fromkeys(layers + [view.name])), info, view
 
 
 def write_match(path: Path, ids: list[int], cos: torch.Tensor, kind: str, **extra) -> None:

@@ -1,6 +1,7 @@
 """Facet visualisation runs (``faceted_fvis.py``): take one concept of a bank, factorise its top
-patches' activations at an earlier layer, and render each facet direction (one image of a batch
-each) while the concept stays active.
+patches' activations at an earlier layer, and render each facet direction (one image each,
+``--batch_size`` images per batched optimisation, each with its own generator seeded from (seed,
+facet index)) while the concept stays active.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from vital.concepts.bank import FILE_NAME, check_compatible, load_bank
 from vital.config import ConfigError, make_run_dir, opt
 from vital.imaging import save_png
 from vital.modes import common
-from vital.modes.concepts import grid_rows, plan_batch, reference_files, vital_terms, write_match
-from vital.modes.runner import Callbacks, prepare, run_plan
+from vital.modes.concepts import (Elements, grid_rows, param_keywords, reference_files,
+                                  run_elements, vital_terms, write_match)
+from vital.modes.runner import Callbacks, prepare
 from vital.refs.images import ReferenceError, load_images
 
 
@@ -54,7 +56,9 @@ class FacetCFG(common.RenderCFG):
     facet_pool: str = opt("positions", "facet cosine: of the position average (mean) or the "
                           "mean of every position's cosine (positions; facets are fit on "
                           "positions)", choices=list(C.POOLINGS))
-
+    batch_size: int = opt(4, "facets optimised together (the rest in further batches; 4 was "
+                          "the fastest on 2 CPU cores for class batches, bench/README.md)",
+                          low=1)
 
 
 def _layer_before(target, layer: str) -> str:
@@ -178,7 +182,8 @@ def facet_rows(patches: torch.Tensor, maps: torch.Tensor) -> list[torch.Tensor]:
 
 
 def run_facets(cfg: FacetCFG, argv=None, callbacks: Callbacks | None = None):
-    """Facets of one concept, rendered as one batch; returns (run_dir, result)."""
+    """Facets of one concept, rendered ``--batch_size`` at a time into one run folder;
+    returns (run_dir, result)."""
     _, target = prepare(cfg)
     size = common.image_size(cfg, target)
     bank, layer, files = load_checked_bank(cfg, target)
@@ -188,8 +193,8 @@ def run_facets(cfg: FacetCFG, argv=None, callbacks: Callbacks | None = None):
     reg = bank.meta["registers"]
     rule = C.RegisterRule(reg["threshold"], reg["relative"], reg["exclude"])
     w, maps, mode, info = facet_directions(target, decomp, patches, cfg, rule)
-    objective, layers, meta = _facet_objective(cfg, target, bank, concept, (layer, decomp),
-                                               patches, w, mode, size)
+    objectives, layers, meta = _facet_objectives(cfg, target, bank, concept, (layer, decomp),
+                                                 patches, w, mode, size)
     name = f"c{concept}_{Path(str(target.spec)).name}_{decomp}_f{cfg.n_facets}_s{cfg.seed}"
     run_dir = make_run_dir(cfg.out_dir or "out_facet", cfg.run_name or name)
     _save_facets(run_dir, w, maps, concept, decomp, info)
@@ -198,28 +203,31 @@ def run_facets(cfg: FacetCFG, argv=None, callbacks: Callbacks | None = None):
     labels = [f"c{concept} facet {f}" for f in range(cfg.n_facets)]
 
     def after(run_dir, result):
-        save_png(grid_rows(list(result.image), facet_rows(patches, maps), labels),
+        k = len(result.image)   # fewer than n_facets after a stop
+        save_png(grid_rows(list(result.image), facet_rows(patches, maps)[:k], labels[:k]),
                  run_dir / "facets_grid.png")
-        _facet_match(cfg, target, bank, concept, (layer, decomp), result.image, w, mode,
+        _facet_match(cfg, target, bank, concept, (layer, decomp), result.image, w[:k], mode,
                      run_dir)
         print(run_dir / "facets_grid.png")
-    plan = plan_batch(cfg, "facet", target, objective, layers, size, [patches], run_dir, name, meta,
-                 batch=cfg.n_facets, after=after)
-    return run_plan(cfg, plan, argv, callbacks)
+    elements = Elements(list(range(cfg.n_facets)), objectives, layers, size,
+                        param_keywords(cfg, [patches], size))
+    return run_elements(cfg, "facet", target, elements, run_dir, meta, after, argv, callbacks)
 
 
-def _facet_objective(cfg: FacetCFG, target, bank, concept: int, layers_: tuple[str, str],
-                     patches, w, mode: str, size: int):
-    """Sort matching below the facet layer + facet term + concept term; (obj, layers, meta)."""
+def _facet_objectives(cfg: FacetCFG, target, bank, concept: int, layers_: tuple[str, str],
+                      patches, w, mode: str, size: int):
+    """Per facet: sort matching below the facet layer + its facet term (against its siblings)
+    + the concept term; (objectives, layers, meta)."""
     layer, decomp = layers_
-    objective, layers, meta = vital_terms(_below(cfg, target, decomp), target, [patches], size)
+    (base,), layers, meta = vital_terms(_below(cfg, target, decomp), target, [patches], size)
     dview, tview = C.layer_view(target, decomp), C.layer_view(target, layer)
-    objective = objective + cfg.direction_weight * C.facet_objective(
-        decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast)
-    objective = objective + cfg.concept_weight * C.direction_objective(
+    keep = cfg.concept_weight * C.direction_objective(
         layer, bank.directions[concept], bank.meta["nonneg"], tview.skip, cfg.direction_how,
         name=f"concept:{layer}")
-    return objective, list(dict.fromkeys(layers + [decomp, layer])), meta
+    objectives = [base + cfg.direction_weight * C.facet_objective(
+        decomp, w, mode, dview.skip, cfg.facet_pool, cfg.facet_contrast, facet=f) + keep
+        for f in range(len(w))]
+    return objectives, list(dict.fromkeys(layers + [decomp, layer])), meta
 
 
 def _facet_match(cfg, target, bank, concept, layers_, images, w, mode, run_dir: Path) -> None:
@@ -228,7 +236,7 @@ def _facet_match(cfg, target, bank, concept, layers_, images, w, mode, run_dir: 
                               cfg.facet_pool)
     concept_cos = C.direction_cosines(target, C.layer_view(target, layer), images,
                                       bank.directions[concept:concept + 1], bank.meta["nonneg"])
-    write_match(run_dir / "facets_match.json", list(range(cfg.n_facets)), cos, "facet",
+    write_match(run_dir / "facets_match.json", list(range(len(w))), cos, "facet",
                  concept_cosine=concept_cos[:, 0].tolist())
 
 
