@@ -17,13 +17,17 @@ AUC / MAD of the neuron's activation on the FV against its top --num_real real i
 --data_dir (paper appendix B.1); methods vital, vital_pure, am_fft, maco.
 
 Each run is a normal run folder under OUT/<model>/<target>/<method>/seed<k>/ plus result.json.
-Finished runs are skipped (resume). --shard i/n splits a sweep between processes or machines
-(a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final --report merges.
+Runs of one (model, method, seed) differ only in the target (inner mode: the neuron); --batch_size
+of them (default 4; 1 = one at a time) are rendered together in one batched optimisation, with
+the images of the runs one at a time up to float rounding. Such a batch is the unit of work.
+Finished runs are skipped (resume; a partly finished batch renders only its missing runs).
+--shard i/n splits the batches between processes or machines (a SLURM array: --shard
+$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final --report merges.
 
---launcher (pip install -e .[cluster]): local runs one run after another here; ray runs each
-run as a Ray task (a local Ray, or --ray_address of a cluster; one GPU per task when the cluster
-has GPUs; failed tasks retried --retries times); slurm submits one job array through submitit
-(--slurm_partition, --slurm_time minutes per run, --slurm_gpus, --slurm_cpus,
+--launcher (pip install -e .[cluster]): local runs one batch after another here; ray runs each
+batch as a Ray task (a local Ray, or --ray_address of a cluster; one GPU per task when the
+cluster has GPUs; failed tasks retried --retries times); slurm submits one job array through
+submitit (--slurm_partition, --slurm_time minutes per batch, --slurm_gpus, --slurm_cpus,
 --slurm_parallel, --slurm_folder). At the time limit submitit requeues the job, which skips the
 runs that finished; the same command run again does the same. The report is the same whichever
 launcher ran the sweep.

@@ -1,7 +1,9 @@
-"""The harness's inner-neuron mode (--mode inner) on a tiny random CNN: runs are scored with
-AUC / MAD against the neuron's top real images, resume without rendering, shards merge to the
-same report, bad input fails before any run."""
+"""The harness's inner-neuron mode (--mode inner) on a tiny random CNN: runs (neurons in batches
+of 2) are scored with AUC / MAD against the neuron's top real images, equal the runs one at a
+time, resume without rendering (a partly finished batch renders only its missing runs), shards
+merge to the same report, bad input fails before any run."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from vital.eval import metrics
 from vital.config import ConfigError
 from vital.eval.harness import EvalCFG, main
 
-from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, run_script, write_images
+from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, read_png, run_script, \
+    write_images
 
 
 
@@ -19,6 +22,7 @@ def _cfg(root, out="out", **kw):
     base = dict(mode="inner", out_dir=str(root / out), models=[TINY_CNN], layer="stage2",
                 neurons=[3, 7], data_dir=str(root / "data"), num_real=5,
                 methods=["vital", "am_fft"], seeds=[0], device="cpu", progress=False,
+                batch_size=2,
                 settings={"size": 32, "steps_multires": [2, 2], "save_steps": 4, "num_ref": 3,
                           "data_size": 40, "patch_size": 20})
     base.update(kw)
@@ -67,6 +71,41 @@ def test_rerun_skips_finished_runs(swept, monkeypatch):
     monkeypatch.setenv("VITAL_CACHE", str(root / "cache"))
     again = eval_inner.run_inner_sweep(_cfg(root))
     assert [(r["auc"], r["mad"]) for r in again] == [(r["auc"], r["mad"]) for r in whole]
+
+
+def test_batched_neurons_equal_the_runs_one_at_a_time(swept, tmp_path, monkeypatch):
+    root, whole, _ = swept
+    monkeypatch.setenv("VITAL_CACHE", str(root / "cache"))
+    single = eval_inner.run_inner_sweep(_cfg(root, "single", batch_size=1))
+    assert [r["batched_with"] for r in whole] == [2] * 4
+    assert [r["batched_with"] for r in single] == [1] * 4
+    for a, b in zip(whole, single):
+        assert (a["neuron"], a["method"], a["settings_hash"]) == \
+            (b["neuron"], b["method"], b["settings_hash"])
+        assert a["auc"] == pytest.approx(b["auc"]) and \
+            a["mad"] == pytest.approx(b["mad"], rel=1e-4, abs=1e-5)
+        key = f"{TINY_CNN_DIR}/stage2/{a['method']}/seed0/n{a['neuron']}/final.png"
+        diff = abs(read_png(root / "out" / key).astype(int)
+                   - read_png(root / "single" / key).astype(int))
+        assert diff.max() <= 1
+
+
+def test_resume_renders_only_the_unfinished_runs_of_a_batch(swept, tmp_path, monkeypatch):
+    root, whole, _ = swept
+    shutil.copytree(root / "out", tmp_path / "out", ignore=shutil.ignore_patterns("report"))
+    (tmp_path / "out" / TINY_CNN_DIR / "stage2" / "vital" / "seed0" / "n7" / "result.json"
+     ).unlink()
+    import vital.modes.batch as batch
+    import vital.modes.inner as inner
+    alone, real = [], inner.run_neuron
+    monkeypatch.setattr(inner, "run_neuron", lambda cfg, *a, **k: alone.append(
+        (cfg.neuron, cfg.param)) or real(cfg, *a, **k))
+    monkeypatch.setattr(batch, "run_in_batches", lambda *a, **k: pytest.fail("batch rendered"))
+    monkeypatch.setenv("VITAL_CACHE", str(root / "cache"))
+    again = eval_inner.run_inner_sweep(_cfg(root, str(tmp_path / "out")))
+    assert alone == [(7, "laplacian")]
+    assert [r["batched_with"] for r in again] == [2, 2, 1, 2]
+    assert [r["auc"] for r in again] == pytest.approx([r["auc"] for r in whole])
 
 
 def test_shards_merge_to_the_unsharded_report(swept):

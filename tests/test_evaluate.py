@@ -1,6 +1,7 @@
-"""The evaluation harness on a tiny random CNN at 32 px: a sweep runs, resumes without
-recomputing, shards into halves whose merged report equals the unsharded one; bad sweeps fail
-before any run with a message that names what is valid."""
+"""The evaluation harness on a tiny random CNN at 32 px: a sweep runs (its targets in batches of
+2), resumes without recomputing (a partly finished batch renders only its missing runs), shards
+into halves whose merged report equals the unsharded one, gives the report of one run at a time;
+bad sweeps fail before any run with a message that names what is valid."""
 import json
 import shutil
 from types import SimpleNamespace
@@ -13,13 +14,13 @@ from vital.eval import scoring as eval_scoring
 from vital.eval import harness as evaluate
 from vital.config import ConfigError, parse_cfg
 from vital.eval.report import QUALITY, write_report
-from vital.eval.sweep import MethodSpec, Overrides, TargetSpec
+from vital.eval.sweep import MethodSpec, Overrides, TargetSpec, batch_key, batch_runs
 from vital.eval.harness import (EvalCFG, expand, parse_shard, run_sweep, select_shard,
                             settings_hash)
 from vital.eval.metrics import zeroshot_classifier
 from vital.models.labels import encode_texts
 
-from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, write_images
+from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, read_png, write_images
 
 
 
@@ -27,7 +28,7 @@ def _cfg(root, out="out", **kw):
     base = dict(out_dir=str(root / out), models=[TINY_CNN], targets=["class3", "class5"],
                 ref_root=str(root / "refs"), methods=["vital", "maco"], seeds=[0],
                 settings={"size": 32, "steps": 2, "save_steps": 1, "num_ref": 4},
-                judge=TINY_CNN, device="cpu", progress=False)
+                judge=TINY_CNN, device="cpu", progress=False, batch_size=2)
     base.update(kw)
     return EvalCFG(**base)
 
@@ -94,6 +95,55 @@ def test_resume_skips_finished_runs(swept, monkeypatch):
     again = run_sweep(_cfg(root))
     assert [r["settings_hash"] for r in again] == [r["settings_hash"] for r in whole]
     assert [r["metrics"] for r in again] == [r["metrics"] for r in whole]
+
+
+def test_batches_give_the_report_and_images_of_one_run_at_a_time(swept, tmp_path):
+    root, whole, _ = swept
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITAL_CACHE", str(root / "cache"))
+        single = run_sweep(_cfg(tmp_path, "single", ref_root=str(root / "refs"), batch_size=1))
+    assert [r["batched_with"] for r in whole] == [2] * 4
+    assert [r["batched_with"] for r in single] == [1] * 4
+    assert [r["settings_hash"] for r in single] == [r["settings_hash"] for r in whole]
+    for a, b in zip(whole, single):
+        assert a["metrics"]["self_top1"] == b["metrics"]["self_top1"]
+        assert a["metrics"]["class_mad"] == pytest.approx(b["metrics"]["class_mad"], rel=1e-4)
+        key = f"{TINY_CNN_DIR}/{a['target']}/{a['method']}/seed0/final.png"
+        diff = abs(read_png(root / "out" / key).astype(int)
+                   - read_png(tmp_path / "single" / key).astype(int))
+        assert diff.max() <= 1          # PNG rounding of images equal to ~1e-5
+    one, two = write_report(root / "out"), write_report(tmp_path / "single")
+    assert _quality_part(one.read_text()) == _quality_part(two.read_text())
+    summaries = [json.loads((p.parent / "summary.json").read_text()) for p in (one, two)]
+    flat = [{(model, method, k): v for model, rows in _quality_summary(x).items()
+             for method, row in rows.items() for k, v in row.items()} for x in summaries]
+    assert flat[0].keys() == flat[1].keys()
+    for key, value in flat[0].items():
+        assert value == pytest.approx(flat[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_renders_only_the_unfinished_runs_of_a_batch(swept, tmp_path, monkeypatch):
+    root, whole, _ = swept
+    copy = tmp_path / "partly"
+    shutil.copytree(root / "out", copy, ignore=shutil.ignore_patterns("report"))
+    run_dir = lambda target, method: copy / TINY_CNN_DIR / target / method / "seed0"  # noqa: E731
+    kept = (run_dir("class3", "vital") / "result.json").read_text()
+    for target, method in (("class5", "vital"), ("class3", "maco"), ("class5", "maco")):
+        (run_dir(target, method) / "result.json").unlink()   # as if killed before scoring
+    alone, together = [], []
+    real_one, real_batch = evaluate.run_class, evaluate.run_in_batches
+    monkeypatch.setattr(evaluate, "run_class", lambda cfg, *a, **k: alone.append(
+        (cfg.target, cfg.param)) or real_one(cfg, *a, **k))
+    monkeypatch.setattr(evaluate, "run_in_batches", lambda cfgs, *a, **k: together.append(
+        [(c.target, c.param) for c in cfgs]) or real_batch(cfgs, *a, **k))
+    monkeypatch.setenv("VITAL_CACHE", str(root / "cache"))
+    again = run_sweep(_cfg(tmp_path, "partly", ref_root=str(root / "refs")))
+    assert alone == [("class5", "laplacian")]                    # the vital batch's missing run
+    assert together == [[("class3", "maco"), ("class5", "maco")]]
+    assert (run_dir("class3", "vital") / "result.json").read_text() == kept
+    assert [r["batched_with"] for r in again] == [2, 2, 1, 2]
+    assert [r["metrics"]["self_top1"] for r in again] == [r["metrics"]["self_top1"]
+                                                          for r in whole]
 
 
 def test_a_setting_added_later_at_its_default_keeps_old_runs(swept, tmp_path, monkeypatch):
@@ -188,6 +238,26 @@ def test_shards_partition_the_runs(tmp_path):
     assert sorted(r.index for p in parts for r in p) == list(range(len(runs)))
     assert [r.index for r in parts[1]] == list(range(1, len(runs), 3))
     assert select_shard(runs, None) == runs
+
+
+def test_batches_group_the_targets_of_a_method_and_seed_and_shards_partition_them(tmp_path):
+    cfg = _cfg(tmp_path, targets=["class3", "class5", "class7"], seeds=[0, 1],
+               methods=["vital", "am_fft"], batch_size=2)
+    runs = expand(cfg)
+    batches = batch_runs(runs, 2)
+    assert [len(b) for b in batches] == [2, 2, 2, 2, 1, 1, 1, 1]
+    for batch in batches:
+        assert len({(r.model, r.method, r.seed) for r in batch}) == 1
+        assert len({r.target for r in batch}) == len(batch)
+    assert batch_key(batches[0]) == f"{TINY_CNN_DIR}/class3+class5/vital/seed0"
+    assert batch_key(batches[-1]) == f"{TINY_CNN_DIR}/class7/am_fft/seed1"
+    for n in (1, 2, 3, 5):
+        parts = [select_shard(batches, (i, n)) for i in range(n)]
+        indices = sorted(r.index for part in parts for batch in part for r in batch)
+        assert indices == list(range(len(runs)))               # every run exactly once
+    assert batch_runs(runs, 1) == [[r] for r in runs]         # one at a time: sweep order
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        batch_runs(runs, 0)
 
 
 @pytest.mark.parametrize("text, message", [   # issue 15: -1/2 does look like i/n

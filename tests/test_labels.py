@@ -16,6 +16,7 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import write_images
+from helpers import read_png
 from vital.cli import main
 from vital.config import ConfigError
 from vital.labels import similarity as S
@@ -438,6 +439,32 @@ def test_visualise_and_check_on_a_tiny_cnn(tmp_path):
                                                                     row["label"])
     with Image.open(run_dir / "visualisations.png") as sheet:
         assert sheet.height > 2 * 96
+
+
+@pytest.mark.parametrize("vis_probe", [4, 0])   # each neuron's own probe folder; the whole one
+def test_batched_visualisations_equal_one_at_a_time(tmp_path, vis_probe):
+    write_colour_images(tmp_path / "probe")
+    settings = dict(model="module:tests.conftest:TinyCNN", layers=["stage2"],
+                    probe_dir=str(tmp_path / "probe"), concept_model=COLOUR_JUDGE,
+                    device="cpu", progress=False, sheets=1, visualise=3, vis_steps=3,
+                    vis_size=32, vis_num_ref=3, vis_patch=16, vis_images=2, vis_probe=vis_probe)
+    runs = {size: run_describe(DescribeCFG(out_dir=str(tmp_path / f"b{size}"),
+                                           vis_batch_size=size, **settings))[0]
+            for size in (1, 2)}
+    visuals = [json.loads((runs[size] / "summary.json").read_text())["visualised"]
+               for size in (1, 2)]
+    assert [v["unit"] for v in visuals[0]] == [v["unit"] for v in visuals[1]]
+    assert [json.loads((runs[2] / v["run_dir"] / "config.json").read_text())["batched_with"]
+            for v in visuals[1]] == [2, 2, 1]
+    for v in visuals[0]:
+        one, two = (runs[size] / v["run_dir"] for size in (1, 2))
+        assert "batched_with" not in json.loads((one / "config.json").read_text())
+        diff = abs(read_png(one / "final.png").astype(int)
+                   - read_png(two / "final.png").astype(int))
+        assert diff.max() <= 1
+        mine = json.loads((two / "neuron.json").read_text())["visualisation"]
+        theirs = json.loads((one / "neuron.json").read_text())["visualisation"]
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-6)
 
 
 # ---------------------------------------------------------------- the script

@@ -1,7 +1,8 @@
-"""Sweeps on a real engine: the same tiny sweep (a random CNN at 32 px, 2 steps) run serially,
-as a SLURM job array through submitit's local executor, and as Ray tasks on a local Ray with 2
-workers writes the same runs and the same report; resume and --shard work the same way; a
-missing engine fails with a one-sentence install hint."""
+"""Sweeps on a real engine: the same tiny sweep (a random CNN at 32 px, 2 steps; its two targets
+one batch) run serially, as a SLURM job array through submitit's local executor, and as Ray
+tasks on a local Ray with 2 workers writes the same runs and the same report; resume and --shard
+work the same way, whatever the batch size; a missing engine fails with a one-sentence install
+hint."""
 import json
 import os
 from pathlib import Path
@@ -66,18 +67,23 @@ def test_submitit_array_gives_the_serial_report(sweep_root, capsys):
     records = run_sweep(_cfg(root, "slurm", launcher="slurm"))
     _same_runs(serial, records)
     assert _quality(root / "slurm") == _quality(root / "serial")
-    assert "[2/2]" in capsys.readouterr().out
+    # both targets of the method and seed in one task (--batch_size, default 4)
+    assert "[1/1] module_tests.helpers_TinyCNN/class3+class5/vital/seed0:" in \
+        capsys.readouterr().out
+    assert [r["batched_with"] for r in records] == [2, 2]
     assert list((root / "submitit").iterdir())   # submitit's job files and logs
 
 
 def test_array_shards_merge_and_a_rerun_queues_nothing(sweep_root, capsys, monkeypatch):
     root, serial = sweep_root
     for i in range(2):   # submitit's debug executor: the same array code, in this process
-        run_sweep(_cfg(root, "shards", launcher="slurm", slurm_cluster="debug", shard=f"{i}/2"))
-    assert _quality(root / "shards") == _quality(root / "serial")
+        part = run_sweep(_cfg(root, "shards", launcher="slurm", slurm_cluster="debug",
+                              shard=f"{i}/2", batch_size=1))   # one run per task
+        assert [r["batched_with"] for r in part] == [1]
+    assert _quality(root / "shards") == _quality(root / "serial")   # batched or not
     capsys.readouterr()
     monkeypatch.setattr(launchers, "slurm_executor", lambda cfg: pytest.fail("queued again"))
-    again = run_sweep(_cfg(root, "shards", launcher="slurm"))
+    again = run_sweep(_cfg(root, "shards", launcher="slurm"))   # batches of 4: all finished
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
     _same_runs(serial, again)
 
@@ -98,7 +104,7 @@ def test_ray_tasks_give_the_serial_report(sweep_root):
 def test_inner_sweep_on_the_array_matches_the_serial_one(tmp_path, monkeypatch):
     write_images(tmp_path / "data", 6)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    base = dict(mode="inner", models=[TINY], layer="stage2", neurons=[3], num_real=5,
+    base = dict(mode="inner", models=[TINY], layer="stage2", neurons=[3, 7], num_real=5,
                 data_dir=str(tmp_path / "data"), methods=["vital"], seeds=[0],
                 device="cpu", progress=False, slurm_folder=str(tmp_path / "submitit"),
                 slurm_cluster="local", settings={"size": 32, "steps_multires": [2, 2],
@@ -107,6 +113,7 @@ def test_inner_sweep_on_the_array_matches_the_serial_one(tmp_path, monkeypatch):
     serial = eval_inner.run_inner_sweep(EvalCFG(out_dir=str(tmp_path / "a"), **base))
     array = eval_inner.run_inner_sweep(EvalCFG(out_dir=str(tmp_path / "b"), launcher="slurm",
                                                **base))
+    assert [r["batched_with"] for r in array] == [2, 2]   # both neurons in one array job
     assert [r["settings_hash"] for r in array] == [r["settings_hash"] for r in serial]
     assert [r["auc"] for r in array] == pytest.approx([r["auc"] for r in serial])
     assert [r["mad"] for r in array] == pytest.approx([r["mad"] for r in serial], rel=1e-4)

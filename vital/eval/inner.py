@@ -10,7 +10,10 @@ images of ``--data_dir`` (whole images at the visualisation size), with
   AUC  P(activation on the FV > activation on a top real image); 0.5 = like them, 1 = above all
   MAD  (FV activation - mean over the top real images) / their std
 
-Finished runs with the same settings are skipped (resume); ``--shard i/n`` splits the runs; the
+Runs of one (model, method, seed) differ only in the neuron; ``--batch_size`` of them are rendered
+together in one batched optimisation (``vital.modes.batch``, one run folder each), the unit of
+work of ``--shard`` and of a launcher's task. Finished runs with the same settings are skipped
+(resume; a batch renders only its unfinished runs); ``--shard i/n`` splits the batches; the
 report merges every result.json under ``out_dir`` into ``report/inner_report.md`` (mean +- sd
 over neurons and seeds) and ``report/inner_grid_<model>.png`` (rows: neurons; columns: the top
 patches, then each method).
@@ -32,8 +35,8 @@ from vital.eval import sweep as eval_sweep
 from vital.eval import metrics
 from vital.config import ConfigError
 from vital.cache import write_json
-from vital.eval.sweep import (Overrides, parsed, flat_diff, parse_shard, select_shard,
-                              settings_hash, slug)
+from vital.eval.sweep import (Overrides, batch_runs, parsed, flat_diff, parse_shard,
+                              select_shard, settings_hash, slug)
 
 RESULT_FILE = "result.json"
 METRICS_VERSION = 1
@@ -50,7 +53,7 @@ INNER_METHODS: dict[str, dict] = {
     "paper_patches": {"recipe": "paper", "ref_kind": "patches"},
 }
 RESERVED = ("model", "layer", "neuron", "direction", "auto", "data_dir", "seed", "out_dir",
-            "run_name", "device", "progress")
+            "run_name", "device", "progress", "batch_size")
 NON_RESULT = ("device", "progress", "out_dir", "run_name", "cache", "prompts_file", "top_k")
 
 
@@ -77,7 +80,8 @@ def _inner_cfg_cls():
 
 def _check_overrides(values: dict, what: str) -> dict:
     return eval_sweep.check_settings(values, what, _inner_cfg_cls(), RESERVED,
-                                     "models, layer, neurons, data_dir, seeds, out_dir, --device")
+                                     "models, layer, neurons, data_dir, seeds, out_dir, --device, "
+                                     "--batch_size")
 
 
 def resolve_methods(entries) -> dict[str, dict]:
@@ -154,27 +158,57 @@ def _load(run_dir: Path) -> dict | None:
         return None
 
 
-def _execute(run: InnerRun, cfg, target, real: torch.Tensor, scores) -> tuple[dict, bool]:
-    from vital.modes.inner import resolve_target, run_neuron
-    settings = run_settings(run, cfg)
-    digest = settings_hash(settings)
+def _reuse(run: InnerRun, cfg) -> dict | None:
+    """The run's finished result with the same settings, or None after clearing its folder."""
     done = _load(run.run_dir)
-    if done is not None and done.get("settings_hash") == digest:
-        return done, True
+    settings = run_settings(run, cfg)
+    if done is not None and done.get("settings_hash") == settings_hash(settings):
+        return done
     if done is not None and not cfg.redo:
         keys = flat_diff(done.get("settings", {}), settings) or ["(unknown)"]
         raise ConfigError(f"{run.key} was run with other settings ({', '.join(keys)}); pass "
                           f"--redo to rerun such runs or choose another --out_dir")
     if run.run_dir.exists():
         shutil.rmtree(run.run_dir)          # unfinished or being redone
+    return None
+
+
+def _rendered(runs: list[InnerRun], cfg, target, scores):
+    """Yield (run, result, wall seconds, runs rendered together): the neurons of ``runs`` in
+    one batched optimisation (``plan_neuron`` as ``run_neurons`` does) when they can be
+    batched, else one at a time."""
+    from vital.modes.batch import run_in_batches
+    from vital.modes.inner import plan_neuron, resolve_target, run_neuron
+    neurons = {run.neuron: resolve_target(target, cfg.layer, run.neuron) for run in runs}
+    argv = ["evaluate_fvis.py", "--mode", "inner", eval_sweep.batch_key(runs)] if runs else []
     started = time.perf_counter()
-    neuron = resolve_target(target, cfg.layer, run.neuron)
-    run_dir, result = run_neuron(run.cfg, target, neuron, patch_scores=scores,
-                                 argv=["evaluate_fvis.py", "--mode", "inner", run.key])
+    if len(runs) > 1 and runs[0].cfg.batch == 1:   # one image per run: vital.modes.batch
+        out = run_in_batches([run.cfg for run in runs], lambda c: plan_neuron(
+            c, target, neurons[c.neuron], None, scores), target, len(runs), argv)
+        wall = (time.perf_counter() - started) / len(runs)
+        for run, (run_dir, result) in zip(runs, out):
+            _check_rendered(run, run_dir, result)
+            yield run, result, wall, len(runs)
+        return
+    for run in runs:
+        started = time.perf_counter()
+        run_dir, result = run_neuron(run.cfg, target, neurons[run.neuron], patch_scores=scores,
+                                     argv=["evaluate_fvis.py", "--mode", "inner", run.key])
+        _check_rendered(run, run_dir, result)
+        yield run, result, time.perf_counter() - started, 1
+
+
+def _check_rendered(run: InnerRun, run_dir, result) -> None:
     if Path(run_dir) != run.run_dir:
         raise RuntimeError(f"run folder {run_dir} is not the expected {run.run_dir}")
     if result.stopped and not result.stopped.startswith("nan"):
         raise KeyboardInterrupt   # Ctrl-C or a signal: unfinished, no result.json (rerun resumes)
+
+
+def _record(run: InnerRun, cfg, real: torch.Tensor, result, wall: float, batched: int) -> dict:
+    """Score a rendered run and write its result.json (last: marks the run finished). A run of
+    a batch of ``batched`` is charged its share of the batch's steps."""
+    settings = run_settings(run, cfg)
     report = json.loads((run.run_dir / "neuron.json").read_text())
     fv = torch.tensor(report["visualisation"])
     top = real[:, run.neuron].topk(min(cfg.num_real, len(real))).values
@@ -183,11 +217,27 @@ def _execute(run: InnerRun, cfg, target, real: torch.Tensor, scores) -> tuple[di
               "status": result.stopped or "finished",
               **metrics.auc_mad(fv, top), "fv_activation": fv.tolist(),
               "real_mean": float(top.mean()), "real_std": float(top.std()),
-              "num_real": int(len(top)), "seconds_per_step": result.step_seconds,
-              "seconds_run": time.perf_counter() - started,
-              "settings_hash": digest, "settings": settings}
-    write_json(run.run_dir / RESULT_FILE, record)     # last: marks the run finished
-    return record, False
+              "num_real": int(len(top)), "seconds_per_step": result.step_seconds / batched,
+              "seconds_run": wall, "batched_with": batched,
+              "settings_hash": settings_hash(settings), "settings": settings}
+    write_json(run.run_dir / RESULT_FILE, record)
+    return record
+
+
+def _execute_batch(batch: list[InnerRun], cfg, target, real: torch.Tensor,
+                   scores) -> list[tuple[dict, bool]]:
+    """Render and score the unfinished runs of ``batch`` (together when possible), reuse the
+    finished ones; [(record, skipped)] in the batch's order."""
+    out, todo = {}, []
+    for run in batch:
+        done = _reuse(run, cfg)
+        if done is not None:
+            out[run.index] = (done, True)
+        else:
+            todo.append(run)
+    for run, result, wall, batched in _rendered(todo, cfg, target, scores):
+        out[run.index] = (_record(run, cfg, real, result, wall, batched), False)
+    return [out[run.index] for run in batch]
 
 
 def _model_runs(cfg, model: str, device):
@@ -215,9 +265,10 @@ def _scoring(cfg, target, probe, runs, size):
     return real, scores
 
 
-def _run(run: InnerRun, cfg, target, real, scores, device) -> tuple[dict, bool]:
-    run.cfg = dataclasses.replace(run.cfg, device=str(device), progress=cfg.progress)
-    return _execute(run, cfg, target, real, scores)
+def _run(batch: list[InnerRun], cfg, target, real, scores, device) -> list[tuple[dict, bool]]:
+    for run in batch:
+        run.cfg = dataclasses.replace(run.cfg, device=str(device), progress=cfg.progress)
+    return _execute_batch(batch, cfg, target, real, scores)
 
 
 def _line(record: dict, skipped: bool) -> str:
@@ -228,8 +279,8 @@ def _line(record: dict, skipped: bool) -> str:
 
 
 def run_inner_sweep(cfg) -> list[dict]:
-    """Run this shard's part of the inner sweep (here, or on ``cfg.launcher``); bad input
-    fails before the first run."""
+    """Run this shard's part of the inner sweep (here, or on ``cfg.launcher``), a batch of
+    neurons at a time; bad input fails before the first run."""
     from vital.config import resolve_device
     from vital.refs.patches import data_files
     _check(cfg)
@@ -240,7 +291,8 @@ def run_inner_sweep(cfg) -> list[dict]:
     records, tasks = [], []
     for model in cfg.models:
         target, probe, runs, size = _model_runs(cfg, model, device)
-        mine = select_shard(runs, shard)
+        batches = select_shard(batch_runs(runs, cfg.batch_size), shard)
+        mine = sorted((run for batch in batches for run in batch), key=lambda run: run.index)
         if cfg.list_runs:
             for run in mine:
                 print(f"{run.index:4d}  {run.key}")
@@ -248,15 +300,18 @@ def run_inner_sweep(cfg) -> list[dict]:
         if not mine:
             continue
         if not here:
-            tasks += [(model, run) for run in mine]
-            records += [_finished(run, cfg) for run in mine]
+            tasks += [(model, batch) for batch in batches]
             continue
         real, scores = _scoring(cfg, target, probe, runs, size)
-        for k, run in enumerate(mine, 1):
-            record, skipped = _run(run, cfg, target, real, scores, device)
-            print(f"[{k}/{len(mine)}] {run.key}: {_line(record, skipped)}", flush=True)
-            records.append(record)
-    return _launch(cfg, tasks, records) if tasks else records
+        done, k = {}, 0
+        for batch in batches:
+            for run, (record, skipped) in zip(batch, _run(batch, cfg, target, real, scores,
+                                                          device)):
+                k += 1
+                print(f"[{k}/{len(mine)}] {run.key}: {_line(record, skipped)}", flush=True)
+                done[run.index] = record
+        records += [done[index] for index in sorted(done)]
+    return records + (_launch(cfg, tasks) if tasks else [])
 
 
 def _finished(run: InnerRun, cfg) -> dict | None:
@@ -265,30 +320,39 @@ def _finished(run: InnerRun, cfg) -> dict | None:
     return done if ok else None
 
 
-def _launch(cfg, tasks: list[tuple[str, InnerRun]], done: list) -> list[dict]:
-    """Runs that finished earlier are reused here, the others go to ``cfg.launcher``."""
+def _lines(records: list[dict], skipped: list[bool]) -> str:
+    return "; ".join(f"n{r['neuron']}: {_line(r, s)}" for r, s in zip(records, skipped))
+
+
+def _launch(cfg, tasks: list[tuple[str, list[InnerRun]]]) -> list[dict]:
+    """Runs that finished earlier are reused here; the unfinished runs of each batch go to
+    ``cfg.launcher`` as one task. Records per model in sweep order."""
     from vital.eval.harness import portable
     from vital.eval.launchers import Task, launch
-    for (_, run), record in zip(tasks, done):
-        if record is not None:
-            print(f"{run.key}: {_line(record, True)}", flush=True)
-    todo = [(k, model, run) for k, ((model, run), record) in enumerate(zip(tasks, done))
-            if record is None]
+    done, todo = {}, []
+    for model, batch in tasks:
+        for run in batch:
+            done[model, run.index] = _finished(run, cfg)
+            if done[model, run.index] is not None:
+                print(f"{run.key}: {_line(done[model, run.index], True)}", flush=True)
+        left = [run for run in batch if done[model, run.index] is None]
+        todo += [(model, left)] if left else []
     plain = portable(cfg)
-    new = launch(cfg, [Task(run_task, (plain, model, run.index), run.key)
-                       for _, model, run in todo], _line)
-    for (k, _, _), record in zip(todo, new):
-        done[k] = record
-    return done
+    new = launch(cfg, [Task(run_task, (plain, model, [run.index for run in left]),
+                            eval_sweep.batch_key(left)) for model, left in todo], _lines)
+    for (model, left), records in zip(todo, new):
+        done.update({(model, run.index): record for run, record in zip(left, records)})
+    order = {model: k for k, model in enumerate(cfg.models)}
+    return [done[key] for key in sorted(done, key=lambda key: (order[key[0]], key[1]))]
 
 
 _WORKER: dict[tuple, tuple] = {}   # (sweep settings, model, device) -> model, runs, scoring
 
 
-def run_task(cfg, model: str, index: int) -> tuple[dict, bool]:
-    """Run ``index`` of ``model``'s inner runs in a worker process (a Ray task, a SLURM array
-    job): (record, skipped). The model and the real activations stay loaded for the worker's
-    next task of the same sweep and model."""
+def run_task(cfg, model: str, indices: list[int]) -> tuple[list[dict], list[bool]]:
+    """Runs ``indices`` (one batch) of ``model``'s inner runs in a worker process (a Ray task,
+    a SLURM array job): (records, skipped). The model and the real activations stay loaded for
+    the worker's next task of the same sweep and model."""
     from vital.config import resolve_device
     device = resolve_device(cfg.device)
     key = (json.dumps(config.cfg_to_dict(cfg), sort_keys=True, default=str), model, str(device))
@@ -297,7 +361,8 @@ def run_task(cfg, model: str, index: int) -> tuple[dict, bool]:
         target, probe, runs, size = _model_runs(cfg, model, device)
         _WORKER[key] = (target, runs, *_scoring(cfg, target, probe, runs, size))
     target, runs, real, scores = _WORKER[key]
-    return _run(runs[index], cfg, target, real, scores, device)
+    done = _run([runs[index] for index in indices], cfg, target, real, scores, device)
+    return [record for record, _ in done], [skipped for _, skipped in done]
 
 
 # ---------------------------------------------------------------- report

@@ -3,7 +3,8 @@
 After ``vital.labels.describe.run_labels`` has labelled a layer, the ``N`` reported neurons with
 the highest label similarity are visualised with inner mode (``vital.modes.inner``: the top
 patches of the neuron's ``--vis_probe`` most activating probe images are the references, a small
-budget by default) into ``visuals/<layer>_<unit>/``,
+budget by default; ``--vis_batch_size`` neurons of a layer in one batched optimisation) into
+``visuals/<layer>_<unit>/``,
 and ``visualisations.png`` shows each visualisation beside the neuron's top probe images and its
 label. With ``--check`` the concept model scores each visualisation exactly as it scores a probe
 image (one row of P); the picture's label is its best concept, and the report counts the neurons
@@ -25,7 +26,9 @@ from vital.config import ConfigError, opt, set_determinism
 from vital.imaging import grid, save_png, to_pil
 from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, titled, \
     top_image_tiles, top_probe_files, write_summary
-from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron
+from vital.modes.batch import run_in_batches
+from vital.modes.inner import InnerCFG, layer_patch_scores, plan_neuron, resolve_target, \
+    run_neuron
 
 __all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "check_agreement"]
 
@@ -45,6 +48,9 @@ class DescribeCFG(LabelCFG):
     vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
     vis_patch: int = opt(64, "inner mode: side of the reference patches in px")
     vis_images: int = opt(6, "top probe images beside each visualisation")
+    vis_batch_size: int = opt(4, "inner mode: neurons of a layer optimised together in one "
+                              "batched optimisation (vital.modes.batch; the same images as one "
+                              "at a time up to float rounding); 1 = one at a time", low=1)
     vis_probe: int = opt(32, "inner mode crops its reference patches from the neuron's N most "
                          "activating probe images (copied to visuals/probe_<layer>_<unit>/); "
                          "0 = from the whole probe folder (every patch of every image is "
@@ -54,9 +60,9 @@ class DescribeCFG(LabelCFG):
 def _vis_checks(cfg: DescribeCFG):
     """Refuse --visualise / --check input before any heavy work."""
     if cfg.visualise < 0 or cfg.vis_probe < 0 or min(cfg.vis_steps, cfg.vis_num_ref,
-                                                     cfg.vis_images) < 1:
+                                                     cfg.vis_images, cfg.vis_batch_size) < 1:
         raise ConfigError("--visualise and --vis_probe must be >= 0 and --vis_steps, "
-                          "--vis_num_ref, --vis_images >= 1")
+                          "--vis_num_ref, --vis_images, --vis_batch_size >= 1")
     if cfg.check and not cfg.visualise:
         raise ConfigError("--check labels the visualisations; give --visualise N (N >= 1) too")
 
@@ -78,7 +84,8 @@ def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
                     data_dir=data_dir or cfg.probe_dir, num_ref=cfg.vis_num_ref,
                     patch_size=cfg.vis_patch, size=cfg.vis_size, steps=cfg.vis_steps,
                     save_steps=0, seed=cfg.seed, out_dir=str(run.run_dir / "visuals"),
-                    run_name=f"{layer}_{unit}", cache=cfg.cache, progress=cfg.progress)
+                    run_name=f"{layer}_{unit}", cache=cfg.cache, progress=cfg.progress,
+                    batch_size=cfg.vis_batch_size)
 
 
 def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str:
@@ -94,21 +101,42 @@ def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str
     return str(folder)
 
 
+def _render_layer(cfg: DescribeCFG, run: LabelRun, layer: str, units: list[int], extras: dict,
+                  argv=None):
+    """[(unit, run_dir, result)] of ``units`` of ``layer``: ``cfg.vis_batch_size`` neurons per
+    batched optimisation (``plan_neuron`` in ``vital.modes.batch``, as ``run_neurons`` does, but
+    each neuron with its own probe folder), or one at a time; stops after an interrupted run."""
+    target = run.target
+    cfgs = [_inner_cfg(cfg, run, layer, unit, _neuron_probe(cfg, run, layer, unit))
+            for unit in units]
+    neurons = {unit: resolve_target(target, layer, unit) for unit in units}
+    base = _inner_cfg(cfg, run, layer, 0)   # whole-folder patch scores: shared, once
+    shared = None if cfg.vis_probe else functools.cache(
+        lambda: layer_patch_scores(base, target, neurons[units[0]]))
+    if cfg.vis_batch_size > 1 and len(units) > 1:
+        runs = run_in_batches(cfgs, lambda c: plan_neuron(
+            c, target, neurons[c.neuron], extras[c.neuron], shared), target,
+            cfg.vis_batch_size, argv)
+        return [(c.neuron, run_dir, result) for c, (run_dir, result) in zip(cfgs, runs)]
+    out = []
+    for icfg in cfgs:
+        set_determinism(cfg.seed, True)
+        run_dir, result = run_neuron(icfg, target, neurons[icfg.neuron], argv,
+                                     extras[icfg.neuron], patch_scores=shared)
+        out.append((icfg.neuron, run_dir, result))
+        if result.stopped in ("interrupted", "stopped"):
+            break
+    return out
+
+
 def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
     """Inner-mode visualisations of the ``cfg.visualise`` best neurons of each layer:
     [{"layer", "unit", "label", "similarity", "run_dir", "image"}]."""
     done = []
     for name, res in run.layers.items():
-        probe = resolve_target(run.target, name, 0)
-        base = _inner_cfg(cfg, run, name, 0)   # whole-folder patch scores: shared, once
-        shared = functools.cache(lambda b=base, p=probe: layer_patch_scores(b, run.target, p))
-        for unit in res.by_similarity()[:cfg.visualise]:
-            set_determinism(cfg.seed, True)
-            data_dir = _neuron_probe(cfg, run, name, unit)
-            icfg = _inner_cfg(cfg, run, name, unit, data_dir)
-            run_dir, result = run_neuron(icfg, run.target, resolve_target(run.target, name, unit),
-                                         argv, {"label": res.label(unit, run.concept.concepts)},
-                                         patch_scores=None if data_dir else shared)
+        units = res.by_similarity()[:cfg.visualise]
+        extras = {unit: {"label": res.label(unit, run.concept.concepts)} for unit in units}
+        for unit, run_dir, result in _render_layer(cfg, run, name, units, extras, argv):
             best = int(res.similarity[unit].argmax())
             done.append({"layer": name, "unit": unit, "label": run.concept.concepts[best],
                          "label_index": best, "similarity": float(res.similarity[unit, best]),

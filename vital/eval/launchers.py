@@ -1,13 +1,14 @@
-"""Where the runs of a sweep execute: ``ray`` (one Ray task per run) or ``slurm`` (one SLURM job
-array through submitit, one array element per run). ``local`` (one run after another in this
-process) stays in the harness's own loop.
+"""Where the runs of a sweep execute: ``ray`` (one Ray task per batch of runs) or ``slurm`` (one
+SLURM job array through submitit, one array element per batch). ``local`` (one batch after
+another in this process) stays in the harness's own loop.
 
-A run is a :class:`Task`: a module-level function and its arguments that renders, scores and
-writes one run folder (result.json last) and returns ``(record, skipped)``. Every launcher
-executes the same tasks into the same folders, and the report reads only the result.json files,
-so the report does not depend on the launcher. Resume is the harness's: a task whose run folder
-holds a result.json with its settings hash returns it without rendering, so a rerun of the same
-command, or a SLURM job requeued at its time limit, only does what is missing.
+A batch (runs that differ only in their target, rendered together) is a :class:`Task`: a
+module-level function and its arguments that renders, scores and writes one run folder per run
+(result.json last) and returns ``(records, skipped)``. Every launcher executes the same tasks
+into the same folders, and the report reads only the result.json files, so the report does not
+depend on the launcher. Resume is the harness's: a run whose folder holds a result.json with its
+settings hash is reused without rendering, so a rerun of the same command, or a SLURM job
+requeued at its time limit, only does what is missing.
 
 Ray and submitit are imported inside the functions that use them (extra ``cluster``).
 """
@@ -33,10 +34,10 @@ POLL_SECONDS = 1.0   # how often the driver asks submitit whether array jobs hav
 
 @dataclass(frozen=True)
 class Task:
-    """One run as a picklable call: ``fn(*args) -> (record, skipped)``."""
+    """One batch of runs as a picklable call: ``fn(*args) -> (records, skipped)``."""
     fn: Callable      # a module-level function (pickled by reference)
     args: tuple
-    key: str          # the run's folder key, for messages
+    key: str          # the batch's folder key (``batch_key``), for messages
 
 
 class SweepFailed(RuntimeError):

@@ -161,19 +161,25 @@ class EvalCFG:
     data_dir: str = opt("", "inner mode: images for the top patches (references) and the top "
                         "real images the metrics compare with")
     num_real: int = opt(50, "inner mode: top real images per neuron for AUC / MAD")
-    shard: str = opt("", "i/n: run every n-th run starting at i (0 <= i < n); no report")
+    batch_size: int = opt(4, "runs that differ only in their target (class targets; inner "
+                          "mode: neurons of --layer) rendered together in one batched "
+                          "optimisation, this many at a time (1 = one at a time); a batch is "
+                          "the unit of --shard and of a launcher's task", low=1)
+    shard: str = opt("", "i/n: run every n-th batch of runs starting at i (0 <= i < n); "
+                     "no report")
     report: bool = opt(False, "only merge the result.json files under out_dir into a report")
     redo: bool = opt(False, "rerun runs whose result.json holds other settings")
     list_runs: bool = opt(False, "print the runs (of this shard) and exit")
-    launcher: str = opt("local", "where runs execute: local (here, one after another), ray "
-                        "(one Ray task per run), slurm (a SLURM job array through submitit); "
+    launcher: str = opt("local", "where runs execute: local (here, one batch after another), ray "
+                        "(one Ray task per batch), slurm (a SLURM job array through submitit, "
+                        "one element per batch); "
                         "ray and slurm need pip install -e .[cluster]",
                         choices=["local", "ray", "slurm"])
     ray_address: str = opt("", "ray: address of an existing cluster (empty = a local Ray)")
     retries: int = opt(2, "ray: times a failed task is retried (lost worker, runtime error)")
     slurm_partition: str = opt("", "slurm: partition (empty = the cluster's default)")
-    slurm_time: int = opt(240, "slurm: time limit per run in minutes; at the limit the job is "
-                          "requeued and skips the runs that finished")
+    slurm_time: int = opt(240, "slurm: time limit per batch of runs in minutes; at the limit "
+                          "the job is requeued and skips the runs that finished")
     slurm_gpus: int = opt(1, "slurm: GPUs per run (0 on CPU nodes)")
     slurm_cpus: int = opt(4, "slurm: CPUs per run")
     slurm_parallel: int = opt(16, "slurm: array jobs running at once")
@@ -324,9 +330,29 @@ def parse_shard(text: str) -> tuple[int, int] | None:
     return i, n
 
 
-def select_shard(runs: list[Run], shard: tuple[int, int] | None) -> list[Run]:
-    """Every n-th run starting at i; together the n shards hold every run exactly once."""
+def select_shard(runs: list, shard: tuple[int, int] | None) -> list:
+    """Every n-th run (or batch) starting at i; together the n shards hold each exactly once."""
     return runs if shard is None else runs[shard[0]::shard[1]]
+
+
+def batch_runs(runs: list, size: int) -> list[list]:
+    """The sweep's units of work: runs of one (model, method, seed), which differ only in their
+    target (a class; inner mode: a neuron), ``size`` at a time in sweep order. Batches are
+    ordered by their first run, so with size 1 each run is its own batch, in sweep order."""
+    if size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {size}")
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        groups.setdefault((run.model, run.method, run.seed), []).append(run)
+    batches = [group[i:i + size] for group in groups.values()
+               for i in range(0, len(group), size)]
+    return sorted(batches, key=lambda batch: batch[0].index)
+
+
+def batch_key(batch: list) -> str:
+    """The runs' folder keys with the part that differs joined: ``m/class3+class5/vital/seed0``."""
+    parts = zip(*(run.key.split("/") for run in batch))
+    return "/".join("+".join(dict.fromkeys(part)) for part in parts)
 
 
 # ---------------------------------------------------------------- settings and hashes
