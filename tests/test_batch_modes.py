@@ -113,3 +113,24 @@ def test_bad_batches_are_one_sentence(tmp_path):
         run_inner(InnerCFG(neurons=[3, 4], batch=2, data_dir=str(data), **INNER))
     with pytest.raises(ConfigError, match="batch_size"):
         B.run_in_batches([None], lambda c: c, None, 0)
+
+
+def test_batched_records_carry_each_runs_loss_and_opinion_like_a_single_run(tmp_path):
+    for k, name in enumerate(("class3", "class5")):
+        write_images(tmp_path / "refs" / name, 4, seed=k)
+    settings = dict(model=TINY_CNN, size=32, steps_multires=[2, 3], num_ref=4, save_steps=5,
+                    device="cpu", progress=False, seed=2, layers=["1", "2"])  # block numbers
+    batched = run_class_batch(ClassBatchCFG(targets=["class3", "class5"],
+                                            ref_root=str(tmp_path / "refs"),
+                                            out_dir=str(tmp_path / "b"), **settings))
+    for (run_dir, _), name in zip(batched, ("class3", "class5")):
+        single_dir, _ = run_class(ClassCFG(target=name, ref_dir=str(tmp_path / "refs" / name),
+                                           out_dir=str(tmp_path / "s"), **settings))
+        mine = json.loads((run_dir / "metrics.json").read_text())["steps"][0]
+        theirs = json.loads((single_dir / "metrics.json").read_text())["steps"][0]
+        assert set(theirs) - {"terms"} <= set(mine) and "opinion_text" in mine
+        assert mine["opinion_text"] == theirs["opinion_text"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["cfg"]["layers"] == json.loads(
+            (single_dir / "config.json").read_text())["cfg"]["layers"]

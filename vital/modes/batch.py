@@ -118,13 +118,20 @@ def run_batched(cfgs: list, plans: list[Plan], target, argv=None,
                             weight_hash=target.weight_hash, batched_with=len(plans), **plan.meta)
         writers.append(RunWriter(run_dir, meta))
 
+    cfg = cfgs[0]
+    opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=False)
+
     def callback(step, image, record):
-        for b, writer in enumerate(writers):
-            terms = {k: v for k, v in record["terms"].items() if k == names[b]}
-            writer.on_step(step, image[b:b + 1], {**record, "terms": terms})
+        for b, writer in enumerate(writers):   # each run's own term and the model's opinion
+            mine = {**record, "terms": {k: v for k, v in record["terms"].items()
+                                        if k == names[b]}}
+            mine["loss"] = mine["terms"].get(names[b], record["loss"])
+            if opinion is not None:
+                with torch.no_grad():
+                    mine.update(opinion(image[b:b + 1]))
+            writer.on_step(step, image[b:b + 1], mine)
         if callbacks.on_record is not None:
             callbacks.on_record(step, record)
-    cfg = cfgs[0]
     try:   # whatever ends the batch, every run's metrics.json says how
         result = render(target, batched.objective, batched.param, batched.schedule,
                         batched.layers, augment=batched.augment, generator=batched.generator,
@@ -133,7 +140,6 @@ def run_batched(cfgs: list, plans: list[Plan], target, argv=None,
                         progress_every=callbacks.progress_every,
                         should_stop=callbacks.should_stop, embed=batched.embed,
                         precision=getattr(cfg, "precision", "fp32"))
-        opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=False)
         out = []
         for b, (writer, plan) in enumerate(zip(writers, plans)):
             mine = _element_result(result, b, names[b])

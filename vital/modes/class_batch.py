@@ -15,7 +15,7 @@ from pathlib import Path
 from vital.config import ConfigError, opt
 from vital.modes.batch import batch_plans, run_in_batches
 from vital.modes.class_mode import ClassCFG, plan_class
-from vital.modes.runner import prepare
+from vital.modes.runner import name_layers, prepare
 from vital.optvis.render import RenderResult
 
 
@@ -57,6 +57,8 @@ def run_class_batch(cfg: ClassBatchCFG, argv=None) -> list[tuple[Path, RenderRes
     """Every ``--targets`` entry, ``--batch_size`` at a time; [(run_dir, result)] in order."""
     cfgs = target_cfgs(cfg)
     _, target = prepare(cfgs[0])
+    for other in cfgs[1:]:     # layer numbers -> block names in every target's CFG
+        name_layers(other, target)
     return run_in_batches(cfgs, lambda c: plan_class(c, target), target, cfg.batch_size, argv)
 
 
