@@ -134,3 +134,15 @@ def test_batched_records_carry_each_runs_loss_and_opinion_like_a_single_run(tmp_
         config = json.loads((run_dir / "config.json").read_text())
         assert config["cfg"]["layers"] == json.loads(
             (single_dir / "config.json").read_text())["cfg"]["layers"]
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_rendering(tmp_path, monkeypatch):
+    import vital.models.memory as memory
+    from vital.models import load_target
+    data = write_images(tmp_path / "data", 4)
+    one_image = memory.step_bytes(load_target(TINY_CNN), 32, 1)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 3 * one_image)  # 1 fits, 4 do not
+    with pytest.raises(ConfigError, match="--batch_size 4 needs about"):
+        run_inner(InnerCFG(neurons=[1, 2, 3, 4], batch_size=4, data_dir=str(data),
+                           out_dir=str(tmp_path / "out"), **INNER))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("final.png"))

@@ -45,18 +45,20 @@ def free_bytes(device) -> int | None:
         return None
 
 
-def check_memory(target, size: int, batch: int = 1, free: int | None = None) -> int:
+def check_memory(target, size: int, batch: int = 1, free: int | None = None,
+                 what: str = "--batch") -> int:
     """Refuse (ConfigError) a size whose estimated step memory exceeds the free memory; warn
-    above half of it. Returns the estimate in bytes."""
+    above half of it. ``what`` names the option that sets ``batch``. Returns the estimate in
+    bytes."""
     need = step_bytes(target, size, batch)
     free = free_bytes(target.device) if free is None else free
     if free is None:
         return need
     gb = lambda n: f"{n / 2 ** 30:.1f} GB"
-    said = (f"--size {size} with --batch {batch} needs about {gb(need)} for {target.spec} "
+    said = (f"--size {size} with {what} {batch} needs about {gb(need)} for {target.spec} "
             f"(estimated from its layer shapes); {gb(free)} are free on {target.device}")
     if need > free:
-        raise ConfigError(f"{said}: use a smaller --size or --batch")
+        raise ConfigError(f"{said}: use a smaller --size or {what}")
     if need > _WARN_FRACTION * free:
         warnings.warn(f"{said}: the run may run out of memory", stacklevel=2)
     return need

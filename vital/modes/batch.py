@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from vital.config import ConfigError, make_run_dir, run_metadata, set_determinism
+from vital.models.memory import check_memory
 from vital.models.opinion import make_opinion
 from vital.modes.outputs import RunWriter
 from vital.modes.runner import NO_CALLBACKS, Callbacks, Plan, report
@@ -81,11 +82,12 @@ def batch_plans(plans: list[Plan]) -> Plan:
     first = plans[0]
     for plan in plans:
         with torch.no_grad():
-            images = plan.param[1]().shape[0]
-        if images != 1:
+            shape = plan.param[1]().shape
+        if shape[0] != 1:
             raise ConfigError("a batched run optimises one image per target: use --batch 1")
         if plan.schedule != first.schedule:
             raise ConfigError("targets of one batch need the same schedule (steps, sizes, lr)")
+    check_memory(first.target, shape[-1], len(plans), what="--batch_size")
     MapsGroup.join([p.relevance_maps for p in plans])
     objective = sum(_element_objective(p, b) for b, p in enumerate(plans))
     layers = list(dict.fromkeys(name for p in plans for name in p.layers))
