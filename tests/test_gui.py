@@ -375,6 +375,7 @@ def test_script_without_a_display_says_so_in_one_line(tmp_path):
 _CLOSE_WHEN_READY = """
 import runpy, sys, time, tkinter
 from vital.app import forms, gui
+CLOSE_NOW = sys.argv[3] == "now"   # close while the model is still loading
 apps, made = [], gui.VitalApp.__init__
 def remember(self, *args, **kwargs):
     made(self, *args, **kwargs)
@@ -383,8 +384,8 @@ gui.VitalApp.__init__ = remember
 deadline = time.monotonic() + 120
 def close_when_ready(root):
     app = apps[0] if apps else None
-    ready = app is not None and root.winfo_ismapped() and isinstance(
-        app.infos.get(app.model.get()), forms.ModelInfo)
+    ready = app is not None and root.winfo_ismapped() and (CLOSE_NOW or isinstance(
+        app.infos.get(app.model.get()), forms.ModelInfo))
     if not ready and time.monotonic() < deadline:
         root.after(50, close_when_ready, root)
         return
@@ -395,6 +396,13 @@ def opened(self, *args, **kwargs):
     init(self, *args, **kwargs)
     self.after(50, close_when_ready, self)
 tkinter.Tk.__init__ = opened
+if CLOSE_NOW:
+    def slow_info(spec, real=forms.model_info):
+        time.sleep(2)
+        info = real(spec)
+        print("model loaded", flush=True)
+        return info
+    forms.model_info = slow_info
 sys.argv = [sys.argv[1], "--out_dir", sys.argv[2]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -402,7 +410,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_script_opens_the_window_and_exits_when_it_is_closed(display, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _CLOSE_WHEN_READY, str(ROOT / "vital_gui.py"),
-                           str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=180)
+                           str(tmp_path / "out"), "ready"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("window: VITAL") and "1000 classes" in proc.stdout, proc.stdout
+
+
+def test_closing_while_the_model_loads_waits_for_it_and_exits_cleanly(display, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _CLOSE_WHEN_READY, str(ROOT / "vital_gui.py"),
+                           str(tmp_path / "out"), "now"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]          # was 134 (abort) before
+    first, second = proc.stdout.splitlines()[:2]
+    assert "loading" in first and second == "model loaded", proc.stdout   # closed, then waited

@@ -58,6 +58,7 @@ class VitalApp:
         self.modes = gm.modes()
         self.queue: queue.Queue = queue.Queue()
         self.worker: gm.RunWorker | None = None
+        self.loaders: list = []                           # threads loading model infos
         self.infos: dict[str, gm.ModelInfo | str] = {}   # spec -> info, or the load error
         self.last_cfg, self.last_mode, self.run_dir = None, None, None
         self.image = None                                 # keeps the Tk image alive
@@ -270,7 +271,7 @@ class VitalApp:
             return
         self.infos[spec] = "loading"
         self.model_note.set(f"loading {spec} ...")
-        gm.start_thread(gm.load_info_into, spec, self.queue)
+        self.loaders.append(gm.start_thread(gm.load_info_into, spec, self.queue))
 
     def _apply_info(self, spec: str) -> None:
         info = self.infos.get(spec)
@@ -393,10 +394,17 @@ class VitalApp:
             self._say(f"Could not open {self.run_dir}: {err.strerror or err}.")
 
     def close(self) -> None:
-        """Closing stops a run first (what exists is saved), then closes the window."""
+        """Closing stops a run first (what exists is saved) and lets a model that is loading
+        finish (the process would abort if it ended inside torch's loading code), then closes
+        the window."""
         if self.worker is not None and self.worker.alive():
             self.worker.stop()
             self.status.set("stopping the run before closing ...")
+            self.root.after(POLL_MS, self.close)
+            return
+        self.loaders = [t for t in self.loaders if t.is_alive()]
+        if self.loaders:
+            self.status.set("closing once the model has finished loading ...")
             self.root.after(POLL_MS, self.close)
             return
         self.root.after_cancel(self._poll_id)
