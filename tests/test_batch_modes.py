@@ -146,3 +146,25 @@ def test_a_batch_too_large_for_memory_is_refused_before_rendering(tmp_path, monk
         run_inner(InnerCFG(neurons=[1, 2, 3, 4], batch_size=4, data_dir=str(data),
                            out_dir=str(tmp_path / "out"), **INNER))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("final.png"))
+
+
+@pytest.mark.parametrize("rule", ["gradxact", "lrp"])
+def test_batched_clip_vit_neurons_equal_one_by_one(tmp_path, tiny_clip_file, rule, monkeypatch):
+    from vital.modes import runner
+    for module in (B, runner):   # the opinion over the 49k-word vocabulary: test_class_clip
+        monkeypatch.setattr(module, "make_opinion", lambda *a, **k: None)
+    data = write_images(tmp_path / "data", 4, size=40)
+    vit = dict(INNER, model=str(tiny_clip_file), layer="block.1.mlp", data_size=32,
+               patch_size=16, num_ref=3, steps_multires=[2, 2], prompts_file="", top_k=0,
+               relevance=rule)
+    dirs, _ = run_inner(InnerCFG(neurons=[5, 9], batch_size=2, data_dir=str(data),
+                                 out_dir=str(tmp_path / "b"), **vit))
+    for run_dir, neuron in zip(dirs, (5, 9)):
+        single_dir, _ = run_inner(InnerCFG(neuron=neuron, data_dir=str(data),
+                                           out_dir=str(tmp_path / "s"), **vit))
+        diff = abs(read_png(run_dir / "final.png").astype(int)
+                   - read_png(single_dir / "final.png").astype(int))
+        assert diff.max() <= 1
+        mine = json.loads((run_dir / "neuron.json").read_text())["visualisation"]
+        theirs = json.loads((single_dir / "neuron.json").read_text())["visualisation"]
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-6)
