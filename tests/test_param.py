@@ -152,3 +152,17 @@ def test_make_param_errors_name_the_valid_choices():
         P.laplacian(SIZE, init=torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match="levels"):
         P.laplacian(SIZE, levels=0)
+
+
+def test_pyramid_gain_setting_scales_the_coarse_levels():
+    from vital.modes.common import RenderCFG, make_param
+
+    def coarse_effect(gain):
+        cfg = RenderCFG(pyramid_gain=gain, pyramid_levels=3)
+        tensors, image_fn = make_param(cfg, 32, "cpu", torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            before = image_fn().clone()
+            tensors[-1].add_(0.01)                 # the coarsest level, 8 x 8
+            return (image_fn() - before).abs().mean().item()
+    # level 2 enters the sum scaled by gain^2: 0.25 of its effect at gain 1
+    assert coarse_effect(0.5) == pytest.approx(0.25 * coarse_effect(1.0), rel=0.05)

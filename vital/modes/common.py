@@ -54,6 +54,9 @@ class RenderCFG:
     param: str = opt("laplacian", "image parameterisation",
                      choices=sorted(params_mod.PARAMETERISATIONS))
     pyramid_levels: int = opt(4, "levels of the Laplacian pyramid", low=1)
+    pyramid_gain: float = opt(1.0, "Laplacian pyramid: level k (k = 0 finest) is scaled by "
+                              "gain^k; < 1 makes coarse levels move slower than fine ones",
+                              positive=True)
     init_image: str = opt("", "start from this image instead of noise")
     layers: list[str] = opt([], "layers for sort matching (empty = the model's defaults; "
                             "see query_model_layers.py)")
@@ -160,6 +163,7 @@ def make_param(cfg: RenderCFG, size: int, device, generator, init: torch.Tensor 
         init = init.to(device)
     if cfg.param == "laplacian":
         kw.setdefault("levels", cfg.pyramid_levels)
+        kw.setdefault("level_gain", getattr(cfg, "pyramid_gain", 1.0))
     if cfg.param == "pixel_norm" and target is not None:
         kw.setdefault("mean", target.mean)
         kw.setdefault("std", target.std)
