@@ -54,6 +54,8 @@ def methods(budget: int) -> dict[str, tuple[str, dict]]:
         # the flat "cubist" patches: coarse pyramid levels moving slower
         "toolkit_gain05": ("toolkit", {"steps_multires": multires, "pyramid_gain": 0.5}),
         "toolkit_gain07": ("toolkit", {"steps_multires": multires, "pyramid_gain": 0.7}),
+        "toolkit_gain15": ("toolkit", {"steps_multires": multires, "pyramid_gain": 1.5}),
+        "toolkit_gain20": ("toolkit", {"steps_multires": multires, "pyramid_gain": 2.0}),
         "am_fft": ("toolkit", {"param": "fft", **am}),
         "maco": ("toolkit", {"param": "maco", **am}),
     }

@@ -29,6 +29,10 @@ class ClassCFG(vit_extras.ViTExtrasCFG, common.RenderCFG):
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
                       "vital/modes/recipes.py) or toolkit; flags and --json_cfg override it",
                       choices=list(recipes.CLASS_RECIPES))
+    pyramid_gain: float = opt(1.5, "Laplacian pyramid: level k (k = 0 finest) is scaled by "
+                              "gain^k; 1.5 halved the held-out KID of class images against "
+                              "1.0 (docs/recipes.md); < 1 makes coarse levels move slower",
+                              positive=True)
     target: str = opt("espresso", "class name or index; for CLIP also a free prompt")
     ref_dir: str = opt("references/espresso", "folder of real images of the class")
     num_ref: int = opt(50, "reference images to use (fewer if fewer exist)", low=1)
