@@ -44,14 +44,33 @@ def element_context(ctx: dict, b: int) -> dict:
     return out
 
 
-def element_term_name(plan: Plan, b: int) -> str:
-    return f"{plan.meta.get('target_label', plan.run_name)}[{b}]"
+def element_suffix(b: int) -> str:
+    """Element b's terms in a batched objective are its run's term names + this suffix."""
+    return f"[{b}]"
 
 
-def _element_objective(plan: Plan, b: int) -> Objective:
-    """Run b's whole loss on element b, as one term named after its target."""
-    objective = plan.objective
-    return Objective(lambda ctx: objective(element_context(ctx, b)), element_term_name(plan, b))
+def element_terms(record_terms: dict, b: int) -> dict:
+    """Element b's own terms of a batched record, under its run's term names."""
+    suffix = element_suffix(b)
+    return {k[:-len(suffix)]: v for k, v in record_terms.items() if k.endswith(suffix)}
+
+
+def _element_objectives(plans: list[Plan]) -> Objective:
+    """Every run's terms on its own element, named ``<term>[b]``: run b's loss terms are
+    computed once per step on element b's cut of the context and read by its named terms, so
+    each run keeps its own term breakdown (sort:<layer>, the class or neuron term, priors)."""
+    last: dict = {}
+
+    def terms_of(ctx, b) -> dict:
+        if last.get("ctx") is not ctx:   # once per step, shared by every term of the step
+            last["ctx"], last["terms"] = ctx, {}
+        if b not in last["terms"]:
+            last["terms"][b] = plans[b].objective.terms(element_context(ctx, b))
+        return last["terms"][b]
+
+    def term(b: int, name: str) -> Objective:
+        return Objective(lambda ctx: terms_of(ctx, b)[name], name + element_suffix(b))
+    return sum(term(b, name) for b, plan in enumerate(plans) for name in plan.objective.names)
 
 
 def _batched_augment(plans: list[Plan]):
@@ -77,8 +96,10 @@ def _batched_param(plans: list[Plan]) -> tuple:
     return [t for p in plans for t in p.param[0]], image_fn
 
 
-def batch_plans(plans: list[Plan]) -> Plan:
-    """One plan optimising ``plans`` (single-image runs with the same schedule) together."""
+def batch_plans(plans: list[Plan], objective: Objective | None = None) -> Plan:
+    """One plan optimising ``plans`` (single-image runs with the same schedule) together. Its
+    objective: every run's terms on its own element (``<term>[b]``), unless ``objective``
+    (a loss over the whole batch built by the caller, e.g. concepts' summed terms)."""
     first = plans[0]
     for plan in plans:
         with torch.no_grad():
@@ -89,7 +110,7 @@ def batch_plans(plans: list[Plan]) -> Plan:
             raise ConfigError("targets of one batch need the same schedule (steps, sizes, lr)")
     check_memory(first.target, shape[-1], len(plans), what="--batch_size")
     MapsGroup.join([p.relevance_maps for p in plans])
-    objective = sum(_element_objective(p, b) for b, p in enumerate(plans))
+    objective = objective if objective is not None else _element_objectives(plans)
     layers = list(dict.fromkeys(name for p in plans for name in p.layers))
     return Plan(first.mode, first.target, objective, layers, _batched_param(plans),
                 first.schedule, _batched_augment(plans), [p.generator for p in plans],
@@ -97,9 +118,13 @@ def batch_plans(plans: list[Plan]) -> Plan:
                 embed=any(p.embed for p in plans))
 
 
-def _element_result(result: RenderResult, b: int, name: str) -> RenderResult:
-    history = [{**r, "terms": {k: v for k, v in r["terms"].items() if k == name},
-                "loss": r["terms"].get(name, r["loss"])} for r in result.history]
+def _element_record(record: dict, b: int) -> dict:
+    terms = element_terms(record["terms"], b)
+    return {**record, "terms": terms, "loss": float(sum(terms.values()))}
+
+
+def _element_result(result: RenderResult, b: int) -> RenderResult:
+    history = [_element_record(r, b) for r in result.history]
     return dataclasses.replace(result, image=result.image[b:b + 1],
                                alpha=result.alpha[b:b + 1], history=history)
 
@@ -111,7 +136,6 @@ def run_batched(cfgs: list, plans: list[Plan], target, argv=None,
     see the whole batch (progress with the (B, 3, H, W) images, stop, the batch's records)."""
     callbacks = callbacks or NO_CALLBACKS
     batched = batch_plans(plans)
-    names = batched.objective.names
     writers = []
     for cfg, plan in zip(cfgs, plans):
         run_dir = Path(plan.run_dir) if plan.run_dir else make_run_dir(
@@ -124,10 +148,8 @@ def run_batched(cfgs: list, plans: list[Plan], target, argv=None,
     opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=False)
 
     def callback(step, image, record):
-        for b, writer in enumerate(writers):   # each run's own term and the model's opinion
-            mine = {**record, "terms": {k: v for k, v in record["terms"].items()
-                                        if k == names[b]}}
-            mine["loss"] = mine["terms"].get(names[b], record["loss"])
+        for b, writer in enumerate(writers):   # each run's own terms and the model's opinion
+            mine = _element_record(record, b)
             if opinion is not None:
                 with torch.no_grad():
                     mine.update(opinion(image[b:b + 1]))
@@ -144,7 +166,7 @@ def run_batched(cfgs: list, plans: list[Plan], target, argv=None,
                         precision=getattr(cfg, "precision", "fp32"))
         out = []
         for b, (writer, plan) in enumerate(zip(writers, plans)):
-            mine = _element_result(result, b, names[b])
+            mine = _element_result(result, b)
             final_opinion = opinion(mine.image) if opinion is not None else {}
             final = writer.finish(mine, {"final_opinion": final_opinion})
             out.append((writer.run_dir, mine, final, final_opinion, plan))

@@ -187,8 +187,9 @@ def _element_plan(cfg, mode: str, target, elements: Elements, i: int) -> Plan:
 
 def _render_batch(cfg, plans: list[Plan], callbacks: Callbacks, offset: int, total: int):
     """Render ``plans`` side by side; (result, {save step: the batch's images})."""
-    batched = batch_plans(plans)   # own parameters, augmentation and generator per element
-    objective = summed_terms([p.objective for p in plans])
+    # own parameters, augmentation and generator per element; the terms summed over elements
+    batched = batch_plans(plans, summed_terms([p.objective for p in plans]))
+    objective = batched.objective
     saved = {}
     on_progress = None
     if callbacks.on_progress is not None:   # steps of the whole run, not of this batch
