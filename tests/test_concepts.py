@@ -11,7 +11,7 @@ from vital.concepts import extract as C
 from vital.concepts import sobol
 from vital.concepts.bank import BankError, ConceptBank, bank_paths, load_bank, save_bank
 from vital.models import load_target
-from vital.modes import concepts as concept_mode
+from vital.modes import concepts as concept_mode, runner
 from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.refs.images import load_images
 
@@ -19,7 +19,7 @@ from vital.refs.images import load_images
 @pytest.fixture
 def no_opinion(monkeypatch):
     """The CLIP opinion embeds 49k vocabulary words; test_class_clip covers it."""
-    monkeypatch.setattr(concept_mode, "make_opinion", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "make_opinion", lambda *a, **k: None)
 
 
 def _cfg(tmp_path, ref_folder, **kw):

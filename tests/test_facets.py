@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from helpers import TINY_CNN, assert_png_equals, assert_png_shows, write_images
 from vital.cli import main
 from vital.concepts.bank import BankError, BankMismatch, load_bank
-from vital.modes import concepts as concept_mode
+from vital.modes import concepts as concept_mode, runner
 from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.modes.facets import FacetCFG, facet_rows, run_facets
 
@@ -106,7 +106,7 @@ def test_a_corrupt_bank_is_refused(tmp_path, refs):
 
 
 def test_tiny_vit_facets(tmp_path, refs, tiny_clip_file, monkeypatch):
-    monkeypatch.setattr(concept_mode, "make_opinion", lambda *a, **k: None)   # test_class_clip
+    monkeypatch.setattr(runner, "make_opinion", lambda *a, **k: None)   # test_class_clip
     bank_dir = _bank(tmp_path, refs, model=str(tiny_clip_file), target="a photo of a cat")
     run_dir, result = run_facets(_facet_cfg(tmp_path, bank_dir, model=str(tiny_clip_file),
                                             concept=1))

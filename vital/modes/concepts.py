@@ -18,11 +18,10 @@ from vital.concepts import extract as C
 from vital.modes import common
 from vital.modes.batch import batch_plans, element_context
 from vital.modes.outputs import RunWriter
-from vital.modes.runner import NO_CALLBACKS, Callbacks, Plan, prepare, report
+from vital.modes.runner import NO_CALLBACKS, Callbacks, Plan, prepare, write_run
 from vital.concepts.bank import FILE_NAME, save_bank
 from vital.config import ConfigError, make_run_dir, opt, run_metadata, set_determinism
 from vital.cache import write_json
-from vital.models.opinion import make_opinion
 from vital.optvis.losses import Objective, batched_sort_matching
 from vital.optvis.render import RenderResult, render
 from vital.imaging import grid, save_png, to_pil
@@ -258,8 +257,7 @@ def run_elements(cfg, mode: str, target, elements: Elements, run_dir: Path, meta
     _check(cfg, elements)
     writer = RunWriter(run_dir, run_metadata(cfg, argv, mode=mode, model_spec=str(target.spec),
                                              weight_hash=target.weight_hash, **meta))
-    try:   # whatever ends the run, metrics.json says how
-        opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
+    def produce(opinion):
         result = merge_batches(render_elements(cfg, mode, target, elements, callbacks))
         for record in result.history:   # the step records, with the opinion of all images
             images = record.pop("images")
@@ -269,14 +267,8 @@ def run_elements(cfg, mode: str, target, elements: Elements, run_dir: Path, meta
             writer.on_step(record["step"], images, record)
             if callbacks.on_record is not None:
                 callbacks.on_record(record["step"], record)
-        final_opinion = opinion(result.image) if opinion is not None else {}
-        final = writer.finish(result, {"final_opinion": final_opinion})
-    except BaseException as err:
-        writer.fail(err)
-        raise
-    if callbacks.on_record is not None:
-        callbacks.on_record(result.steps_done, {"final": True, **final_opinion})
-    report(result, final, final_opinion)
+        return result
+    result = write_run(cfg, target, writer, produce, callbacks)
     after(run_dir, result)
     return run_dir, result
 

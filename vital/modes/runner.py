@@ -106,17 +106,30 @@ def run_plan(cfg, plan: Plan, argv=None, callbacks: Callbacks | None = None
     meta = run_metadata(cfg, argv, mode=plan.mode, model_spec=str(target.spec),
                         weight_hash=target.weight_hash, **plan.meta)
     writer = RunWriter(run_dir, meta)
-    try:   # whatever ends the run, metrics.json says how (never "running" for ever)
+
+    def produce(opinion):
+        return render(target, plan.objective, plan.param, plan.schedule, plan.layers,
+                      augment=plan.augment, generator=plan.generator, save_steps=cfg.save_steps,
+                      callback=_record_callback(writer, callbacks.on_record),
+                      progress=cfg.progress, record_fn=opinion,
+                      on_progress=callbacks.on_progress, progress_every=callbacks.progress_every,
+                      should_stop=callbacks.should_stop, embed=plan.embed,
+                      precision=getattr(cfg, "precision", "fp32"))
+    result = write_run(cfg, target, writer, produce, callbacks)
+    if plan.after is not None:
+        plan.after(run_dir, result)
+    return run_dir, result
+
+
+def write_run(cfg, target, writer: RunWriter, produce: Callable, callbacks: Callbacks
+              ) -> RenderResult:
+    """The part every run folder shares: ``produce(opinion)`` renders (``opinion`` = the
+    model's opinion callable or None), then final.png, metrics.json with the final opinion, the
+    observers' final record and the printed report; whatever ends the run, metrics.json says
+    how (never "running" for ever)."""
+    try:
         opinion = make_opinion(target, cfg.prompts_file, top_k=cfg.top_k, progress=cfg.progress)
-        result = render(target, plan.objective, plan.param, plan.schedule, plan.layers,
-                        augment=plan.augment, generator=plan.generator,
-                        save_steps=cfg.save_steps,
-                        callback=_record_callback(writer, callbacks.on_record),
-                        progress=cfg.progress, record_fn=opinion,
-                        on_progress=callbacks.on_progress,
-                        progress_every=callbacks.progress_every,
-                        should_stop=callbacks.should_stop, embed=plan.embed,
-                        precision=getattr(cfg, "precision", "fp32"))
+        result = produce(opinion)
         final_opinion = opinion(result.image) if opinion is not None else {}
         final = writer.finish(result, {"final_opinion": final_opinion})
     except BaseException as err:
@@ -125,9 +138,7 @@ def run_plan(cfg, plan: Plan, argv=None, callbacks: Callbacks | None = None
     if callbacks.on_record is not None:
         callbacks.on_record(result.steps_done, {"final": True, **final_opinion})
     report(result, final, final_opinion)
-    if plan.after is not None:
-        plan.after(run_dir, result)
-    return run_dir, result
+    return result
 
 
 def report(result, final: Path, final_opinion: dict) -> None:
