@@ -1,5 +1,6 @@
 """Neuron labels (CLIP-Dissect, describe_neurons.py): every similarity against a slow loop
-reference, a synthetic network whose neuron k fires on the images of concept k, the disk cache
+reference (the NeuronEval metrics, forward selection and linear explanations are in
+test_labels_explain.py), a synthetic network whose neuron k fires on the images of concept k, the disk cache
 (reused, rebuilt when corrupt), a tiny random CLIP as concept model and as target, bad input,
 --visualise / --check on a tiny CNN, and the script on the embedded model."""
 import csv
@@ -45,6 +46,16 @@ def slow_cos(P, A):
     return out
 
 
+def slow_corr(P, A):
+    P, A = P.double(), A.double()
+    out = torch.zeros(A.shape[1], P.shape[1], dtype=torch.float64)
+    for k in range(A.shape[1]):
+        for m in range(P.shape[1]):
+            a, p = A[:, k] - A[:, k].mean(), P[:, m] - P[:, m].mean()
+            out[k, m] = sum(a[i] * p[i] for i in range(len(a))) / (a.norm() * p.norm())
+    return out
+
+
 def slow_cubed(P, A, min_norm=1e-3):
     P, A = P.double(), A.double()
     out = torch.zeros(A.shape[1], P.shape[1], dtype=torch.float64)
@@ -83,7 +94,7 @@ def _ranked(column, top_k):
     return order[:min(top_k, len(column))]
 
 
-def slow_wpmi(P, A, top_k=28, a=2.0, lam=0.6, min_prob=1e-7):
+def slow_wpmi(P, A, top_k=28, a=2.0, lam=0.6, min_prob=1e-7, top_fraction=None):
     Ps = _softmax_rows(P, a)
     logp = torch.zeros(A.shape[1], P.shape[1], dtype=torch.float64)
     for k in range(A.shape[1]):
@@ -92,7 +103,8 @@ def slow_wpmi(P, A, top_k=28, a=2.0, lam=0.6, min_prob=1e-7):
     return _slow_pmi(logp, lam)
 
 
-def slow_soft_wpmi(P, A, top_k=100, a=10.0, lam=1.0, min_prob=1e-7, p_start=0.998, p_end=0.97):
+def slow_soft_wpmi(P, A, top_k=100, a=10.0, lam=1.0, min_prob=1e-7, p_start=0.998, p_end=0.97,
+                   top_fraction=None):
     Ps = _softmax_rows(P, a)
     logp = torch.zeros(A.shape[1], P.shape[1], dtype=torch.float64)
     for k in range(A.shape[1]):
@@ -139,12 +151,16 @@ def random_pa():
 
 
 @pytest.mark.parametrize("name,slow,options", [
+    ("correlation", slow_corr, {}),
     ("cos_similarity", slow_cos, {}),
     ("cos_similarity_cubed", slow_cubed, {}),
     ("wpmi", slow_wpmi, {"top_k": 6}),
-    ("wpmi", slow_wpmi, {}),
+    ("wpmi", slow_wpmi, {}),                                    # top_k ceil(28/50000 x 40) = 1
+    ("wpmi", slow_wpmi, {"top_fraction": 0.2}),                 # 8
     ("soft_wpmi", slow_soft_wpmi, {"top_k": 9}),
-    ("soft_wpmi", slow_soft_wpmi, {}),                          # top_k 100 capped at 40 images
+    ("soft_wpmi", slow_soft_wpmi, {"top_k": 100}),              # capped at 40 images
+    ("soft_wpmi", slow_soft_wpmi, {}),                          # ceil(100/50000 x 40) = 1
+    ("soft_wpmi", slow_soft_wpmi, {"top_fraction": 0.3}),       # 12
     ("rank_reorder", slow_rank_reorder, {"top_fraction": 0.25}),
     ("rank_reorder", slow_rank_reorder, {}),                    # n = 2
 ])
@@ -260,12 +276,21 @@ def test_synthetic_neurons_get_their_own_concept(tmp_path, similarity):
     assert run.stopped is None
 
 
-def test_soft_wpmi_defaults_label_the_synthetic_neurons(tmp_path):
+def test_soft_wpmi_with_top_k_from_the_probe_size_labels_the_synthetic_neurons(tmp_path):
     write_colour_images(tmp_path / "probe")
-    run_dir, _ = run_labels(_cfg(tmp_path, tmp_path / "probe"))          # top_k 100 -> 48
+    run_dir, _ = run_labels(_cfg(tmp_path, tmp_path / "probe", similarity="soft_wpmi"))
     assert _labels(run_dir) == dict(enumerate(COLOURS))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["constants"]["top_k"] == 100 and summary["probe"]["used"] == 48
+    assert summary["constants"]["top_k"] == 1 and summary["probe"]["used"] == 48   # 48 x 0.002
+    assert summary["concept_scores"] == "probs" and summary["constants"]["a"] == 10.0
+
+
+def test_the_defaults_label_the_synthetic_neurons(tmp_path):
+    write_colour_images(tmp_path / "probe")
+    run_dir, _ = run_labels(_cfg(tmp_path, tmp_path / "probe"))
+    assert _labels(run_dir) == dict(enumerate(COLOURS))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["similarity"] == "correlation" and summary["concept_scores"] == "logits"
     assert len(summary["sheets"]) == 2 and all((run_dir / s).is_file() for s in summary["sheets"])
     assert (run_dir / "config.json").is_file()
     with open(run_dir / "descriptions.csv") as handle:

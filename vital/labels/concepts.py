@@ -20,10 +20,13 @@ Concept models (``--concept_model``):
 - a CLIP spec: image embeddings (``encode_image``) and text embeddings of the raw concept strings
   (no prompt template, as CLIP-Dissect), both L2-normalised; P = their cosine.
 - a classifier spec (``efficientnet-lite1``, ``torchvision:NAME``): the concepts are its class
-  names (a concept file may pick a subset of them); P = the softmax over all its classes of its
-  logits, the columns of the chosen concepts. The WPMI similarities then apply softmax(a P) over
-  concepts on top, as CLIP-Dissect's code does for any P: we keep that rather than special-case
-  classifiers, so every concept model goes through the same similarity code.
+  names (a concept file may pick a subset of them); P = the columns of the chosen concepts of
+  one of three score paths (``--concept_scores``), all over all its classes: ``logits``,
+  ``logprobs`` (log-softmax) or ``probs`` (softmax). The WPMI similarities apply softmax(a P)
+  over concepts on top, as CLIP-Dissect's code does for any P: on probabilities with a = 10
+  that is the "double softmax" softmax(10 softmax(z)); on logits with a = 1 it is the
+  classifier's own probabilities. Which path each similarity gets by default was measured
+  (``bench/labels.py``, docs/labels.md).
 - ``auto``: ViT-B/16 (CLIP-Dissect's choice) when its weights are already in the cache, else
   the embedded ``efficientnet-lite1`` (this machine cannot download CLIP weights).
 """
@@ -40,10 +43,12 @@ from vital.models.labels import clip_classnames, encode_texts, imagenet_classes
 from vital.labels.probe import ProbeSet, cached_tensors, image_batches
 from vital.refs.images import PREPROCESS_TAG
 
-__all__ = ["CONCEPT_SETS", "WORDS20K_SIZE", "words20k", "concepts_digest", "default_concept_model",
-           "ConceptModel", "concept_model", "read_concept_file", "ProbeMatrix", "probe_matrix"]
+__all__ = ["CONCEPT_SETS", "WORDS20K_SIZE", "CLASSIFIER_SCORES", "words20k", "concepts_digest",
+           "default_concept_model", "classifier_scores", "ConceptModel", "concept_model",
+           "read_concept_file", "ProbeMatrix", "probe_matrix"]
 
 CONCEPT_SETS = ("imagenet", "words20k")
+CLASSIFIER_SCORES = ("logits", "logprobs", "probs")   # a classifier's score paths; CLIP: cosine
 WORDS20K_SIZE = 20_000
 _WORDFREQ_POOL = 30_000     # words asked from wordfreq, so 20k remain after the filter
 _AUTO_CLIP = "ViT-B/16"
@@ -88,6 +93,18 @@ def default_concept_model() -> str:
     return _AUTO_CLASSIFIER
 
 
+def classifier_scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """A classifier's logits (B, classes) -> its scores of path ``kind`` (over all classes)."""
+    if kind == "logits":
+        return logits
+    if kind == "logprobs":
+        return torch.log_softmax(logits, dim=-1)
+    if kind == "probs":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"unknown classifier score path {kind!r}; valid: "
+                     f"{', '.join(CLASSIFIER_SCORES)}")
+
+
 @dataclass
 class ConceptModel:
     """A loaded concept model and its concepts; ``scores(images)`` is a block of P."""
@@ -96,6 +113,7 @@ class ConceptModel:
     source: str                         # "imagenet", "words20k", "class names" or the file
     text: torch.Tensor | None = None    # CLIP: (M, E) unit text embeddings
     columns: torch.Tensor | None = None  # classifier: class index of each concept
+    score_kind: str = "probs"           # classifier: logits | logprobs | probs; CLIP: cosine
 
     @property
     def is_clip(self) -> bool:
@@ -110,10 +128,11 @@ class ConceptModel:
         return F.normalize(out, dim=-1) if self.is_clip else out
 
     def matrix(self, features: torch.Tensor) -> torch.Tensor:
-        """Image features -> P (B, M): cosine to the concept texts, or class softmax columns."""
+        """Image features -> P (B, M): cosine to the concept texts, or the columns of the
+        classifier's scores (``score_kind``)."""
         if self.is_clip:
             return features @ self.text.t()
-        return torch.softmax(features, dim=-1)[:, self.columns]
+        return classifier_scores(features, self.score_kind)[:, self.columns]
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """P for a batch of images in [0, 1] (e.g. rendered visualisations)."""
@@ -154,15 +173,20 @@ def _class_columns(target, concepts: list[str], source: str) -> torch.Tensor:
     return torch.tensor([where[c.lower()] for c in concepts], dtype=torch.long)
 
 
-def concept_model(target, concepts_spec: str = "", *, progress: bool = True,
-                  use_cache: bool = True, batch: int = 1024) -> ConceptModel:
-    """The concept model for a loaded ``target`` (CLIP or classifier) and a concept set."""
+def concept_model(target, concepts_spec: str = "", *, scores: str = "probs",
+                  progress: bool = True, use_cache: bool = True, batch: int = 1024) -> ConceptModel:
+    """The concept model for a loaded ``target`` (CLIP or classifier) and a concept set;
+    ``scores`` is a classifier's score path (ignored for CLIP, whose P is the cosine)."""
     if getattr(target, "clip", None) is None and not getattr(target, "class_names", None):
         raise ValueError(f"concept model {target.spec} is neither a CLIP nor a classifier with "
                          f"class names; use a CLIP spec or e.g. efficientnet-lite1")
     concepts, source = _concept_list(target, concepts_spec)
     model = ConceptModel(target, concepts, source)
     if not model.is_clip:
+        if scores not in CLASSIFIER_SCORES:
+            raise ValueError(f"unknown classifier score path {scores!r}; valid: "
+                             f"{', '.join(CLASSIFIER_SCORES)}")
+        model.score_kind = scores
         model.columns = _class_columns(target, concepts, source)
         return model
     spec = {**model.key(), "concepts": concepts_digest(concepts), "template": None}
@@ -170,15 +194,18 @@ def concept_model(target, concepts_spec: str = "", *, progress: bool = True,
         target.clip, concepts, target.device, batch=batch, progress=progress,
         desc="concept text embeddings")}, use_cache, {"text"})
     model.text = tensors["text"].float()
+    model.score_kind = "cosine"
     return model
 
 
 @dataclass
 class ProbeMatrix:
-    """P (N, M) over the probe images ``used`` (indices into the probe set's files)."""
+    """P (N, M) over the probe images ``used`` (indices into the probe set's files), and the
+    concept model's image features it came from (CLIP unit embeddings or classifier logits)."""
     P: torch.Tensor
     used: torch.Tensor
     cache_hit: bool
+    features: torch.Tensor | None = None
 
 
 def probe_matrix(model: ConceptModel, probe: ProbeSet, *, batch: int = 32, use_cache: bool = True,
@@ -200,4 +227,5 @@ def probe_matrix(model: ConceptModel, probe: ProbeSet, *, batch: int = 32, use_c
         return {"features": torch.cat(feats), "used": torch.cat(used)}
     tensors, hit = cached_tensors("concept_images", spec, compute, use_cache,
                                   {"features", "used"})
-    return ProbeMatrix(model.matrix(tensors["features"]), tensors["used"], hit)
+    return ProbeMatrix(model.matrix(tensors["features"]), tensors["used"], hit,
+                       tensors["features"])
