@@ -282,6 +282,10 @@ def test_soft_wpmi_with_top_k_from_the_probe_size_labels_the_synthetic_neurons(t
     assert _labels(run_dir) == dict(enumerate(COLOURS))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["constants"]["top_k"] == 1 and summary["probe"]["used"] == 48   # 48 x 0.002
+    assert summary["concept_scores"] == "logits" and summary["constants"]["a"] == 1.0
+    run_dir, _ = run_labels(_cfg(tmp_path, tmp_path / "probe", similarity="soft_wpmi",
+                                 concept_scores="probs"))          # CLIP-Dissect's double softmax
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["concept_scores"] == "probs" and summary["constants"]["a"] == 10.0
 
 

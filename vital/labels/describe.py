@@ -48,12 +48,13 @@ __all__ = ["LabelCFG", "LabelRun", "LayerLabels", "run_labels", "titled", "stack
 NEXT_LABELS = 4        # labels after the best one in descriptions.csv
 _TILE = 96             # px of a probe image in a contact sheet
 EXPLAIN = ("none", "linear")
-# --concept_scores auto: the classifier score path each similarity gets, measured on held-out
-# halves by bench/labels.py (docs/labels.md): correlation on logits; the WPMI functions on the
-# probabilities through CLIP-Dissect's softmax(10 P) ("double softmax")
-AUTO_SCORES = {"correlation": "logits", "soft_wpmi": "probs", "wpmi": "probs",
-               "rank_reorder": "probs", "cos_similarity": "probs",
-               "cos_similarity_cubed": "logprobs"}
+# --concept_scores auto: the classifier score path each similarity gets, the one with the best
+# held-out AUPRC over blocks.10, blocks.15 and fc in bench/labels.py (docs/labels.md): logits
+# (for the WPMI functions with a = 1: the classifier's own probabilities, which beat
+# CLIP-Dissect's softmax(10 p) on the probabilities); rank_reorder needs positive scores
+AUTO_SCORES = {"correlation": "logits", "soft_wpmi": "logits", "wpmi": "logits",
+               "rank_reorder": "probs", "cos_similarity": "logits",
+               "cos_similarity_cubed": "logits"}
 _WPMI = ("soft_wpmi", "wpmi")
 
 
@@ -77,8 +78,8 @@ class LabelCFG:
                           choices=list(sim_mod.SIMILARITIES))
     concept_scores: str = opt("auto", "a classifier concept model's scores handed to the "
                               "similarity (logits, logprobs, probs); auto = the path measured "
-                              "best for the similarity (logits for correlation, probs for the "
-                              "WPMI functions); a CLIP concept model always gives cosines",
+                              "best for the similarity (logits; probs for rank_reorder); a CLIP "
+                              "concept model always gives cosines",
                               choices=["auto", *CLASSIFIER_SCORES])
     pool: str = opt("avg", "one number per image and neuron: avg or max over positions (a "
                     "CLIP ViT's class token left out), cls = the class token (ViT token layers)",

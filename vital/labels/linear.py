@@ -38,6 +38,7 @@ __all__ = ["LinearExplanation", "fit_linear", "explain_units", "iter_explanation
 MAX_TERMS = 5        # the paper's no-search explanations have 5 terms
 CANDIDATES = 64      # concepts handed to the lasso per neuron (plus the forward-selected ones)
 _MIN_STD = 1e-12
+_MIN_NOISE = 1e-6     # floor of the noise variance of a standardised activation (see _support)
 
 
 @dataclass
@@ -70,17 +71,27 @@ def predict(expl: LinearExplanation, P: torch.Tensor) -> torch.Tensor:
                                                                         dtype=torch.float64)
 
 
+def _noise_variance(X: np.ndarray, y: np.ndarray) -> float:
+    """The noise variance of y (standardised) for BIC: the residual variance of the least-squares
+    fit on all of X (LassoLarsIC's own estimate), floored so that a neuron that is exactly a
+    combination of concept scores (a planted one) gets a finite criterion instead of log 0."""
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    rss = float(((y - X @ coef) ** 2).sum())
+    return max(rss / (len(y) - X.shape[1]), _MIN_NOISE)
+
+
 def _support(X: np.ndarray, y: np.ndarray, max_terms: int) -> np.ndarray:
     """Columns of X (standardised) picked by the positive LARS-lasso cut at the lowest BIC."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LassoLarsIC
     n, c = X.shape
-    if n <= c + 1:   # LassoLarsIC estimates the noise from an OLS fit: it needs n > c + 1
+    if n <= c + 1:   # the noise estimate fits all candidates by least squares: it needs n > c + 1
         X = X[:, :max(1, n - 2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = LassoLarsIC(criterion="bic", positive=True, fit_intercept=False,
-                            max_iter=4 * max_terms).fit(X, y)
+                            max_iter=4 * max_terms,
+                            noise_variance=_noise_variance(X, y)).fit(X, y)
     coef = model.coef_
     order = np.argsort(-coef, kind="stable")
     return np.array([i for i in order[:max_terms] if coef[i] > 0], dtype=np.int64)
@@ -122,7 +133,7 @@ def fit_linear(P: torch.Tensor, a: torch.Tensor, candidates: list[int], *,
 
 def _candidates(P: torch.Tensor, A: torch.Tensor, count: int, max_terms: int) -> torch.Tensor:
     """(K, <= count + max_terms) candidate concepts per neuron (see the module docstring)."""
-    corr = pearson_matrix(A, P)                                    # (K, M)
+    corr = pearson_matrix(A, P, torch.float32)                     # (K, M)
     top = corr.topk(min(count, P.shape[1]), dim=1).indices
     return torch.cat([forward_labels(P, A, max_terms), top], dim=1)
 

@@ -63,9 +63,10 @@ def correlation(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of each neuron's column with each concept's column over the images
     (``vital.labels.metrics.pearson_matrix``): the label is the concept whose scores rise and
     fall with the neuron's activation over the whole probe set, not only its top images. A
-    constant column (a dead neuron, a concept no image shows) gets 0."""
-    P, A = _check(P, A)
-    return pearson_matrix(A, P).float()
+    constant column (a dead neuron, a concept no image shows) gets 0. Computed in float32, as
+    P is kept (N x 20k concepts)."""
+    _check(P, A)
+    return pearson_matrix(A, P, torch.float32)
 
 
 def cos_similarity(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
