@@ -134,7 +134,9 @@ class Method:
     similarity: str            # a name of vital.labels.similarity, or "baseline"
     path: str                  # logits | logprobs | probs
     options: tuple = ()
-    forward: bool = False      # labels 2..5 by forward selection (the correlation default)
+    order: str = "row"         # labels 2..5: "row" = the next highest similarities,
+    #                            "path" = lasso-path order (the correlation default),
+    #                            "forward" = forward selection
     tool: bool = True          # what describe_neurons.py --similarity S --concept_scores PATH
     #                            runs (a candidate for the defaults), not a variant for the table
 
@@ -149,8 +151,13 @@ class Method:
         return S.similarity(self.similarity, P, A, **dict(self.options))[0]
 
     def labels(self, logits: torch.Tensor, A: torch.Tensor, n: int = TOP) -> torch.Tensor:
-        """(K, n) labels, best first."""
-        if self.forward:
+        """(K, n) labels, best first (the first is the argmax of the similarity row for
+        every order)."""
+        if n == 1 and self.similarity != "baseline":
+            return self.sim(logits, A).argmax(1, keepdim=True)
+        if self.order == "path":
+            return linear.path_labels(self.scores(logits), A, n)
+        if self.order == "forward":
             return S.forward_labels(self.scores(logits), A, n)
         return self.sim(logits, A).topk(n, dim=1).indices
 
@@ -158,10 +165,13 @@ class Method:
 def methods() -> list[Method]:
     paper_soft = (("top_k", 100),)
     out = [Method("baseline: top photo's top-1 class", "baseline", "probs"),
-           Method("correlation, logits (default)", "correlation", "logits", forward=True),
-           Method("correlation, logits, plain top-5", "correlation", "logits", tool=False),
-           Method("correlation, log-probabilities", "correlation", "logprobs", forward=True),
-           Method("correlation, probabilities", "correlation", "probs", forward=True),
+           Method("correlation, logits (default)", "correlation", "logits", order="path"),
+           Method("correlation, logits, next labels by forward selection", "correlation",
+                  "logits", order="forward", tool=False),
+           Method("correlation, logits, next labels by correlation", "correlation", "logits",
+                  tool=False),
+           Method("correlation, log-probabilities", "correlation", "logprobs", order="path"),
+           Method("correlation, probabilities", "correlation", "probs", order="path"),
            Method("soft_wpmi, top_k 100 (paper), double softmax", "soft_wpmi", "probs",
                   paper_soft, tool=False),
            Method("soft_wpmi, double softmax softmax(10 p)", "soft_wpmi", "probs"),

@@ -148,6 +148,22 @@ def test_forward_labels_equal_least_squares_forward_selection():
     assert fast[:, 0].tolist() == S.similarity("correlation", P, A)[0].argmax(1).tolist()
 
 
+def test_path_labels_start_with_the_correlation_label_and_find_two_concepts():
+    gen = torch.Generator().manual_seed(6)
+    P = torch.rand(200, 30, generator=gen)
+    noise = 0.05 * torch.randn(200, 3, generator=gen)
+    A = torch.stack([P[:, 3], P[:, 11] + P[:, 20], P[:, 5] + 0.6 * P[:, 9]], 1) + noise
+    labels = linear.path_labels(P, A, 4)
+    first = S.similarity("correlation", P, A)[0].argmax(1)
+    assert labels[:, 0].tolist() == first.tolist()
+    assert labels[0, 0] == 3 and labels[2, 0] == 5
+    assert set(labels[1, :2].tolist()) == {11, 20}              # two concepts: both first
+    assert labels[2, 1] == 9
+    assert all(len(set(row)) == 4 for row in labels.tolist())
+    dead = linear.path_labels(P, torch.zeros(200, 1), 3)        # a dead neuron: no path
+    assert dead.shape == (1, 3) and len(set(dead[0].tolist())) == 3
+
+
 # ---------------------------------------------------------------- linear explanations
 
 def test_linear_explanation_recovers_a_planted_sparse_combination():

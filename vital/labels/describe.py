@@ -2,8 +2,8 @@
 similarity -> a label per neuron, written to ``out_labels/<run>/``:
 
 - ``descriptions.csv``: layer, unit, label, similarity, and the next four labels (for the
-  ``correlation`` similarity by forward selection, ``vital.labels.similarity.forward_labels``;
-  else the next highest similarities); with ``--explain linear`` also the linear explanation
+  ``correlation`` similarity in the order they enter the non-negative lasso path,
+  ``vital.labels.linear.path_labels``; else the next highest similarities); with ``--explain linear`` also the linear explanation
   and the held-out correlations of the label and of the explanation;
 - ``explanations.json`` (``--explain linear``): every explanation's terms, weights, intercept
   and held-out scores;
@@ -278,11 +278,12 @@ def run_labels(cfg: LabelCFG, argv=None, checks=None) -> tuple[Path, LabelRun]:
 
 
 def _best(cfg: LabelCFG, P, A, sim, units: list[int]) -> torch.Tensor:
-    """(units, 1 + NEXT_LABELS) concept indices: forward selection for ``correlation`` (its
-    first is the argmax of the similarity), else the highest similarities."""
+    """(units, 1 + NEXT_LABELS) concept indices: for ``correlation`` in the order they enter
+    the non-negative lasso path (``vital.labels.linear.path_labels``; the first is the argmax
+    of the similarity), else the highest similarities."""
     n = min(1 + NEXT_LABELS, sim.shape[1])
     if cfg.similarity == "correlation":
-        return sim_mod.forward_labels(P, A[:, units], n)
+        return linear.path_labels(P, A[:, units], n)
     return sim[units].topk(n, dim=1).indices
 
 

@@ -33,6 +33,7 @@ from vital.labels.metrics import pearson_matrix
 from vital.labels.similarity import forward_labels
 
 __all__ = ["LinearExplanation", "fit_linear", "explain_units", "iter_explanations", "predict",
+           "path_labels",
            "MAX_TERMS", "CANDIDATES"]
 
 MAX_TERMS = 5        # the paper's no-search explanations have 5 terms
@@ -131,11 +132,53 @@ def fit_linear(P: torch.Tensor, a: torch.Tensor, candidates: list[int], *,
                              [float(x) for x in w[order]], intercept)
 
 
-def _candidates(P: torch.Tensor, A: torch.Tensor, count: int, max_terms: int) -> torch.Tensor:
-    """(K, <= count + max_terms) candidate concepts per neuron (see the module docstring)."""
+def _candidates(P: torch.Tensor, A: torch.Tensor, count: int,
+                max_terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, count + max_terms) candidate concepts per neuron: its first ``max_terms`` forward
+    labels, then its ``count`` concepts of highest correlation (repeats possible); and the
+    (K, count) top-correlation part alone, best first."""
     corr = pearson_matrix(A, P, torch.float32)                     # (K, M)
     top = corr.topk(min(count, P.shape[1]), dim=1).indices
-    return torch.cat([forward_labels(P, A, max_terms), top], dim=1)
+    return torch.cat([forward_labels(P, A, max_terms), top], dim=1), top
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """Columns centred and divided by their standard deviation (a constant column -> 0)."""
+    x = x - x.mean(0)
+    sd = x.std(0)
+    return x / np.where(sd > _MIN_STD, sd, np.inf)
+
+
+def path_labels(P: torch.Tensor, A: torch.Tensor, n: int, *,
+                candidates: int = CANDIDATES) -> torch.Tensor:
+    """(K, n) labels per neuron in the order the concepts enter the non-negative lasso path
+    (LARS, ``sklearn.linear_model.lars_path(method="lasso", positive=True)``) of the neuron's
+    standardised activations on the standardised scores of its candidates (as for the linear
+    explanations). The first to enter is the concept of highest correlation (the
+    ``correlation`` label); the lasso's shrinkage keeps the first concept's share in the residual,
+    so concepts like it enter next (church: monastery, bell cote, palace), while a second concept
+    the neuron also fires for enters as soon as it explains as much: both are among the first
+    labels. Neurons whose path ends early are filled up with their next concepts by correlation.
+    """
+    from sklearn.linear_model import lars_path
+    cand, top = _candidates(P, A, candidates, n)
+    out = torch.empty(A.shape[1], n, dtype=torch.long)
+    for k in range(A.shape[1]):
+        chosen = list(dict.fromkeys(cand[k].tolist()))
+        X = _standardised(P[:, chosen].double().numpy())
+        y = _standardised(A[:, k:k + 1].double().numpy())[:, 0]
+        order = [int(top[k, 0])]                                   # the correlation label
+        if y.any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # lars_path warns on collinear candidates
+                _, active, _ = lars_path(X, y, method="lasso", positive=True,
+                                         max_iter=3 * n)
+            order += [chosen[i] for i in active]
+        order += top[k].tolist()
+        labels = list(dict.fromkeys(order))[:n]
+        out[k, :len(labels)] = torch.tensor(labels)
+        out[k, len(labels):] = labels[-1]                          # fewer concepts than n
+    return out
 
 
 def iter_explanations(P: torch.Tensor, A: torch.Tensor, units: list[int], *,
@@ -145,7 +188,7 @@ def iter_explanations(P: torch.Tensor, A: torch.Tensor, units: list[int], *,
     A), one at a time: a caller interrupted half-way keeps those it has."""
     if max_terms < 1:
         raise ValueError(f"a linear explanation needs at least 1 term, got max_terms={max_terms}")
-    cand = _candidates(P, A[:, units], candidates, max_terms)
+    cand, _ = _candidates(P, A[:, units], candidates, max_terms)
     for row, unit in enumerate(tqdm(units, desc="linear explanations", disable=not progress,
                                     leave=False)):
         chosen = list(dict.fromkeys(cand[row].tolist()))        # forward picks first, no repeats
