@@ -42,6 +42,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -388,6 +389,7 @@ def closed_loop(probe_dir: Path, out_dir: Path, n: int) -> dict:
             "efficientnet-lite1", "--device", "cpu", "--out_dir", str(out_dir),
             "--no-progress", "--sheets", str(n), "--run_name", "blocks15_loop",
             "--explain", "linear", "--visualise", str(n), "--check"]
+    shutil.rmtree(out_dir / "blocks15_loop", ignore_errors=True)   # the run folder is new
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
@@ -502,6 +504,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report_only", action="store_true",
                         help="rewrite report.md from --out's result.json")
+    parser.add_argument("--loop_only", action="store_true",
+                        help="run only (d), the closed loop, into --out's result.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -512,6 +516,13 @@ def main() -> None:
                                                                             indent=1)
         (out_dir / "report.md").write_text(text + "\n")
         print(text)
+        return
+    if args.loop_only:
+        result = json.loads((out_dir / "result.json").read_text())
+        result["uptime_before_loop"] = os.popen("uptime").read().strip()
+        result["closed_loop"] = closed_loop(out_dir / "probe", out_dir, args.visualise)
+        (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["closed_loop"], indent=1))
         return
     result = {"uptime_start": os.popen("uptime").read().strip(),
               "torch_threads": torch.get_num_threads()}
