@@ -100,7 +100,9 @@ def probe_folder(data: Path, out: Path) -> Path:
     tmp = out / "probe.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sources = list_images(data / "refs") + list_images(data.parent / "imagenet-dev")
+    folders = sorted(p for p in (data / "refs").iterdir() if p.is_dir())
+    sources = [f for folder in folders for f in list_images(folder)] + \
+        list_images(data.parent / "imagenet-dev")
     for src in sources:
         (tmp / f"{src.parent.name}__{src.name}").symlink_to(src.resolve())
     tmp.rename(folder)

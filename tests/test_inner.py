@@ -385,3 +385,30 @@ def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_tar
             return F.cosine_similarity(target.embed(image).float(), text[None]).item()
     slope = (cosine(1e-3) - cosine(-1e-3)) / 2e-3                        # finite difference
     assert slope == pytest.approx(float(attr[channel]), rel=1e-2, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["none", "gradxact"])
+def test_native_references_are_matched_at_their_own_size(tiny_cnn_target, rule):
+    """--ref_res native: every stage matches the references' features at the px they were cut
+    at (resampled to the stage's positions), not the references resized to the stage."""
+    from vital.modes import common
+    from vital.refs.references import sorted_features
+    images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    cfg = InnerCFG(model=TINY_CNN, progress=False)
+    neuron = resolve_target(tiny_cnn_target, "stage2", 1)
+    obj, info, _ = common.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
+                                              [16, 32], "stage2", neuron.score, rule,
+                                              native=True)
+    stage, _, _ = common.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
+                                             [16, 32], "stage2", neuron.score, rule)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with tiny_cnn_target.hooks(["stem"]) as feats:     # with gradients: relevance maps
+        tiny_cnn_target(x)
+        ctx = {"features": {"stem": feats["stem"].flatten(2)}, "size": 32, "input": x,
+               "step": 0}
+        native_loss, stage_loss = float(obj(ctx)), float(stage(ctx))
+    if rule == "none":   # by value: plain sort matching against the 24 px features
+        ref = sorted_features(tiny_cnn_target, ["stem"], images, progress=False)["stem"]
+        from vital.optvis.losses import sort_matching
+        assert abs(native_loss - float(sort_matching(ctx["features"]["stem"], ref))) < 1e-6
+    assert abs(native_loss - stage_loss) > 1e-6       # not the references resized to 32 px
