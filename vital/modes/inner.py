@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ from vital.modes import common, recipes
 from vital.modes.batch import run_in_batches
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import relevance as rel
-from vital.config import ConfigError, opt, set_determinism
+from vital.optvis.render import ends_the_loop
+from vital.config import ConfigError, opt, parse_units, set_determinism
 from vital.cache import write_json
 from vital.refs.patches import PatchScores, channel_means, contact_sheet, data_files, \
     iter_images, layer_scores, reference_patches
@@ -88,8 +90,9 @@ class InnerCFG(common.RenderCFG):
     relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
                                "(1 = every step, as in the paper; > 1 is faster but reuses maps "
                                "across jitter and flips)")
-    neurons: list[int] = opt([], "several neurons of --layer, optimised together in batches "
-                             "(one run folder each; instead of --neuron)", low=0)
+    neurons: list[str] = opt([], "several neurons of --layer, optimised together in batches "
+                             "(one run folder each; instead of --neuron): numbers, ranges "
+                             "(0-63) or all (every channel of the layer)")
     batch_size: int = opt(4, "with --neurons or --auto: neurons per batched optimisation (the "
                           "rest in further batches; 1 = one at a time)", low=1)
     auto: int = opt(0, "> 0: rank the layer's neurons and visualise the top N (not --neuron)")
@@ -430,7 +433,9 @@ def run_neurons(cfg: InnerCFG, target, indices: list[int], argv=None,
             run_dir, result = run_neuron(one, target, neuron, argv, extras.get(neuron.index),
                                          patch_scores=shared, callbacks=callbacks)
             dirs.append(run_dir)
-            if result.stopped in ("interrupted", "stopped"):
+            if ends_the_loop(result.stopped):
+                print(f"stopped: {result.stopped}; {len(cfgs) - len(dirs)} runs not "
+                      f"started", file=sys.stderr)
                 break
         return dirs, result
     by_index = {n.index: n for n in neurons}
@@ -454,7 +459,8 @@ def run_inner(cfg: InnerCFG, argv=None, callbacks: Callbacks | None = None):
     if cfg.auto:
         return run_auto(cfg, target, argv, callbacks)
     if cfg.neurons:
-        return run_neurons(cfg, target, [int(n) for n in cfg.neurons], argv,
+        channels = resolve_target(target, cfg.layer, 0).channels
+        return run_neurons(cfg, target, parse_units(cfg.neurons, channels), argv,
                            callbacks=callbacks)
     neuron = resolve_target(target, cfg.layer, cfg.neuron, cfg.direction)
     return run_neuron(cfg, target, neuron, argv, callbacks=callbacks)
