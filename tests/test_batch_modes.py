@@ -107,8 +107,10 @@ def test_maps_group_only_joins_compatible_maps(tiny_cnn_target):
 
 def test_bad_batches_are_one_sentence(tmp_path):
     data = write_images(tmp_path / "data", 2)
-    with pytest.raises(ConfigError, match="appears twice"):
+    with pytest.raises(ConfigError, match="named twice"):
         run_inner(InnerCFG(neurons=[3, 3], data_dir=str(data), **INNER))
+    with pytest.raises(ConfigError, match="named twice"):
+        run_inner(InnerCFG(neurons=["2-4", "3"], data_dir=str(data), **INNER))
     with pytest.raises(ConfigError, match="valid 0..31"):
         run_inner(InnerCFG(neurons=[3, 99], data_dir=str(data), **INNER))
     with pytest.raises(ConfigError, match="--direction"):
@@ -172,3 +174,24 @@ def test_batched_clip_vit_neurons_equal_one_by_one(tmp_path, tiny_clip_file, rul
         mine = json.loads((run_dir / "neuron.json").read_text())["visualisation"]
         theirs = json.loads((single_dir / "neuron.json").read_text())["visualisation"]
         assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("stopped, runs", [("terminated (SIGTERM: a time limit)", 1),
+                                           ("interrupted", 1), ("stopped", 1),
+                                           ("nan: loss became non-finite", 3), (None, 3)])
+def test_one_stop_rule_for_neurons_one_at_a_time(tmp_path, monkeypatch, stopped, runs):
+    """After a run ended by SIGTERM, Ctrl-C or a stop request no further neuron starts; a NaN
+    in one run (recorded in its folder) lets the next go on."""
+    from vital.modes import inner
+    from vital.optvis.render import RenderResult, ends_the_loop
+    assert ends_the_loop(stopped) == (runs == 1)
+    data = write_images(tmp_path / "data", 2)
+    started = []
+
+    def fake_run(cfg, target, neuron, *a, **kw):
+        started.append(neuron.index)
+        return tmp_path / str(neuron.index), RenderResult(torch.zeros(1, 3, 4, 4),
+                                                          torch.zeros(1, 4, 4), stopped=stopped)
+    monkeypatch.setattr(inner, "run_neuron", fake_run)
+    dirs, _ = run_inner(InnerCFG(neurons=["1-3"], batch_size=1, data_dir=str(data), **INNER))
+    assert started == [1, 2, 3][:runs] and len(dirs) == runs

@@ -81,3 +81,16 @@ def test_device_resolution():
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="valid: auto, cpu"):
         resolve_device("tpu")
+
+
+def test_parse_units_numbers_ranges_and_all():
+    from vital.config import ConfigError, parse_units
+    assert parse_units(["3", 17, "40"], 64) == [3, 17, 40]
+    assert parse_units(["0-3", "9"], 10) == [0, 1, 2, 3, 9]
+    assert parse_units(["all"], 4) == [0, 1, 2, 3]
+    assert parse_units([" ALL "], 2) == [0, 1]
+    for tokens, message in [(["x"], "not a number"), (["5-2"], "backwards"),
+                            (["0-10"], r"valid 0\.\.9"), (["all", "3"], "named twice"),
+                            (["-1"], "out of range")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_units(tokens, 10)

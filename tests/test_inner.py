@@ -118,6 +118,61 @@ def test_patch_cache_hits_and_rebuilds_when_corrupt(tmp_path, red, isolated_cach
     assert not rebuilt.info["cache_hit"] and rebuilt.sources == first.sources
 
 
+def _mixer():
+    """Two 1x1 conv channels that mix the colours: a direction in their space scores patches
+    differently from either channel alone."""
+    model = RedDetector()
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.tensor([[1.0, -0.5, -0.5], [-0.3, 1.0, 0.2]])[..., None,
+                                                                                      None])
+    return load_target(model, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def test_layer_scores_for_every_channel_equal_the_one_neuron_path(tmp_path, isolated_cache):
+    target = _mixer()
+    files = _red_data(tmp_path / "data")
+    direction = tmp_path / "d.npy"
+    np.save(direction, np.array([0.6, -0.8]))
+    kw = dict(size=48, patch=16, stride=8, score_size=0, crop=0.75)
+    layer = P.layer_scores(target, "conv", "BCHW", 0, files, progress=False, **kw)
+    assert layer.means.shape == (6, 25, 2)                              # 6 images, 5x5 patches
+    for neuron in (resolve_target(target, "conv", 0), resolve_target(target, "conv", 1),
+                   resolve_target(target, "conv", direction=str(direction))):
+        one = P.top_patches(target, neuron, files, 48, 16, 8, 4, progress=False, crop=0.75)
+        shared = P.select_top(layer, neuron, 4)
+        assert shared.sources == one.sources and shared.corners == one.corners
+        np.testing.assert_allclose(shared.scores, one.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shared.images, one.images)
+    # the crop reaches the patches: the best patch is cut from the centre-cropped photo
+    best = layer.means[..., 0].flatten().argmax()
+    assert P.load_image(files[best // 25], 48, 0.75).shape == (3, 48, 48)
+
+
+def test_layer_scores_are_cached_and_rebuilt_when_corrupt(tmp_path, isolated_cache, monkeypatch):
+    target = _mixer()
+    files = _red_data(tmp_path / "data")
+    kw = dict(size=48, patch=16, stride=8, progress=False)
+    calls = []
+    real = P.score_patches
+    monkeypatch.setattr(P, "score_patches", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = P.layer_scores(target, "conv", "BCHW", 0, files, **kw)
+    again = P.layer_scores(target, "conv", "BCHW", 0, files, **kw)
+    assert len(calls) == 1                                    # the second call read the cache
+    torch.testing.assert_close(again.means, first.means)
+    assert again.files == first.files
+    # every neuron and direction of the layer is served by it: no further scoring pass
+    for index in (0, 1):
+        P.reference_patches(target, resolve_target(target, "conv", index), tmp_path / "data",
+                            k=3, **kw)
+    assert len(calls) == 1
+    entry = next((isolated_cache / P.LAYER_CACHE).rglob("scores.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:-16])               # truncated
+    with pytest.warns(UserWarning, match="corrupt"):
+        rebuilt = P.layer_scores(target, "conv", "BCHW", 0, files, **kw)
+    assert len(calls) == 2
+    torch.testing.assert_close(rebuilt.means, first.means)
+
+
 def test_contact_sheet(tmp_path, red):
     files = _red_data(tmp_path / "data")
     top = P.top_patches(red, resolve_target(red, "conv", 0), files, 48, 16, 8, 4, progress=False)
@@ -330,3 +385,30 @@ def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_tar
             return F.cosine_similarity(target.embed(image).float(), text[None]).item()
     slope = (cosine(1e-3) - cosine(-1e-3)) / 2e-3                        # finite difference
     assert slope == pytest.approx(float(attr[channel]), rel=1e-2, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["none", "gradxact"])
+def test_native_references_are_matched_at_their_own_size(tiny_cnn_target, rule):
+    """--ref_res native: every stage matches the references' features at the px they were cut
+    at (resampled to the stage's positions), not the references resized to the stage."""
+    from vital.modes import common
+    from vital.refs.references import sorted_features
+    images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    cfg = InnerCFG(model=TINY_CNN, progress=False)
+    neuron = resolve_target(tiny_cnn_target, "stage2", 1)
+    obj, info, _ = common.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
+                                              [16, 32], "stage2", neuron.score, rule,
+                                              native=True)
+    stage, _, _ = common.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
+                                             [16, 32], "stage2", neuron.score, rule)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with tiny_cnn_target.hooks(["stem"]) as feats:     # with gradients: relevance maps
+        tiny_cnn_target(x)
+        ctx = {"features": {"stem": feats["stem"].flatten(2)}, "size": 32, "input": x,
+               "step": 0}
+        native_loss, stage_loss = float(obj(ctx)), float(stage(ctx))
+    if rule == "none":   # by value: plain sort matching against the 24 px features
+        ref = sorted_features(tiny_cnn_target, ["stem"], images, progress=False)["stem"]
+        from vital.optvis.losses import sort_matching
+        assert abs(native_loss - float(sort_matching(ctx["features"]["stem"], ref))) < 1e-6
+    assert abs(native_loss - stage_loss) > 1e-6       # not the references resized to 32 px

@@ -113,3 +113,62 @@ def test_paper_lrp_conserves_relevance(tiny):
     assert (fast >= -1e-7).all(), "z+ with non-negative relevance stays non-negative"
     total_in, total_top = fast.sum((1, 2)), top.sum((1, 2))
     torch.testing.assert_close(total_in, total_top, rtol=1e-3, atol=1e-6)   # up to eps
+
+
+class TinyPool(nn.Module):
+    """conv1 -> relu -> max pool (3 x 3, stride 2, padding 1: a ResNet stem's) -> conv2."""
+    input_size = 8
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1, bias=False)
+        with torch.no_grad():
+            for m in (self.conv1, self.conv2):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.5)
+
+    def forward(self, x):
+        return self.conv2(self.pool(self.relu(self.conv1(x))))
+
+
+def _avg_pool_rule_loops(a, r_out):
+    """The official max-pool rule as loops: every 2 x 2 window (stride 2) of the pool's input
+    shares its output unit's relevance in proportion to its values, R_i = a_i / 4 /
+    (mean of the window + eps) R_j."""
+    a, r_out = a[0].double(), r_out[0].double()
+    r_in = torch.zeros_like(a)
+    for c in range(a.shape[0]):
+        for y in range(r_out.shape[1]):
+            for x in range(r_out.shape[2]):
+                window = a[c, 2 * y:2 * y + 2, 2 * x:2 * x + 2]
+                z = window.mean() + EPS
+                r_in[c, 2 * y:2 * y + 2, 2 * x:2 * x + 2] += window / 4 / z * r_out[c, y, x]
+    return r_in[None]
+
+
+@pytest.mark.parametrize("channel", [0, 4])
+def test_paper_lrp_max_pool_as_the_official_average_pool(channel):
+    model = load_target(TinyPool().eval())
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    m = model.module
+    with torch.no_grad():
+        h = m.relu(m.conv1(image))                                # the pool's input (= conv1's)
+        out = m.conv2(m.pool(h))
+    start = torch.zeros_like(out)
+    start[:, channel] = out[:, channel]
+    slow = _avg_pool_rule_loops(h, _zplus_conv_loops(m.pool(h), m.conv2, start))
+
+    def score(feats):                                             # (B, C, P) -> (B,)
+        return feats[:, channel].mean(-1)
+    rel, _ = relevance_and_features(model, image, ["conv1"], "conv2", score, "lrp_paper")
+    fast = rel["conv1"].double() * out.shape[-1] * out.shape[-2]   # undo the score's 1 / P
+    torch.testing.assert_close(fast.reshape(slow.shape), slow, rtol=1e-4, atol=1e-6)
+    # not the max rule (which gives each window's relevance to one input): some 2 x 2 window
+    # shares it between several inputs
+    per_window = (fast.reshape(slow.shape).abs() > 1e-9).double()
+    per_window = torch.nn.functional.avg_pool2d(per_window[0], 2) * 4    # non-zero per window
+    assert per_window.max() > 1

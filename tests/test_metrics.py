@@ -167,3 +167,52 @@ def test_mean_spread():
     assert metrics.mean_spread([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert metrics.mean_spread([4.0]) == (4.0, 0.0)
     assert all(math.isnan(v) for v in metrics.mean_spread([]))
+
+
+# ---------------------------------------------------------------- image statistics
+
+def _slow_sharpness(image):
+    """Mean over pixels (all but the last row and column) of the grey-level gradient length,
+    with plain loops."""
+    r, g, b = image.double().tolist()
+    h, w = len(r), len(r[0])
+    grey = [[0.299 * r[y][x] + 0.587 * g[y][x] + 0.114 * b[y][x] for x in range(w)]
+            for y in range(h)]
+    total = 0.0
+    for y in range(h - 1):
+        for x in range(w - 1):
+            dx, dy = grey[y][x + 1] - grey[y][x], grey[y + 1][x] - grey[y][x]
+            total += math.hypot(dx, dy)
+    return total / ((h - 1) * (w - 1))
+
+
+def _slow_colourfulness(image):
+    """Hasler & Süsstrunk's M = sigma_rgyb + 0.3 mu_rgyb on 0..255 values, with loops."""
+    r, g, b = (255 * image.double()).reshape(3, -1).tolist()
+    rg = [x - y for x, y in zip(r, g)]
+    yb = [0.5 * (x + y) - z for x, y, z in zip(r, g, b)]
+
+    def mean(v):
+        return sum(v) / len(v)
+
+    def var(v):
+        m = mean(v)
+        return sum((x - m) ** 2 for x in v) / len(v)
+    return math.sqrt(var(rg) + var(yb)) + 0.3 * math.sqrt(mean(rg) ** 2 + mean(yb) ** 2)
+
+
+def test_sharpness_and_colourfulness_equal_slow_loops():
+    images = torch.rand(3, 3, 9, 7, generator=torch.Generator().manual_seed(2))
+    for k in range(3):
+        assert abs(float(metrics.sharpness(images)[k]) - _slow_sharpness(images[k])) < 1e-5
+        assert abs(float(metrics.colourfulness(images)[k])
+                   - _slow_colourfulness(images[k])) < 1e-3
+
+
+def test_blur_lowers_sharpness_and_grey_has_no_colour():
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    blurred = torch.nn.functional.avg_pool2d(image, 3, 1, 1)
+    assert metrics.sharpness(blurred) < 0.5 * metrics.sharpness(image)
+    assert float(metrics.colourfulness(image.mean(1, keepdim=True).expand(-1, 3, -1, -1))) < 1e-6
+    upscaled = torch.nn.functional.interpolate(image[..., :8, :8], size=32, mode="bilinear")
+    assert metrics.sharpness(upscaled) < 0.5 * metrics.sharpness(image)   # a 4x zoom blurs

@@ -80,3 +80,21 @@ def test_class_run_records_the_recipe(tmp_path, ref_folder):
     assert meta["cfg"]["param"] == "pixel_norm" and result.steps_done == 3
     layers = meta["layers"]          # --layers paper on a tiny CNN: first conv + its stages
     assert layers[0] == "stem.0" and meta["layer_weights"] == [1.0] * len(layers)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("densenet121", ["features.conv0", "features.denseblock1", "features.denseblock2",
+                     "features.denseblock3", "features.denseblock4"]),
+    ("convnext_tiny", ["features.0", "features.2.1", "features.4.1", "features.6.1",
+                       "features.7.2"]),
+])
+def test_paper_layers_of_densenet_and_convnext_are_the_official_code_s(name, expected):
+    """The official return nodes (class_fvis/utils/opt_utils.py), on random torchvision
+    weights (nothing downloads), with the official class weights (DenseNet last x100, ConvNeXt
+    first x10)."""
+    from vital.models import load_target
+    from vital.models.paper import paper_layers
+    target = load_target(f"torchvision:{name}?weights=none", input_size=64)
+    layers, weights = paper_layers(target, "class")
+    assert layers == expected
+    assert weights == ([1.0] * 4 + [100.0] if name == "densenet121" else [10.0] + [1.0] * 4)

@@ -175,9 +175,38 @@ def test_weighted_sort_matching_against_plain_sort_matching():
     x, ref = torch.randn(2, 4, 9, generator=gen), torch.randn(4, 5, generator=gen).sort(-1).values
     torch.testing.assert_close(rel.weighted_sort_matching(x, ref, torch.ones(4)),
                                losses.sort_matching(x, ref))
-    one_hot = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    one_hot = torch.tensor([0.0, 0.0, 1.0, 0.0])   # the mean over all 4 channels: / 4
     torch.testing.assert_close(rel.weighted_sort_matching(x, ref, one_hot),
-                               losses.sort_matching(x[:, 2:3], ref[2:3]))
+                               losses.sort_matching(x[:, 2:3], ref[2:3]) / 4)
+
+
+def _official_weighted_loss(x, ref_values, importance):
+    """The official inner code's loss for one synthetic image, as plain loops (float64):
+    ``sort_matching(input, target) * importance_neuron.unsqueeze(-1)`` then ``.mean()``, with
+    sort_matching = (x_cp - mean over references of the sorted reference values, at the rank
+    of x_cp)^2 (1, C, P) and importance (N refs, C): the mean over N, C and P of
+    w_nc * err_cp."""
+    n, c = importance.shape
+    p = x.shape[-1]
+    ref_sorted = ref_values.sort(-1).values.mean(0)                 # (N, C, P) -> (C, P)
+    total = 0.0
+    for i in range(n):
+        for ch in range(c):
+            order = sorted(range(p), key=lambda k: float(x[0, ch, k]))
+            for rank, pos in enumerate(order):
+                err = float(x[0, ch, pos]) - float(ref_sorted[ch, rank])
+                total += float(importance[i, ch]) * err * err
+    return total / (n * c * p)
+
+
+def test_weighted_sort_matching_equals_a_loop_of_the_official_formula():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 5, 7, generator=gen, dtype=torch.float64)
+    ref_values = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)    # 3 references
+    importance = torch.rand(3, 5, generator=gen, dtype=torch.float64)
+    ours = rel.weighted_sort_matching(x, ref_values.sort(-1).values.mean(0),
+                                      importance.mean(0))
+    assert abs(float(ours) - _official_weighted_loss(x, ref_values, importance)) < 1e-12
 
 
 def test_relevance_sort_matching_lowers_its_loss(cnn):

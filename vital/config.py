@@ -324,3 +324,33 @@ def run_metadata(cfg, argv: list[str] | None = None, **extra) -> dict:
         "git_commit": _git_commit(),
         **extra,
     }
+
+
+def parse_units(tokens, count: int, what: str = "neuron") -> list[int]:
+    """Unit indices from what a user wrote: numbers, ranges ``a-b`` (both ends included) and
+    ``all`` (every one of ``count``), e.g. ``["3", "17", "40"]``, ``["0-63"]``, ``["all"]``,
+    in the order given. A unit named twice, out of range or unreadable is a ConfigError that
+    says what is valid."""
+    out: list[int] = []
+    for token in tokens:
+        text = str(token).strip().lower()
+        if text == "all":
+            out += range(count)
+            continue
+        low, dash, high = text.partition("-")
+        try:
+            first, last = (int(low), int(high)) if dash and low else (int(text), int(text))
+        except ValueError:
+            raise ConfigError(f"{what} {token!r} is not a number, a range like 0-63 or 'all'"
+                              ) from None
+        if first > last:
+            raise ConfigError(f"{what} range {token!r} runs backwards; write {last}-{first}")
+        out += range(first, last + 1)
+    bad = sorted({u for u in out if not 0 <= u < count})
+    if bad:
+        raise ConfigError(f"{what}s {bad[:5]}{' ...' if len(bad) > 5 else ''} are out of range: "
+                          f"valid 0..{count - 1} ({count} {what}s)")
+    twice = sorted({u for u in out if out.count(u) > 1})
+    if twice:
+        raise ConfigError(f"{what}s {twice[:5]} are named twice; name each once")
+    return out

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 __all__ = ["topk_hits", "class_probability", "zeroshot_classifier", "zeroshot_logits",
            "covariance", "shrink_covariance", "frechet_distance", "fid", "fid_rank",
-           "auc", "mad", "auc_mad", "channel_scores", "mean_spread"]
+           "auc", "mad", "auc_mad", "channel_scores", "mean_spread", "sharpness",
+           "colourfulness"]
 
 CLIP_LOGIT_SCALE = 100.0   # CLIP's trained temperature exp(4.6052); only ranks matter here
 
@@ -270,3 +271,37 @@ def mean_spread(values) -> tuple[float, float]:
     if len(vals) == 1:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+# ---------------------------------------------------------------- image statistics
+
+_LUMA = (0.299, 0.587, 0.114)   # ITU-R BT.601 weights: grey level of an RGB pixel
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """(B,) mean gradient magnitude per pixel of each image's grey level, in grey levels of
+    [0, 1] per px: sqrt(dx^2 + dy^2) of forward differences, averaged over the pixels where
+    both exist. Blur lowers it; it depends on the px scale, so compare images at the scale
+    the model sees their content (references at their native resolution, not upscaled)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    w = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    grey = (images * w).sum(1)                                    # (B, H, W)
+    dx = grey[:, :-1, 1:] - grey[:, :-1, :-1]
+    dy = grey[:, 1:, :-1] - grey[:, :-1, :-1]
+    return (dx.pow(2) + dy.pow(2)).sqrt().flatten(1).mean(1)
+
+
+def colourfulness(images: torch.Tensor) -> torch.Tensor:
+    """(B,) colourfulness of Hasler & Süsstrunk (2003) on [0, 1] RGB images scaled to 0..255:
+    sqrt(std_rg^2 + std_yb^2) + 0.3 sqrt(mean_rg^2 + mean_yb^2) with rg = R - G and
+    yb = (R + G) / 2 - B. 0 for a grey image; ~15 "slightly", ~33 "moderately", ~59 "quite",
+    ~82 "highly colourful" (the paper's scale)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    r, g, b = (images.double() * 255.0).unbind(1)                 # (B, H, W) each
+    rg = (r - g).flatten(1)
+    yb = (0.5 * (r + g) - b).flatten(1)
+    spread = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False)).sqrt()
+    centre = (rg.mean(1).pow(2) + yb.mean(1).pow(2)).sqrt()
+    return (spread + 0.3 * centre).to(images.dtype)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from vital.config import ConfigError, make_run_dir, run_metadata, set_determinism
 from vital.models.memory import check_memory
@@ -29,7 +30,7 @@ from vital.modes.outputs import RunWriter
 from vital.modes.runner import NO_CALLBACKS, Callbacks, Plan, report
 from vital.optvis.losses import Objective
 from vital.optvis.relevance import MapsGroup
-from vital.optvis.render import RenderResult, render
+from vital.optvis.render import RenderResult, ends_the_loop, render
 
 
 def element_context(ctx: dict, b: int) -> dict:
@@ -191,16 +192,17 @@ def run_in_batches(cfgs: list, plan_fn: Callable, target, batch_size: int, argv=
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
     out = []
-    for start in range(0, len(cfgs), batch_size):
-        chunk = cfgs[start:start + batch_size]
-        set_determinism(chunk[0].seed, chunk[0].deterministic, chunk[0].hard_determinism)
-        plans = [plan_fn(cfg) for cfg in chunk]
-        out += run_batched(chunk, plans, target, argv, callbacks)
-        if out[-1][1].stopped:
-            if out[-1][1].stopped not in ("interrupted", "stopped") and \
-                    not out[-1][1].stopped.startswith("term"):
-                continue          # a NaN in one batch: the next batch still runs
-            print(f"stopped: {out[-1][1].stopped}; {len(cfgs) - len(out)} runs not started",
-                  file=sys.stderr)
-            break
+    bar = tqdm(total=len(cfgs), desc="runs", unit="run", leave=False,
+               disable=not cfgs or len(cfgs) <= batch_size or not cfgs[0].progress)
+    with bar:
+        for start in range(0, len(cfgs), batch_size):
+            chunk = cfgs[start:start + batch_size]
+            set_determinism(chunk[0].seed, chunk[0].deterministic, chunk[0].hard_determinism)
+            plans = [plan_fn(cfg) for cfg in chunk]
+            out += run_batched(chunk, plans, target, argv, callbacks)
+            bar.update(len(chunk))
+            if ends_the_loop(out[-1][1].stopped):   # a NaN in one batch: the next still runs
+                print(f"stopped: {out[-1][1].stopped}; {len(cfgs) - len(out)} runs not "
+                      f"started", file=sys.stderr)
+                break
     return out

@@ -219,15 +219,23 @@ def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, n
 
 def relevance_objective(cfg, target, layers, weights, images: torch.Tensor, sizes,
                         target_layer: str, score_fn, rule: str, floor: float = 0.0,
-                        every: int = 1) -> tuple[Objective, dict, object]:
-    """Sort matching against ``images`` (N, 3, S, S), resized to each stage size, weighted by
-    relevance for ``score_fn`` on ``target_layer`` (VITAL's relevant information flow; ``rule``
-    "none" = plain sort matching); returns (feat_weight x objective, info with the most
-    important channels per stage, the synthetic image's ``SyntheticMaps`` or None)."""
+                        every: int = 1, native: bool = False) -> tuple[Objective, dict, object]:
+    """Sort matching against ``images`` (N, 3, S, S), resized to each stage size (or with
+    ``native`` at their own S px for every stage: their feature quantiles are resampled to the
+    stage's positions), weighted by relevance for ``score_fn`` on ``target_layer`` (VITAL's
+    relevant information flow; ``rule`` "none" = plain sort matching); returns (feat_weight x
+    objective, info with the most important channels per stage, the synthetic image's
+    ``SyntheticMaps`` or None)."""
     from vital.optvis import relevance as rel
     refs, importance, info = {}, {}, {}
     for size in sorted(set(sizes)):
-        resized = resize_images(images, size)
+        if native and refs:                  # the same references at every stage
+            first = next(iter(refs))
+            refs[size], info[str(size)] = refs[first], info.get(str(first))
+            if rule != "none":
+                importance[size] = importance[first]
+            continue
+        resized = images if native else resize_images(images, size)
         if rule == "none":
             refs[size] = sorted_features(target, layers, resized, progress=cfg.progress)
         else:

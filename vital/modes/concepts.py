@@ -23,7 +23,7 @@ from vital.concepts.bank import FILE_NAME, save_bank
 from vital.config import ConfigError, make_run_dir, opt, run_metadata, set_determinism
 from vital.cache import write_json
 from vital.optvis.losses import Objective, batched_sort_matching
-from vital.optvis.render import RenderResult, render
+from vital.optvis.render import RenderResult, ends_the_loop, render
 from vital.imaging import grid, save_png, to_pil
 from vital.optvis.param import magnitude_spectrum
 from vital.refs.images import ReferenceError, list_images, load_images, resize_images
@@ -218,8 +218,7 @@ def render_elements(cfg, mode: str, target, elements: Elements,
         plans = [_element_plan(cfg, mode, target, elements, i)
                  for i in range(start, min(n, start + cfg.batch_size))]
         out.append(_render_batch(cfg, plans, callbacks, j * steps, len(starts) * steps))
-        stopped = out[-1][0].stopped or ""
-        if stopped in ("interrupted", "stopped") or stopped.startswith("term"):
+        if ends_the_loop(out[-1][0].stopped):
             break   # a NaN in one batch is recorded and the next batch still runs
     return out
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,11 @@ from vital.modes import common, recipes
 from vital.modes.batch import run_in_batches
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import relevance as rel
-from vital.config import ConfigError, opt, set_determinism
+from vital.optvis.render import ends_the_loop
+from vital.config import ConfigError, opt, parse_units, set_determinism
 from vital.cache import write_json
 from vital.refs.patches import PatchScores, channel_means, contact_sheet, data_files, \
-    iter_images, reference_patches, score_patches
+    iter_images, layer_scores, reference_patches
 from vital.models import channels_positions
 from vital.refs.images import load_images, resize_images
 from vital.refs.references import sorted_features
@@ -71,6 +73,10 @@ class InnerCFG(common.RenderCFG):
     ref_kind: str = opt("patches", "references: the top-k patches (the paper's text) or the "
                         "whole images they come from (images: the official code's)",
                         choices=["patches", "images"])
+    ref_res: str = opt("stage", "px of the references in sort matching: stage (resized to each "
+                       "stage's size) or native (as cut: patch_size px patches, data_size px "
+                       "images; their feature quantiles resampled to the stage's positions)",
+                       choices=["stage", "native"])
     neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
     relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
@@ -84,8 +90,9 @@ class InnerCFG(common.RenderCFG):
     relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
                                "(1 = every step, as in the paper; > 1 is faster but reuses maps "
                                "across jitter and flips)")
-    neurons: list[int] = opt([], "several neurons of --layer, optimised together in batches "
-                             "(one run folder each; instead of --neuron)", low=0)
+    neurons: list[str] = opt([], "several neurons of --layer, optimised together in batches "
+                             "(one run folder each; instead of --neuron): numbers, ranges "
+                             "(0-63) or all (every channel of the layer)")
     batch_size: int = opt(4, "with --neurons or --auto: neurons per batched optimisation (the "
                           "rest in further batches; 1 = one at a time)", low=1)
     auto: int = opt(0, "> 0: rank the layer's neurons and visualise the top N (not --neuron)")
@@ -237,7 +244,8 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
     synthetic image's relevance maps or None)."""
     return common.relevance_objective(cfg, target, layers, weights, patches, sizes,
                                       neuron.layer, neuron.score, cfg.relevance,
-                                      cfg.relevance_floor, cfg.relevance_every)
+                                      cfg.relevance_floor, cfg.relevance_every,
+                                      native=cfg.ref_res == "native")
 
 
 # ---------------------------------------------------------------- one run
@@ -247,16 +255,17 @@ def _crop_settings(cfg: InnerCFG, target) -> dict:
         raise ConfigError(f"--score_size {cfg.score_size} is impossible; use 8..4096 px "
                           f"(0 = score each patch as cropped)")
     return {"size": cfg.data_size or target.input_size, "patch": cfg.patch_size,
-            "stride": cfg.stride or max(1, cfg.patch_size // 2), "score_size": cfg.score_size}
+            "stride": cfg.stride or max(1, cfg.patch_size // 2), "score_size": cfg.score_size,
+            "crop": cfg.ref_crop}
 
 
 def layer_patch_scores(cfg: InnerCFG, target, neuron: NeuronTarget) -> PatchScores:
-    """Every channel of ``neuron.layer`` scored on every patch of the data set, once, to share
-    between the neurons of the layer (``run_neuron(..., patch_scores=)``)."""
-    crop = _crop_settings(cfg, target)
-    return score_patches(target, neuron.layer, neuron.layout, neuron.skip,
-                         data_files(cfg.data_dir), crop["size"], crop["patch"], crop["stride"],
-                         crop["score_size"], progress=cfg.progress)
+    """Every channel of ``neuron.layer`` scored on every patch of the data set, once (cached
+    on disk unless ``--no-cache``), to share between the neurons and directions of the layer
+    (``run_neuron(..., patch_scores=)``)."""
+    return layer_scores(target, neuron.layer, neuron.layout, neuron.skip,
+                        data_files(cfg.data_dir), use_cache=cfg.cache, progress=cfg.progress,
+                        **_crop_settings(cfg, target))
 
 
 def _patches(cfg: InnerCFG, target, neuron: NeuronTarget, scores=None):
@@ -269,7 +278,8 @@ def reference_images(cfg: InnerCFG, target, top) -> torch.Tensor:
     images they come from (cropped to data_size as for patching), as the official code does."""
     if cfg.ref_kind == "patches":
         return top.images
-    images, _ = load_images([Path(src) for src in top.sources], _crop_settings(cfg, target)["size"])
+    crop = _crop_settings(cfg, target)
+    images, _ = load_images([Path(src) for src in top.sources], crop["size"], crop=crop["crop"])
     return images
 
 
@@ -365,7 +375,8 @@ def _prompt_attribution(target, neuron: NeuronTarget, images, text) -> torch.Ten
         return attr.sum(-1).float().cpu()                   # (B, C, P) -> (B, C)
 
 
-def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "") -> torch.Tensor:
+def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "",
+                 crop: float = 1.0) -> torch.Tensor:
     """(C,) ranking scores for the channels of ``neuron.layer`` over the images ``files`` (at
     ``size`` px, streamed): mean activation, or with ``prompt`` (CLIP) the mean attribution to
     the image-text cosine."""
@@ -377,7 +388,7 @@ def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "
         from vital.models.labels import encode_texts
         text = encode_texts(target.clip, [prompt], target.device)[0].to(target.device)
     total, count = 0, 0
-    for images, _ in iter_images(files, size):
+    for images, _ in iter_images(files, size, crop=crop):
         part = _prompt_attribution(target, neuron, images, text) if prompt else \
             channel_means(target, neuron.layer, neuron.layout, images, neuron.skip)
         total, count = total + part.sum(0), count + len(images)
@@ -388,7 +399,8 @@ def run_auto(cfg: InnerCFG, target, argv=None, callbacks: Callbacks | None = Non
     """Rank the layer's neurons, visualise the top ``cfg.auto``; returns (run_dirs, result)."""
     probe = resolve_target(target, cfg.layer, 0)
     size = cfg.data_size or target.input_size
-    scores = rank_neurons(target, probe, data_files(cfg.data_dir), size, cfg.auto_prompt)
+    scores = rank_neurons(target, probe, data_files(cfg.data_dir), size, cfg.auto_prompt,
+                          cfg.ref_crop)
     top = scores.topk(min(cfg.auto, len(scores)))
     print("ranked neurons of", cfg.layer, ":", ", ".join(
         f"{i} ({s:.3g})" for s, i in zip(top.values.tolist(), top.indices.tolist())))
@@ -421,7 +433,9 @@ def run_neurons(cfg: InnerCFG, target, indices: list[int], argv=None,
             run_dir, result = run_neuron(one, target, neuron, argv, extras.get(neuron.index),
                                          patch_scores=shared, callbacks=callbacks)
             dirs.append(run_dir)
-            if result.stopped in ("interrupted", "stopped"):
+            if ends_the_loop(result.stopped):
+                print(f"stopped: {result.stopped}; {len(cfgs) - len(dirs)} runs not "
+                      f"started", file=sys.stderr)
                 break
         return dirs, result
     by_index = {n.index: n for n in neurons}
@@ -445,7 +459,8 @@ def run_inner(cfg: InnerCFG, argv=None, callbacks: Callbacks | None = None):
     if cfg.auto:
         return run_auto(cfg, target, argv, callbacks)
     if cfg.neurons:
-        return run_neurons(cfg, target, [int(n) for n in cfg.neurons], argv,
+        channels = resolve_target(target, cfg.layer, 0).channels
+        return run_neurons(cfg, target, parse_units(cfg.neurons, channels), argv,
                            callbacks=callbacks)
     neuron = resolve_target(target, cfg.layer, cfg.neuron, cfg.direction)
     return run_neuron(cfg, target, neuron, argv, callbacks=callbacks)

@@ -22,7 +22,7 @@ from vital.models import load_target
 from vital.models.opinion import make_opinion
 from vital.modes.outputs import RunWriter
 from vital.optvis.losses import Objective
-from vital.optvis.render import RenderResult, Schedule, render
+from vital.optvis.render import RenderResult, Schedule, ends_the_loop, render
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def write_run(cfg, target, writer: RunWriter, produce: Callable, callbacks: Call
 def report(result, final: Path, final_opinion: dict) -> None:
     if final_opinion.get("opinion_text"):
         print(f"final opinion: {final_opinion['opinion_text']}")
-    if result.stopped in ("interrupted", "stopped") or (result.stopped or "").startswith("term"):
+    if ends_the_loop(result.stopped):
         print(f"{result.stopped} after {result.steps_done} steps; saved what exists: {final}",
               file=sys.stderr)
     elif result.stopped:

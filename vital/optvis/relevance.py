@@ -95,25 +95,55 @@ def _abs_split_rule():
 _PAPER_EPS = 1e-5     # the official code's stabiliser: z + 1e-5
 
 
+class _MaxPoolAsAverage:
+    """The official code's max-pool rule (``RelevancePropagationMaxPool2d``, mode "avg"): the
+    forward keeps the max pool, but relevance is redistributed as through a 2 x 2 average
+    pool of stride 2, R_in = a * d/da [avgpool(a) + eps] . R_out / (avgpool(a) + eps), i.e.
+    each input gets a share of its window's relevance in proportion to its value. (A rule
+    that backpropagates through the max pool itself would send the whole window's relevance
+    to its maximum.) ``ceil_mode`` keeps the average pool's output the size of the max
+    pool's (3 x 3, stride 2, padding 1 in a ResNet stem) for odd inputs too."""
+
+    @staticmethod
+    def make():
+        from zennit.core import BasicHook
+
+        class Hook(BasicHook):
+            def backward(self, module, grad_input, grad_output):
+                a = self.stored_tensors["input"][0].clone().requires_grad_()
+                with torch.enable_grad():
+                    z = F.avg_pool2d(a, 2, stride=2, ceil_mode=True) + _PAPER_EPS
+                if z.shape != grad_output[0].shape:
+                    raise ValueError(f"the official max-pool rule (a 2 x 2 average pool) "
+                                     f"gives {tuple(z.shape)} where the max pool gave "
+                                     f"{tuple(grad_output[0].shape)}; use --relevance lrp")
+                (g,) = torch.autograd.grad(z, a, grad_outputs=grad_output[0] / z)
+                return (a * g,)
+
+            def copy(self):
+                return Hook()
+        return Hook()
+
+
 def _paper_composite():
     """The official VITAL LRP (``inner_fvis/utils/lrp.py``, ``lrp_layers.py``): z+ on
     convolutions and linear layers (positive weights, bias zeroed, z + 1e-5), batch norms and
-    activations pass relevance through unchanged, pooling splits it in proportion to the
-    inputs, residual additions split it by |main| / (|main| + |skip|). Differences, for
+    activations pass relevance through unchanged, average pooling splits it in proportion to
+    the inputs, a max pool as if it were a 2 x 2 average pool (``_MaxPoolAsAverage``, as the
+    official code), residual additions split it by |main| / (|main| + |skip|). Difference, for
     architectures the official code does not cover: zennit's z+ also gives negative inputs a
     share through the negative weights (alpha=1, beta=0), which for post-ReLU inputs (every
-    ResNet convolution) is the official rule; a max pool keeps its forward and splits
-    relevance in proportion to the window's inputs (the official code swaps it for an average
-    pool in the LRP pass)."""
+    ResNet convolution) is the official rule."""
     from zennit.composites import LayerMapComposite
     from zennit.layer import Sum
     from zennit.rules import Norm, Pass, ZPlus
     from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
     zplus = ZPlus(stabilizer=_PAPER_EPS, zero_params=["bias"])
-    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)
+    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
     passing = (nn.BatchNorm2d, nn.BatchNorm1d, nn.Dropout, nn.Identity) + _activation_types()
     layer_map = [(nn.Conv2d, zplus), (nn.Linear, zplus), (passing, Pass()),
-                 (pools, Norm(stabilizer=_PAPER_EPS)), (Sum, _abs_split_rule())]
+                 (pools, Norm(stabilizer=_PAPER_EPS)), (nn.MaxPool2d, _MaxPoolAsAverage.make()),
+                 (Sum, _abs_split_rule())]
     return LayerMapComposite(layer_map=layer_map, canonizers=[
         ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(), _residual_sum_canonizer()])
 
@@ -276,15 +306,20 @@ def channel_importance(rel: torch.Tensor) -> torch.Tensor:
 
 def weighted_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor,
                            channel_weights: torch.Tensor) -> torch.Tensor:
-    """Sort matching with a weight per channel: sum_c w_c L_c / sum_c w_c, where L_c is the mean
-    over B and P of (sort(x)_c - ref_c)^2. Unit weights give ``losses.sort_matching``."""
+    """Sort matching with a weight per channel, as the official code: the mean over channels of
+    w_c L_c (sum_c w_c L_c / C, not / sum_c w_c), where L_c is the mean over B and P of
+    (sort(x)_c - ref_c)^2. The official code multiplies each channel's squared errors by its
+    importance and takes the mean over images, channels and positions, so a layer whose
+    channels are mostly unimportant weighs less in the sum over layers; dividing by sum_c w_c
+    instead would rescale each layer's term by C / sum_c w_c and upset the official layer
+    weights and priors. Unit weights give ``losses.sort_matching``."""
     if x.dim() != 3 or ref_sorted.shape[0] != x.shape[1] or channel_weights.shape != (x.shape[1],):
         raise ValueError(f"need x (B, C, P), ref (C, Q) and weights (C,), got {tuple(x.shape)}, "
                          f"{tuple(ref_sorted.shape)} and {tuple(channel_weights.shape)}")
     ref = resample_quantiles(ref_sorted.detach().to(x), x.shape[-1])      # (C, P)
     per_channel = (sort_values(x) - ref).pow(2).mean(dim=(0, 2))           # (C,)
     w = channel_weights.detach().to(x)
-    return (w * per_channel).sum() / w.sum().clamp_min(_EPS)
+    return (w * per_channel).mean()
 
 
 @torch.no_grad()

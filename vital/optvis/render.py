@@ -60,6 +60,14 @@ class RenderResult:
     step_seconds: float = 0.0        # optimisation time per step, without save steps / callbacks
 
 
+def ends_the_loop(stopped: str | None) -> bool:
+    """The one stop rule of every loop over runs, batches, layers or sweeps: after a run that
+    stopped by Ctrl-C ("interrupted"), SIGTERM ("terminated ...") or a stop request
+    ("stopped"), nothing further starts; a run that ended normally (None) or on a non-finite
+    loss ("nan: ...", that run's own failure, recorded) lets the next one go on."""
+    return bool(stopped) and not stopped.startswith("nan")
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message names the term."""
 
