@@ -164,13 +164,13 @@ def reference_stats(run_dir: Path, size: int) -> dict:
             "colourfulness": float(metrics.colourfulness(images).mean())}
 
 
-def probe_scores(model, neuron, probe: Path, size: int) -> torch.Tensor:
-    """(N,) the direction's score on every probe photo (whole photos at ``size`` px)."""
+def probe_means(model, probe: Path, size: int) -> torch.Tensor:
+    """(N, C) every channel's mean at ``LAYER`` on every probe photo (whole photos at ``size``
+    px); a direction's score is their projection."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         images, _ = load_images(list_images(probe), size)
-    means = channel_means(model, neuron.layer, neuron.layout, images, neuron.skip)
-    return neuron.score_means(means)
+    return channel_means(model, LAYER, "BCHW", images)
 
 
 def score(args, classes, names, seeds, probe: Path) -> tuple[dict, dict]:
@@ -179,8 +179,8 @@ def score(args, classes, names, seeds, probe: Path) -> tuple[dict, dict]:
     judge = HeldoutJudge(judge_model, {r["name"]: (r["index"], r["heldout"]) for r in classes})
     neurons = {r["name"]: resolve_target(model, LAYER, direction=str(
         direction_file(model, r["index"], out))) for r in classes}
-    top_real = {n: probe_scores(model, neuron, probe, args.size).topk(50).values
-                for n, neuron in neurons.items()}
+    means = probe_means(model, probe, args.size)
+    top_real = {n: neuron.score_means(means).topk(50).values for n, neuron in neurons.items()}
     table, tiles = {}, {}
     for name in names:
         per_seed = []
