@@ -62,6 +62,7 @@ def methods(budget: int) -> dict[str, tuple[str, str, dict]]:
     return {
         "toolkit": ("inner", "toolkit", multires),
         "images": ("inner", "toolkit", {**multires, "ref_kind": "images"}),
+        "patches": ("inner", "toolkit", {**multires, "ref_kind": "patches"}),   # before issue 22
         "native": ("inner", "toolkit", {**multires, "ref_res": "native"}),
         "floor0": ("inner", "toolkit", {**multires, "relevance_floor": 0.0}),
         "none": ("inner", "toolkit", {**multires, "relevance": "none"}),

@@ -51,10 +51,11 @@ class DescribeCFG(LabelCFG):
     vis_batch_size: int = opt(4, "inner mode: neurons of a layer optimised together in one "
                               "batched optimisation (vital.modes.batch; the same images as one "
                               "at a time up to float rounding); 1 = one at a time", low=1)
-    vis_probe: int = opt(32, "inner mode crops its reference patches from the neuron's N most "
-                         "activating probe images (copied to visuals/probe_<layer>_<unit>/); "
-                         "0 = from the whole probe folder (every patch of every image is "
-                         "scored: slow for a large probe set)")
+    vis_probe: int = opt(0, "0 = inner mode takes its references from the whole probe folder, "
+                         "with the layer's patch scores computed once for every channel and "
+                         "cached (vital.refs.patches.layer_scores: the same scores as inner "
+                         "mode and the harness); N > 0 = only from the neuron's N most "
+                         "activating probe images (copied to visuals/probe_<layer>_<unit>/)")
 
 
 def _vis_checks(cfg: DescribeCFG):

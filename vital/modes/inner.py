@@ -70,8 +70,10 @@ class InnerCFG(common.RenderCFG):
     patch_size: int = opt(64, "side of the square patches in px (at data_size)")
     stride: int = opt(0, "step between patches in px (0 = patch_size // 2)")
     score_size: int = opt(0, "px at which the model scores a patch (0 = as cropped)")
-    ref_kind: str = opt("patches", "references: the top-k patches (the paper's text) or the "
-                        "whole images they come from (images: the official code's)",
+    ref_kind: str = opt("images", "references: the whole images the top-k patches come from "
+                        "(images: the official code's; sharp, natural-scale pictures on held-out "
+                        "photos, docs/inner.md) or the top-k patches themselves (the paper's "
+                        "text; patches upscaled to each stage come out blurred)",
                         choices=["patches", "images"])
     ref_res: str = opt("stage", "px of the references in sort matching: stage (resized to each "
                        "stage's size) or native (as cut: patch_size px patches, data_size px "

@@ -49,7 +49,7 @@ TOOLKIT_CLASS = {
 TOOLKIT_INNER = {**{k: v for k, v in TOOLKIT_CLASS.items()
                     if k not in ("class_weight", "attn_steering")},
                  "neuron_weight": 0.3, "relevance": "gradxact", "relevance_floor": 0.5,
-                 "ref_kind": "patches", "pyramid_gain": 1.0}   # gain not measured for inner
+                 "ref_kind": "images", "pyramid_gain": 1.0}   # issue 22: images (docs/inner.md)
 
 CLASS_RECIPES = {"toolkit": TOOLKIT_CLASS, "paper": PAPER_CLASS}
 INNER_RECIPES = {"toolkit": TOOLKIT_INNER, "paper": PAPER_INNER}
