@@ -118,6 +118,29 @@ def test_patch_cache_hits_and_rebuilds_when_corrupt(tmp_path, red, isolated_cach
     assert not rebuilt.info["cache_hit"] and rebuilt.sources == first.sources
 
 
+def test_cached_patches_name_the_files_where_they_are_now(tmp_path, red, isolated_cache,
+                                                         monkeypatch):
+    """A cache hit from a folder that has moved (or was given relative to another working
+    directory) names today's paths, so whole-image references still load; the layer's patch
+    scores too."""
+    import shutil
+    _red_data(tmp_path / "data")
+    neuron = resolve_target(red, "conv", 0)
+    kw = dict(size=48, patch=16, stride=8, k=3, progress=False)
+    first = P.reference_patches(red, neuron, tmp_path / "data", **kw)
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    again = P.reference_patches(red, neuron, tmp_path / "moved", **kw)
+    assert again.info["cache_hit"]
+    assert again.sources == [s.replace(str(tmp_path / "data"), str(tmp_path / "moved"))
+                             for s in first.sources]
+    assert all(Path(s).is_file() for s in again.sources)
+    files = P.data_files(tmp_path / "moved")
+    monkeypatch.setattr(P, "score_patches", lambda *a, **k: pytest.fail("scored again"))
+    scores = P.layer_scores(red, "conv", neuron.layout, neuron.skip, files, size=48, patch=16,
+                            stride=8, progress=False)
+    assert scores.files == files
+
+
 def _mixer():
     """Two 1x1 conv channels that mix the colours: a direction in their space scores patches
     differently from either channel alone."""

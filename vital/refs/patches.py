@@ -219,13 +219,19 @@ def layer_scores(target, layer: str, layout: str, skip: int, files: list[Path], 
         if use_cache else None
     if found is not None:
         tensors, meta = found
-        return PatchScores(tensors["means"], tensors["corners"], [Path(f) for f in meta["files"]],
-                           size, patch, None, crop)
+        # the key holds the files' contents in order, so stored indexes name today's paths
+        # (stored paths could be relative to another cwd, or moved since); entries of older
+        # versions (paths) or with impossible indexes are scored again
+        try:
+            return PatchScores(tensors["means"], tensors["corners"],
+                               [files[i] for i in meta["file_index"]], size, patch, None, crop)
+        except (KeyError, IndexError, TypeError):
+            pass
     scores = score_patches(target, layer, layout, skip, files, size, patch, stride, score_size,
                            batch_size=batch_size, progress=progress, crop=crop)
     if use_cache:
         cache.store_tensors(entry, {"means": scores.means, "corners": scores.corners},
-                            {"files": [str(f) for f in scores.files], "layer": layer,
+                            {"file_index": _indexes(files, scores.files), "layer": layer,
                              "size": size, "patch": patch}, "layer patch scores")
     return scores
 
@@ -251,25 +257,34 @@ def _png_tensor(path: Path) -> torch.Tensor:
         return data.view(img.height, img.width, 3).permute(2, 0, 1).float() / 255.0  # HWC->CHW
 
 
-def _load_entry(folder: Path) -> TopPatches | None:
+def _indexes(files: list[Path], used) -> list[int]:
+    """Where each of ``used`` is in ``files``: what a cache entry stores instead of paths."""
+    where = {str(f): i for i, f in enumerate(files)}
+    return [where[str(u)] for u in used]
+
+
+def _load_entry(folder: Path, files: list[Path]) -> TopPatches | None:
+    """The cached top patches, their sources mapped to today's paths of the same files."""
     index = folder / "index.json"
     if not index.is_file():
         return None
     try:
         meta = json.loads(index.read_text())
+        if "source_index" not in meta:   # an entry of an older version (paths): rebuilt
+            return None
         paths = [folder / name for name in meta["files"]]
         if [cache.file_sha256(p) for p in paths] != meta["sha256"]:
             raise ValueError("content hash mismatch")
         images = torch.stack([_png_tensor(p) for p in paths])
-        return TopPatches(images, meta["scores"], meta["sources"],
+        return TopPatches(images, meta["scores"], [str(files[i]) for i in meta["source_index"]],
                           [tuple(c) for c in meta["corners"]])
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, json.JSONDecodeError) as err:
         warnings.warn(f"patch cache {folder} is corrupt ({err}); rebuilding it", stacklevel=3)
         shutil.rmtree(folder, ignore_errors=True)
         return None
 
 
-def _store_entry(folder: Path, top: TopPatches) -> None:
+def _store_entry(folder: Path, top: TopPatches, files: list[Path]) -> None:
     """PNGs + index.json (with their hashes); a full disk only loses the cache entry."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -279,7 +294,8 @@ def _store_entry(folder: Path, top: TopPatches) -> None:
         top.images = torch.stack([_png_tensor(folder / n) for n in names])  # what a hit returns
         write_json(folder / "index.json", {
             "files": names, "sha256": [cache.file_sha256(folder / n) for n in names], "scores": top.scores,
-            "sources": top.sources, "corners": [list(c) for c in top.corners]})
+            "source_index": _indexes(files, top.sources),
+            "corners": [list(c) for c in top.corners]})
     except OSError as err:
         shutil.rmtree(folder, ignore_errors=True)
         warnings.warn(f"could not write patch cache {folder}: {err}", stacklevel=3)
@@ -300,7 +316,7 @@ def reference_patches(target, neuron, folder, *, size: int, patch: int, stride: 
     entry = cache.cache_dir("inner_patches", key)
     info = {"key": key, "data_dir": str(folder), "images": len(files), "size": size,
             "patch": patch, "stride": stride, "score_size": score_size, "crop": crop}
-    top = _load_entry(entry) if use_cache else None
+    top = _load_entry(entry, files) if use_cache else None
     if top is not None:
         top.info = {**info, "cache_hit": True}
         return top
@@ -310,7 +326,7 @@ def reference_patches(target, neuron, folder, *, size: int, patch: int, stride: 
                               crop=crop, use_cache=use_cache, progress=progress)
     top = select_top(scores() if callable(scores) else scores, neuron, k)
     if use_cache:
-        _store_entry(entry, top)
+        _store_entry(entry, top, files)
     top.info = {**info, "cache_hit": False}
     return top
 
