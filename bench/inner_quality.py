@@ -154,8 +154,13 @@ def reference_stats(run_dir: Path, size: int) -> dict:
     refs = meta.get("references")
     if refs:
         patch, crop = refs["patch"], refs.get("crop", 1.0)
+        # runs made before the patch cache stored indexes may name a path relative to another
+        # working directory: the photo is the probe folder's file of the same name
+        probe = Path(meta["cfg"]["data_dir"])
+        sources = [src if Path(src).is_file() else probe / Path(src).name
+                   for src in refs["sources"]]
         tiles = [load_image(src, refs["size"], crop)[:, r:r + patch, c:c + patch]
-                 for src, (r, c) in zip(refs["sources"], refs["corners"])]
+                 for src, (r, c) in zip(sources, refs["corners"])]
         images = torch.stack(tiles)
     else:
         with warnings.catch_warnings():
@@ -250,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--shard", default="", help="i/n: render every n-th run from i")
     parser.add_argument("--report", action="store_true", help="only score finished runs")
+    parser.add_argument("--report_name", default="report",
+                        help="file stem of the report (.md, .json, _grid.png)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="out_bench/inner_quality")
     args = parser.parse_args(argv)
@@ -274,18 +281,18 @@ def main(argv=None) -> int:
             return 0
     table, tiles = score(args, classes, list(specs), args.seeds, probe)
     text = markdown(table, len(args.seeds))
-    (out / "report.md").write_text(
+    (out / f"{args.report_name}.md").write_text(
         f"{args.model} at {args.size} px, {args.budget} steps per run, seeds {args.seeds}, "
         f"fc-row directions at {LAYER} for {len(classes)} classes of {args.data}; judge "
         f"{args.judge}.\n\n{text}\n")
-    (out / "report.json").write_text(json.dumps(
+    (out / f"{args.report_name}.json").write_text(json.dumps(
         {k: {m: list(v) for m, v in row.items()} for k, row in table.items()}, indent=2))
     sheet = grid([to_pil(t).resize((112, 112)) for n in specs for t in tiles[n]],
                  [f"{n[:12]} {r['label'][:9]}" for n in specs for r in classes],
                  cols=len(classes))
-    save_png(sheet, out / "grid.png")
+    save_png(sheet, out / f"{args.report_name}_grid.png")
     print(text)
-    print(out / "grid.png")
+    print(out / f"{args.report_name}_grid.png")
     return 0
 
 
