@@ -152,7 +152,7 @@ def reference_stats(run_dir: Path, size: int) -> dict:
     again from the photos at the size they were cut at; class mode: its reference photos)."""
     meta = json.loads((run_dir / "config.json").read_text())
     refs = meta.get("references")
-    if refs:
+    if refs and "patch" in refs:   # inner mode (class mode records its reference photos)
         patch, crop = refs["patch"], refs.get("crop", 1.0)
         # runs made before the patch cache stored indexes may name a path relative to another
         # working directory: the photo is the probe folder's file of the same name
