@@ -13,16 +13,8 @@ Examples:
       --batch_size 4 --size 128 --steps 300       # one batched optimisation, one folder each
 """
 import sys
-from dataclasses import dataclass
 
-from vital.modes.class_batch import ClassBatchCFG, run_class_or_batch
-from vital.cli import main
-
-
-@dataclass
-class CFG(ClassBatchCFG):
-    """Class neuron visualisation (VITAL). Precedence: defaults < --json_cfg < command line."""
-
+from vital.commands import vital_class   # installed as `vital-class`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_class_or_batch))
+    sys.exit(vital_class())

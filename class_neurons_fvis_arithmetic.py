@@ -18,16 +18,8 @@ Examples:
       --no_determinism
 """
 import sys
-from dataclasses import dataclass
 
-from vital.modes.arithmetic import ArithmeticCFG, run_arithmetic
-from vital.cli import main
-
-
-@dataclass
-class CFG(ArithmeticCFG):
-    """Embedding arithmetic steering (VITAL). Precedence: defaults < --json_cfg < command line."""
-
+from vital.commands import vital_arithmetic   # installed as `vital-arithmetic`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_arithmetic))
+    sys.exit(vital_arithmetic())

@@ -17,16 +17,8 @@ Examples:
       --ref_dir my_cats/ --layer_block block.9 --exclude_registers
 """
 import sys
-from dataclasses import dataclass
 
-from vital.cli import main
-from vital.modes.concepts import ConceptCFG, run_concepts
-
-
-@dataclass
-class CFG(ConceptCFG):
-    """Concept visualisation (CRAFT + VITAL). Precedence: defaults < --json_cfg < command line."""
-
+from vital.commands import vital_concepts   # installed as `vital-concepts`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_concepts))
+    sys.exit(vital_concepts())

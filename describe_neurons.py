@@ -20,17 +20,8 @@ Examples:
       --concept_model ViT-B/16 --visualise 10 --check
 """
 import sys
-from dataclasses import dataclass
 
-from vital.cli import main
-from vital.eval.label_visuals import DescribeCFG, run_describe
-
-
-@dataclass
-class CFG(DescribeCFG):
-    """Neuron labels and linear explanations. Precedence: defaults < --json_cfg < command
-    line."""
-
+from vital.commands import vital_describe   # installed as `vital-describe`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_describe))
+    sys.exit(vital_describe())

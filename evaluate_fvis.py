@@ -44,16 +44,8 @@ Examples:
       --settings "steps_multires=[50,100],num_ref=12" --out_dir out_eval/small
 """
 import sys
-from dataclasses import dataclass
 
-from vital.eval.harness import EvalCFG, main
-
-
-@dataclass
-class CFG(EvalCFG):
-    """Evaluation sweep of class visualisations (see the module docstring).
-    Precedence: defaults < --json_cfg SWEEP.json < command line."""
-
+from vital.commands import vital_eval   # installed as `vital-eval`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG))
+    sys.exit(vital_eval())

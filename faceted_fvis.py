@@ -14,16 +14,8 @@ Examples:
       --target_layer blocks.15 --decomp_layer blocks.10 --n_facets 3
 """
 import sys
-from dataclasses import dataclass
 
-from vital.cli import main
-from vital.modes.facets import FacetCFG, run_facets
-
-
-@dataclass
-class CFG(FacetCFG):
-    """Facet visualisation (CRAFT + VITAL). Precedence: defaults < --json_cfg < command line."""
-
+from vital.commands import vital_facets   # installed as `vital-facets`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_facets))
+    sys.exit(vital_facets())

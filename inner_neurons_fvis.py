@@ -19,16 +19,8 @@ Examples:
   python inner_neurons_fvis.py --layer blocks.10 --direction my_direction.npy
 """
 import sys
-from dataclasses import dataclass
 
-from vital.cli import main
-from vital.modes.inner import InnerCFG, run_inner
-
-
-@dataclass
-class CFG(InnerCFG):
-    """Inner neuron visualisation (VITAL). Precedence: defaults < --json_cfg < command line."""
-
+from vital.commands import vital_inner   # installed as `vital-inner`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_inner))
+    sys.exit(vital_inner())

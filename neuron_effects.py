@@ -13,16 +13,8 @@ Examples:
   python neuron_effects.py --model ViT-B/32 --layer 9 --probe_dir my_images/ --heatmap "a dog"
 """
 import sys
-from dataclasses import dataclass
 
-from vital.cli import main
-from vital.eval.effect_visuals import NeuronEffectsCFG, run_neuron_effects
-
-
-@dataclass
-class CFG(NeuronEffectsCFG):
-    """Second-order effects of CLIP neurons. Precedence: defaults < --json_cfg < command line."""
-
+from vital.commands import vital_effects   # installed as `vital-effects`
 
 if __name__ == "__main__":
-    sys.exit(main(CFG, run_neuron_effects))
+    sys.exit(vital_effects())

@@ -8,15 +8,8 @@ Any model spec of ``vital.models.load_target`` works (see ``--model`` help). Sha
 image (batch 1) at the model's native input size unless ``--size`` is given.
 """
 import sys
-from dataclasses import dataclass
 
-from vital.models.layer_table import LayersCFG, main
-
-
-@dataclass
-class CFG(LayersCFG):
-    """List the layers of a model with their output shapes and channel / neuron counts."""
-
+from vital.commands import vital_layers   # installed as `vital-layers`
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(vital_layers())

@@ -9,7 +9,7 @@ Examples:
 """
 import sys
 
-from vital.app.gui import main
+from vital.commands import vital_gui   # installed as `vital-gui`
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(vital_gui())

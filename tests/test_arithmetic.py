@@ -236,7 +236,7 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, args, message):
 
 
 def test_presets_resolve():
-    for preset in sorted((ROOT / "presets").glob("arithmetic_*.json")):
+    for preset in sorted((ROOT / "vital" / "presets").glob("arithmetic_*.json")):
         parse_cfg(ArithmeticCFG, ["--json_cfg", str(preset)])   # unknown keys would fail
 
 

@@ -11,7 +11,8 @@ import torch
 from vital.eval import inner as eval_inner
 from vital.eval import metrics
 from vital.config import ConfigError
-from vital.eval.harness import EvalCFG, main
+from vital.cli import main
+from vital.eval.harness import EvalCFG, run_eval
 
 from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, read_png, run_script, \
     write_images
@@ -166,6 +167,6 @@ def test_script_runs_an_inner_sweep_end_to_end(tmp_path, monkeypatch):
     written = report.read_text()
     assert "| am_fft |" in written
     report.unlink()
-    assert main(EvalCFG, ["--mode", "inner", "--out_dir", str(tmp_path / "o"),
+    assert main(EvalCFG, run_eval, ["--mode", "inner", "--out_dir", str(tmp_path / "o"),
                           "--layer", "stage2", "--data_dir", "x", "--report"]) == 0
     assert report.read_text() == written

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import runpy
 import signal
 import sys
 import warnings
@@ -18,6 +17,7 @@ from PIL import Image
 
 from helpers import isolated_workdir
 from vital.cli import main
+from vital.commands import by_script
 from vital.config import ConfigError, check_cfg, parse_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +36,8 @@ def write_images(folder: Path, n: int, size: int = 40) -> Path:
 
 
 def script(name: str):
-    scope = runpy.run_path(str(ROOT / name), run_name="faults_test")
-    runs = [v for k, v in scope.items() if k.startswith("run_") and callable(v)]
-    return scope["CFG"], runs[0]
+    """(CFG, run function) of a root script: the command it runs (``vital.commands``)."""
+    return by_script(name).load()
 
 
 def run_script(name: str, *argv: str) -> int:

@@ -10,7 +10,6 @@ file) the same command renders, with the bank it finds by itself.
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from PIL import Image
 
 from helpers import isolated_workdir
 from vital.cli import main
+from vital.commands import by_script
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--size", "64", "--steps", "2", "--save_steps", "0", "--no-progress"]
@@ -41,10 +41,8 @@ def write_images(folder: Path, n: int, size: int = 48, seed: int = 0) -> Path:
 
 
 def script(name: str):
-    """(CFG, run function) of a root script, loaded without running its ``__main__`` block."""
-    scope = runpy.run_path(str(ROOT / name), run_name="fork_test")
-    runs = [v for k, v in scope.items() if k.startswith("run_") and callable(v)]
-    return scope["CFG"], runs[0]
+    """(CFG, run function) of a root script: the command it runs (``vital.commands``)."""
+    return by_script(name).load()
 
 
 def run(name: str, command: str, *extra: str) -> int:

@@ -374,11 +374,11 @@ def test_script_runs_end_to_end(tmp_path):
     assert_png_shows(run_dir / "references.png")
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "presets").glob("inner_*.json")))
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "vital" / "presets").glob("inner_*.json")))
 def test_presets_parse(preset):
     from vital.config import parse_cfg
     from vital.optvis.relevance import RULES
-    cfg = parse_cfg(InnerCFG, ["--json_cfg", str(ROOT / "presets" / preset)])
+    cfg = parse_cfg(InnerCFG, ["--json_cfg", str(ROOT / "vital" / "presets" / preset)])
     assert cfg.layer and cfg.data_dir == "references"
     assert cfg.relevance in RULES and cfg.relevance != "none"    # a relevance-weighted preset
 

@@ -59,9 +59,13 @@ def os_error_text(err: OSError) -> str:
     return f"{err.strerror or err}{where}"
 
 
-def main(cfg_cls, run_fn, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` into ``cfg_cls``, call ``run_fn(cfg, argv)``; return the exit status."""
-    cfg = parse_cfg(cfg_cls, argv)
+def main(cfg_cls, run_fn, argv: list[str] | None = None, description: str | None = None) -> int:
+    """Parse ``argv`` into ``cfg_cls``, call ``run_fn(cfg, argv)``; return the exit status.
+
+    ``run_fn`` returns ``(anything, result)`` where ``result.stopped`` is "" when it finished
+    (else the reason: "interrupted", "terminated ...", any other text is a failure, status 1).
+    ``description`` heads ``--help`` (default: the CFG's docstring)."""
+    cfg = parse_cfg(cfg_cls, argv, description)
     with sigterm_as_interrupt():
         try:
             _, result = run_fn(cfg, argv)

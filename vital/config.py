@@ -24,7 +24,7 @@ import torch
 
 from vital.cache import write_json
 
-__all__ = ["opt", "parse_cfg", "check_cfg", "recipe_values", "with_recipe", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
+__all__ = ["opt", "parse_cfg", "packaged", "check_cfg", "recipe_values", "with_recipe", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
            "set_determinism", "resolve_device", "run_metadata", "ConfigError"]
 
 # Keys that steer parsing itself; they are accepted on the command line but never stored.
@@ -97,9 +97,27 @@ def _build_parser(cfg_cls, description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def load_json_cfg(cfg_cls, path: str | os.PathLike) -> dict:
-    """Read a JSON config; unknown keys fail and name the valid ones."""
+# Folders of data files that ship inside the package (vital/presets, vital/input_prompts).
+PACKAGE_DATA = ("presets", "input_prompts")
+
+
+def packaged(path: str | os.PathLike) -> Path:
+    """``path``, or the file of that name that ships inside the package when ``path`` is a
+    relative ``presets/...`` or ``input_prompts/...`` path not found from the working
+    directory: ``--json_cfg presets/quickstart_efficientnet.json`` works from any folder, in a
+    checkout and in an installed package alike. Anything else is returned unchanged."""
     path = Path(path)
+    if path.exists() or path.is_absolute() or not path.parts or path.parts[0] not in PACKAGE_DATA:
+        return path
+    from importlib.resources import files
+    shipped = Path(str(files("vital").joinpath(*path.parts)))
+    return shipped if shipped.exists() else path
+
+
+def load_json_cfg(cfg_cls, path: str | os.PathLike) -> dict:
+    """Read a JSON config (``presets/...`` also from the package: :func:`packaged`); unknown
+    keys fail and name the valid ones."""
+    path = packaged(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; give a JSON file (e.g. one written "
                           f"by --dump_cfg)")

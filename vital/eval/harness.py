@@ -26,7 +26,6 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from vital import config
 from vital.modes.batch import run_in_batches
 from vital.modes.class_mode import plan_class, run_class
 from vital.modes.runner import name_layers, prepare
@@ -304,37 +303,41 @@ def run_task(cfg: EvalCFG, indices: list[int]) -> tuple[list[dict], list[bool]]:
     return [record for record, _ in done], [skipped for _, skipped in done]
 
 
-def main(cfg_cls, argv: list[str] | None = None) -> int:
-    """The script's entry point: run the sweep (and report unless sharded) or only report."""
-    from vital.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, known_errors
+@dataclasses.dataclass
+class SweepOutcome:
+    """What ``run_eval`` hands to ``vital.cli.main``: ``stopped`` is "" when the sweep (or
+    report) finished, else why it did not ("interrupted", "terminated ...", "failed: ...")."""
+    stopped: str = ""
+
+
+def run_eval(cfg: EvalCFG, argv: list[str] | None = None) -> tuple[Path, SweepOutcome]:
+    """``evaluate_fvis.py`` / ``vital-eval`` under ``vital.cli.main``: run the sweep (and
+    report unless sharded) or only report; (out_dir, SweepOutcome). Bad input raises (one
+    sentence, status 2, from ``cli.main``); Ctrl-C, SIGTERM and failed tasks are outcomes."""
     from vital.eval.launchers import SweepFailed
     from vital.eval.report import write_report
-    cfg = config.parse_cfg(cfg_cls, argv)
     try:
         if cfg.mode == "inner":
-            return _main_inner(cfg)
-        if not cfg.report:
-            run_sweep(cfg)
-        if cfg.report or not (cfg.shard or cfg.list_runs):
-            print(write_report(cfg.out_dir, expected=expand(cfg)))
-    except KeyboardInterrupt:
+            _main_inner(cfg)
+        else:
+            if not cfg.report:
+                run_sweep(cfg)
+            if cfg.report or not (cfg.shard or cfg.list_runs):
+                print(write_report(cfg.out_dir, expected=expand(cfg)))
+    except KeyboardInterrupt as err:   # Ctrl-C, or SIGTERM (vital.cli.Terminated)
         print("interrupted: finished runs keep their result.json; run the same command again "
               "to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except known_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return Path(cfg.out_dir), SweepOutcome(getattr(err, "stopped_as", "interrupted"))
     except SweepFailed as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return Path(cfg.out_dir), SweepOutcome(f"failed: {err}")
+    return Path(cfg.out_dir), SweepOutcome()
 
 
-def _main_inner(cfg: EvalCFG) -> int:
+def _main_inner(cfg: EvalCFG) -> None:
     """``--mode inner``: run the inner-neuron sweep (``vital.eval.inner``), then report."""
     from vital.eval.inner import run_inner_sweep, write_inner_report
     if not cfg.report:
         run_inner_sweep(cfg)
     if cfg.report or not (cfg.shard or cfg.list_runs):
         print(write_inner_report(cfg.out_dir))
-    return 0

@@ -14,21 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from vital import cache
+from vital.config import packaged
 from vital.models.labels import encode_texts
 
 
-
-_REPO = Path(__file__).resolve().parents[2]   # the project folder (a source checkout)
-
-
 def read_prompts(path: str | Path | None) -> list[str]:
-    """Non-empty, non-comment lines of a prompts file (missing file: no prompts). A relative
-    path not found from the working directory is looked up in the project folder."""
+    """Non-empty, non-comment lines of a prompts file (missing file: no prompts). The default
+    ``input_prompts/prompts.txt``, not found from the working directory, is the one that ships
+    in the package (``vital.config.packaged``)."""
     if not path:
         return []
-    path = Path(path)
-    if not path.is_file() and not path.is_absolute():
-        path = _REPO / path
+    path = packaged(path)
     if not path.is_file():
         return []
     lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
