@@ -24,14 +24,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vital.config import parse_units  # noqa: E402
-from vital.imaging import grid, save_png, to_pil  # noqa: E402
-from vital.modes.runner import prepare  # noqa: E402
-from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_inner  # noqa: E402
-from vital.refs.images import load_image  # noqa: E402
+from vital.config import parse_units
+from vital.imaging import grid, save_png, to_pil
+from vital.modes.runner import prepare
+from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_inner
+from vital.refs.images import load_image
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,9 @@ from vital.refs.images import IMAGE_EXTENSIONS, ReferenceError, load_image
 from vital import cache
 
 _PREPROCESS_TAG = "rgb|resize-short-bicubic|center-crop|unfold|[0,1]"
+# in the keys of both caches: entries name their photos by index into the data folder's sorted
+# files (the key holds their contents in that order), not by path; earlier entries are not found
+_ENTRY_LAYOUT = "file-index"
 _SHEET_TILE = 96   # px of a tile in the contact sheet (patches are upscaled to at least this)
 
 
@@ -198,9 +201,9 @@ def layer_key(target, layer: str, skip: int, files: list[Path], size: int, patch
     """The cache key of a layer's patch scores: what they depend on."""
     spec = {"format": cache.FORMAT, "model": str(target.spec), "weights": target.weight_hash,
             "layer": layer, "skip": skip, "files": cache.files_digest(files),
-            "preprocess": _PREPROCESS_TAG, "size": size, "patch": patch, "stride": stride,
-            "score_size": score_size, "crop": float(crop), "mean": list(target.mean),
-            "std": list(target.std)}
+            "preprocess": _PREPROCESS_TAG, "entry": _ENTRY_LAYOUT, "size": size, "patch": patch,
+            "stride": stride, "score_size": score_size, "crop": float(crop),
+            "mean": list(target.mean), "std": list(target.std)}
     return cache.key(spec)
 
 
@@ -219,14 +222,12 @@ def layer_scores(target, layer: str, layout: str, skip: int, files: list[Path], 
         if use_cache else None
     if found is not None:
         tensors, meta = found
-        # the key holds the files' contents in order, so stored indexes name today's paths
-        # (stored paths could be relative to another cwd, or moved since); entries of older
-        # versions (paths) or with impossible indexes are scored again
-        try:
+        try:   # indexes, not paths: a folder that moved, or a relative path, still works
             return PatchScores(tensors["means"], tensors["corners"],
                                [files[i] for i in meta["file_index"]], size, patch, None, crop)
-        except (KeyError, IndexError, TypeError):
-            pass
+        except (KeyError, IndexError, TypeError) as err:
+            warnings.warn(f"layer patch scores {entry} are corrupt ({err!r}); scoring again",
+                          stacklevel=2)
     scores = score_patches(target, layer, layout, skip, files, size, patch, stride, score_size,
                            batch_size=batch_size, progress=progress, crop=crop)
     if use_cache:
@@ -245,6 +246,7 @@ def patch_key(target, neuron, files: list[Path], size: int, patch: int, stride: 
             "layer": neuron.layer,
             "neuron": neuron.index, "direction": neuron.direction_digest(),
             "skip": neuron.skip, "files": cache.files_digest(files), "preprocess": _PREPROCESS_TAG,
+            "entry": _ENTRY_LAYOUT,
             "size": size, "patch": patch, "stride": stride, "k": k, "score_size": score_size,
             "crop": float(crop), "mean": list(target.mean), "std": list(target.std)}
     return cache.key(spec)
@@ -270,8 +272,6 @@ def _load_entry(folder: Path, files: list[Path]) -> TopPatches | None:
         return None
     try:
         meta = json.loads(index.read_text())
-        if "source_index" not in meta:   # an entry of an older version (paths): rebuilt
-            return None
         paths = [folder / name for name in meta["files"]]
         if [cache.file_sha256(p) for p in paths] != meta["sha256"]:
             raise ValueError("content hash mismatch")
