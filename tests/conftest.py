@@ -1,6 +1,14 @@
 """Shared fixtures: tiny random models, tiny reference folders, an isolated cache. The helpers
 they are built from are in helpers.py."""
+import os
+
 import pytest
+
+from helpers import ROOT
+
+# Scripts, `python -c` children and installed commands started by the tests import this
+# checkout's `vital` first, not another copy installed in the same environment.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from helpers import TinyCNN, tiny_clip_file as build_tiny_clip_file, write_images
 

@@ -5,7 +5,6 @@ project end to end in a fresh interpreter. Fixtures built from these live in con
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,12 +179,9 @@ def hooks_left(module: nn.Module) -> int:
 
 def run_script(script: str, *args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python ROOT/<script> args`` in a fresh interpreter, as a user runs it; fails the test
-    with the script's stderr unless it exits 0. ROOT goes first on PYTHONPATH, so a script in
-    a subfolder (``scripts/``) imports this checkout's ``vital``, not another installed one."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with the script's stderr unless it exits 0."""
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
 
