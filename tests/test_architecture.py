@@ -81,3 +81,33 @@ def test_import_vital_from_another_folder_is_light(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "vital.modes.class_mode"
+
+
+def _cycles(package: str) -> list[str]:
+    """Every import (even inside a function) from module A to module B of ``package`` where B
+    leads back to A: a circle, on any floor (the layers contract sees only circles between
+    floors)."""
+    import grimp
+    graph = grimp.build_graph(package, cache_dir=None)
+    found = []
+    for importer in sorted(graph.modules):
+        for imported in sorted(graph.find_modules_directly_imported_by(importer)):
+            if graph.chain_exists(importer=imported, imported=importer):
+                found.append(f"{importer} -> {imported}")
+    return found
+
+
+def test_no_module_imports_lead_back_to_it():
+    assert _cycles("vital") == [] and _cycles("clip_custom") == []
+
+
+def test_cycle_check_sees_a_circle_inside_one_folder(tmp_path, monkeypatch):
+    pkg = tmp_path / "circle_pkg"
+    (pkg / "floor").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "floor" / "__init__.py").write_text("")
+    (pkg / "floor" / "a.py").write_text("def f():\n    from circle_pkg.floor import b\n")
+    (pkg / "floor" / "b.py").write_text("from circle_pkg.floor.a import f\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _cycles("circle_pkg") == ["circle_pkg.floor.a -> circle_pkg.floor.b",
+                                     "circle_pkg.floor.b -> circle_pkg.floor.a"]

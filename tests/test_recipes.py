@@ -35,9 +35,28 @@ def test_paper_recipe_is_the_official_code(cls, extra):
 def test_default_recipe_equals_the_dataclass_defaults(cls):
     """A CFG built in Python (cls()) and a script run without --recipe agree."""
     assert parse_cfg(cls, []) == cls()
-    default = next(f.default for f in dataclasses.fields(cls) if f.name == "recipe")
-    for key, value in recipe_values(cls, default).items():
-        assert getattr(cls(), key) == value, key
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    declared = {name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for name, f in fields.items()}
+    for key, value in recipe_values(cls, declared["recipe"]).items():
+        assert declared[key] == value, key   # what --help shows is what runs
+
+
+@pytest.mark.parametrize("cls", [ClassCFG, InnerCFG])
+def test_a_recipe_given_in_python_applies_like_the_script_s(cls):
+    """``ClassCFG(recipe="paper")`` runs the paper's settings (it used to keep the toolkit's
+    and only record "paper"); a value given explicitly wins over the recipe, even when it
+    equals the toolkit default; ``dataclasses.replace`` keeps every value."""
+    python = cls(recipe="paper", model=TINY_CNN, seed=3)
+    script = parse_cfg(cls, ["--recipe", "paper", "--model", TINY_CNN, "--seed", "3"])
+    assert python == script == with_recipe(cls, "paper", model=TINY_CNN, seed=3)
+    assert python.lr == 1.0 and python.param == "pixel_norm"
+    mine = cls(recipe="paper", lr=0.05)
+    assert mine.lr == 0.05 and mine.steps == 2000
+    again = dataclasses.replace(mine, seed=5)
+    assert (again.lr, again.steps, again.seed) == (0.05, 2000, 5)
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        cls(recipe="papper")
 
 
 def test_precedence_recipe_then_json_then_command_line(tmp_path):

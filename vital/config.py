@@ -178,6 +178,30 @@ def recipe_values(cfg_cls, name: str | None = None) -> dict:
     return dict(recipes[name])
 
 
+class RecipeDefaults:
+    """A CFG whose class has ``RECIPES``, built in Python, gets its recipe's settings for every
+    field it was not given, with the scripts' precedence (defaults < recipe < given values):
+    ``ClassCFG(recipe="paper", target="tabby")`` renders with the paper's settings. The fields
+    given are seen in ``__new__`` (which receives the constructor's arguments; a dataclass
+    generates only ``__init__``), so a subclass's own dataclass ``__init__`` keeps working, and
+    ``dataclasses.replace`` (which passes every field) never re-applies a recipe."""
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        self.__dict__["_given"] = frozenset(names[:len(args)]) | frozenset(kwargs)
+        return self
+
+    def __post_init__(self):
+        given = self.__dict__.pop("_given", None)
+        if given is None or not getattr(type(self), "RECIPES", None):
+            return
+        left = {k: v for k, v in recipe_values(type(self), self.recipe).items()
+                if k not in given}
+        for key, value in coerce(type(self), left).items():
+            setattr(self, key, value)
+
+
 def with_recipe(cfg_cls, recipe: str | None = None, /, **overrides):
     """A CFG built in Python with the same precedence as the scripts: defaults < recipe <
     ``overrides`` (``with_recipe(ClassCFG, "paper", target="tabby")``); a ``recipe`` key among

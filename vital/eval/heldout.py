@@ -22,7 +22,7 @@ import torch
 from vital import cache
 from vital.config import ConfigError
 from vital.eval import metrics
-from vital.eval.scoring import fit_images
+from vital.imaging import fit_images
 from vital.refs.images import list_images, load_images
 
 

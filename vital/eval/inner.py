@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,9 @@ from vital import config
 from vital.eval import sweep as eval_sweep
 from vital.eval import metrics
 from vital.config import ConfigError
-from vital.cache import write_json
-from vital.eval.sweep import (Overrides, batch_runs, parsed, flat_diff, parse_shard,
-                              select_shard, settings_hash, slug)
-
-RESULT_FILE = "result.json"
+from vital.eval import engine
+from vital.eval.engine import RESULT_FILE, flat_diff  # noqa: F401  (RESULT_FILE re-exported)
+from vital.eval.sweep import Overrides, batch_runs, parsed, parse_shard, select_shard, slug
 METRICS_VERSION = 1
 INNER_METHODS: dict[str, dict] = {
     "vital": {},
@@ -151,28 +148,6 @@ def real_activations(target, layer: str, files, size: int) -> torch.Tensor:
                       for images, _ in iter_images(files, size)])
 
 
-def _load(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / RESULT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _reuse(run: InnerRun, cfg) -> dict | None:
-    """The run's finished result with the same settings, or None after clearing its folder."""
-    done = _load(run.run_dir)
-    settings = run_settings(run, cfg)
-    if done is not None and done.get("settings_hash") == settings_hash(settings):
-        return done
-    if done is not None and not cfg.redo:
-        keys = flat_diff(done.get("settings", {}), settings) or ["(unknown)"]
-        raise ConfigError(f"{run.key} was run with other settings ({', '.join(keys)}); pass "
-                          f"--redo to rerun such runs or choose another --out_dir")
-    if run.run_dir.exists():
-        shutil.rmtree(run.run_dir)          # unfinished or being redone
-    return None
-
-
 def _rendered(runs: list[InnerRun], cfg, target, scores):
     """Yield (run, result, wall seconds, runs rendered together): the neurons of ``runs`` in
     one batched optimisation (``plan_neuron`` as ``run_neurons`` does) when they can be
@@ -187,57 +162,60 @@ def _rendered(runs: list[InnerRun], cfg, target, scores):
             c, target, neurons[c.neuron], None, scores), target, len(runs), argv)
         wall = (time.perf_counter() - started) / len(runs)
         for run, (run_dir, result) in zip(runs, out):
-            _check_rendered(run, run_dir, result)
+            engine.check_rendered(run, run_dir, result)
             yield run, result, wall, len(runs)
         return
     for run in runs:
         started = time.perf_counter()
         run_dir, result = run_neuron(run.cfg, target, neurons[run.neuron], patch_scores=scores,
                                      argv=["evaluate_fvis.py", "--mode", "inner", run.key])
-        _check_rendered(run, run_dir, result)
+        engine.check_rendered(run, run_dir, result)
         yield run, result, time.perf_counter() - started, 1
 
 
-def _check_rendered(run: InnerRun, run_dir, result) -> None:
-    if Path(run_dir) != run.run_dir:
-        raise RuntimeError(f"run folder {run_dir} is not the expected {run.run_dir}")
-    if result.stopped and not result.stopped.startswith("nan"):
-        raise KeyboardInterrupt   # Ctrl-C or a signal: unfinished, no result.json (rerun resumes)
-
-
 def _record(run: InnerRun, cfg, real: torch.Tensor, result, wall: float, batched: int) -> dict:
-    """Score a rendered run and write its result.json (last: marks the run finished). A run of
-    a batch of ``batched`` is charged its share of the batch's steps."""
-    settings = run_settings(run, cfg)
+    """The record of a rendered run (the engine adds its settings and writes result.json). A
+    run of a batch of ``batched`` is charged its share of the batch's steps."""
     report = json.loads((run.run_dir / "neuron.json").read_text())
     fv = torch.tensor(report["visualisation"])
     top = real[:, run.neuron].topk(min(cfg.num_real, len(real))).values
-    record = {"model": run.model, "layer": cfg.layer, "neuron": run.neuron,
-              "method": run.method, "method_order": run.method_order, "seed": run.seed,
-              "status": result.stopped or "finished",
-              **metrics.auc_mad(fv, top), "fv_activation": fv.tolist(),
-              "real_mean": float(top.mean()), "real_std": float(top.std()),
-              "num_real": int(len(top)), "seconds_per_step": result.step_seconds / batched,
-              "seconds_run": wall, "batched_with": batched,
-              "settings_hash": settings_hash(settings), "settings": settings}
-    write_json(run.run_dir / RESULT_FILE, record)
-    return record
+    return {"index": run.index, "model": run.model, "layer": cfg.layer, "neuron": run.neuron,
+            "method": run.method, "method_order": run.method_order, "seed": run.seed,
+            "status": result.stopped or "finished",
+            **metrics.auc_mad(fv, top), "fv_activation": fv.tolist(),
+            "real_mean": float(top.mean()), "real_std": float(top.std()),
+            "num_real": int(len(top)), "seconds_per_step": result.step_seconds / batched,
+            "seconds_run": wall, "batched_with": batched}
 
 
-def _execute_batch(batch: list[InnerRun], cfg, target, real: torch.Tensor,
-                   scores) -> list[tuple[dict, bool]]:
-    """Render and score the unfinished runs of ``batch`` (together when possible), reuse the
-    finished ones; [(record, skipped)] in the batch's order."""
-    out, todo = {}, []
-    for run in batch:
-        done = _reuse(run, cfg)
-        if done is not None:
-            out[run.index] = (done, True)
-        else:
-            todo.append(run)
-    for run, result, wall, batched in _rendered(todo, cfg, target, scores):
-        out[run.index] = (_record(run, cfg, real, result, wall, batched), False)
-    return [out[run.index] for run in batch]
+def _line(record: dict) -> str:
+    return (f"AUC {record['auc']:.3f}, MAD {record['mad']:.2f}, "
+            f"{record['seconds_per_step']:.3f} s/step")
+
+
+def _defaults() -> dict:
+    values = config.cfg_to_dict(_inner_cfg_cls()())
+    return {"inner": {k: v for k, v in values.items() if k not in NON_RESULT}}
+
+
+def sweep_kind(cfg, model: str = "", target=None, real=None, scores=None,
+               device="cpu") -> engine.SweepKind:
+    """Inner neurons as an ``engine.SweepKind`` (``target``, ``real`` and ``scores`` where
+    runs render here; without them the kind only checks resume and launches)."""
+    def render(runs):
+        for run in runs:
+            run.cfg = dataclasses.replace(run.cfg, device=str(device), progress=cfg.progress)
+        return _rendered(runs, cfg, target, scores)
+
+    def task(runs):
+        from vital.eval.launchers import Task
+        return Task(run_task, (engine.plain(cfg, eval_sweep.EvalCFG), runs[0].model,
+                               [run.index for run in runs]), eval_sweep.batch_key(runs))
+
+    return engine.SweepKind(
+        settings=lambda run: run_settings(run, cfg), defaults=_defaults(), render=render,
+        score=lambda run, result, wall, batched: _record(run, cfg, real, result, wall, batched),
+        line=_line, short=lambda record: f"n{record['neuron']}", task=task)
 
 
 def _model_runs(cfg, model: str, device):
@@ -265,19 +243,6 @@ def _scoring(cfg, target, probe, runs, size):
     return real, scores
 
 
-def _run(batch: list[InnerRun], cfg, target, real, scores, device) -> list[tuple[dict, bool]]:
-    for run in batch:
-        run.cfg = dataclasses.replace(run.cfg, device=str(device), progress=cfg.progress)
-    return _execute_batch(batch, cfg, target, real, scores)
-
-
-def _line(record: dict, skipped: bool) -> str:
-    if skipped:
-        return "finished earlier, skipped"
-    return (f"AUC {record['auc']:.3f}, MAD {record['mad']:.2f}, "
-            f"{record['seconds_per_step']:.3f} s/step")
-
-
 def run_inner_sweep(cfg) -> list[dict]:
     """Run this shard's part of the inner sweep (here, or on ``cfg.launcher``), a batch of
     neurons at a time; bad input fails before the first run."""
@@ -288,62 +253,34 @@ def run_inner_sweep(cfg) -> list[dict]:
     data_files(cfg.data_dir)
     here = cfg.launcher == "local"   # else this process only checks; workers pick their device
     device = resolve_device(cfg.device if here else "cpu")
-    records, tasks = [], []
+    records, launched = [], []
     for model in cfg.models:
         target, probe, runs, size = _model_runs(cfg, model, device)
         batches = select_shard(batch_runs(runs, cfg.batch_size), shard)
-        mine = sorted((run for batch in batches for run in batch), key=lambda run: run.index)
         if cfg.list_runs:
-            for run in mine:
-                print(f"{run.index:4d}  {run.key}")
+            engine.list_runs(batches)
             continue
-        if not mine:
+        if not batches:
             continue
         if not here:
-            tasks += [(model, batch) for batch in batches]
+            kind = sweep_kind(cfg, model)
+            engine.check_resumable((run for batch in batches for run in batch), kind, cfg.redo)
+            launched += batches
             continue
         real, scores = _scoring(cfg, target, probe, runs, size)
-        done, k = {}, 0
-        for batch in batches:
-            for run, (record, skipped) in zip(batch, _run(batch, cfg, target, real, scores,
-                                                          device)):
-                k += 1
-                print(f"[{k}/{len(mine)}] {run.key}: {_line(record, skipped)}", flush=True)
-                done[run.index] = record
-        records += [done[index] for index in sorted(done)]
-    return records + (_launch(cfg, tasks) if tasks else [])
+        kind = sweep_kind(cfg, model, target, real, scores, device)
+        records += sorted(engine.run_local(batches, kind, cfg.redo), key=_sweep_order)
+    if launched:
+        order = {model: k for k, model in enumerate(cfg.models)}
+        records += sorted(engine.launch_unfinished(cfg, launched, sweep_kind(cfg)),
+                          key=lambda r: (order[r["model"]], *_sweep_order(r)))
+    return records
 
 
-def _finished(run: InnerRun, cfg) -> dict | None:
-    done = _load(run.run_dir)
-    ok = done is not None and done.get("settings_hash") == settings_hash(run_settings(run, cfg))
-    return done if ok else None
-
-
-def _lines(records: list[dict], skipped: list[bool]) -> str:
-    return "; ".join(f"n{r['neuron']}: {_line(r, s)}" for r, s in zip(records, skipped))
-
-
-def _launch(cfg, tasks: list[tuple[str, list[InnerRun]]]) -> list[dict]:
-    """Runs that finished earlier are reused here; the unfinished runs of each batch go to
-    ``cfg.launcher`` as one task. Records per model in sweep order."""
-    from vital.eval.harness import portable
-    from vital.eval.launchers import Task, launch
-    done, todo = {}, []
-    for model, batch in tasks:
-        for run in batch:
-            done[model, run.index] = _finished(run, cfg)
-            if done[model, run.index] is not None:
-                print(f"{run.key}: {_line(done[model, run.index], True)}", flush=True)
-        left = [run for run in batch if done[model, run.index] is None]
-        todo += [(model, left)] if left else []
-    plain = portable(cfg)
-    new = launch(cfg, [Task(run_task, (plain, model, [run.index for run in left]),
-                            eval_sweep.batch_key(left)) for model, left in todo], _lines)
-    for (model, left), records in zip(todo, new):
-        done.update({(model, run.index): record for run, record in zip(left, records)})
-    order = {model: k for k, model in enumerate(cfg.models)}
-    return [done[key] for key in sorted(done, key=lambda key: (order[key[0]], key[1]))]
+def _sweep_order(record: dict) -> tuple:
+    """A model's runs in the order ``expand`` makes them (neuron, method, seed); records
+    written before they held their index sort by those."""
+    return record.get("index", -1), record["neuron"], record["method_order"], record["seed"]
 
 
 _WORKER: dict[tuple, tuple] = {}   # (sweep settings, model, device) -> model, runs, scoring
@@ -361,7 +298,8 @@ def run_task(cfg, model: str, indices: list[int]) -> tuple[list[dict], list[bool
         target, probe, runs, size = _model_runs(cfg, model, device)
         _WORKER[key] = (target, runs, *_scoring(cfg, target, probe, runs, size))
     target, runs, real, scores = _WORKER[key]
-    done = _run([runs[index] for index in indices], cfg, target, real, scores, device)
+    kind = sweep_kind(cfg, model, target, real, scores, device)
+    done = engine.execute_batch([runs[index] for index in indices], kind, cfg.redo)
     return [record for record, _ in done], [skipped for _, skipped in done]
 
 

@@ -9,16 +9,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from vital.eval import metrics
 from vital.config import ConfigError
 from vital.models import load_target
 from vital import cache
 from vital.refs.images import list_images, load_images
+from vital.imaging import fit_images, quantise, read_png  # noqa: F401  (re-exported)
 
 IMAGENET_CLASSES = 1000
 _CHUNK = 8   # images per forward pass while scoring
@@ -31,26 +29,6 @@ class ClassRef:
     label: str            # its class name
     judge_index: int      # the same class on the judge
     clip_index: int | None  # the ImageNet index for a CLIP zero-shot judge (None: no CLIP judge)
-
-
-def read_png(path: str | Path) -> torch.Tensor:
-    """A saved PNG as (1, 3, H, W) in [0, 1], exactly as written (no resampling)."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]   # HWC -> 1CHW
-
-
-def quantise(images: torch.Tensor) -> torch.Tensor:
-    """Round [0, 1] images to 8-bit levels, as a PNG stores them."""
-    return (images.detach().float().clamp(0, 1).cpu() * 255).round() / 255
-
-
-def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """A batch resized to size x size (bilinear, antialiased), for a judge's input."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True).clamp(0, 1)
 
 
 def _num_classes(model) -> int | None:

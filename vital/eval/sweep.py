@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -15,8 +14,9 @@ from pathlib import Path
 from vital import config
 from vital.modes.class_mode import ClassCFG
 from vital.config import ConfigError, opt
+from vital.eval import engine
+from vital.eval.engine import RESULT_FILE, flat_diff, settings_hash  # noqa: F401 (re-exported)
 
-RESULT_FILE = "result.json"
 FEATURES_FILE = "fid_features.safetensors"
 METRICS_VERSION = 1   # bump when a metric changes: old results then no longer match
 
@@ -381,37 +381,17 @@ def run_settings(run: Run, cfg: EvalCFG) -> dict:
     return {"class": _result_cfg(run.cfg), "eval": eval_settings(cfg)}
 
 
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+def class_defaults() -> dict:
+    """The class section's defaults (``engine.comparable``: a field added later, at its
+    default, does not make an older result stale)."""
+    return {"class": _result_cfg(ClassCFG())}
 
 
 def comparable(current: dict, stored: dict) -> dict:
-    """``current`` settings without the class settings that ``stored`` lacks and that hold
-    their default: a field added to ClassCFG after a run, at its default, did not change it."""
-    defaults = _result_cfg(ClassCFG())
-    known = stored.get("class", {})
-    kept = {k: v for k, v in current.get("class", {}).items()
-            if k in known or k not in defaults or v != defaults[k]}
-    return {**current, "class": kept}
+    """``engine.comparable`` with the class defaults."""
+    return engine.comparable(current, stored, class_defaults())
 
 
 def settings_diff(a: dict, b: dict) -> list[str]:
     """Dotted keys whose settings differ (see ``comparable``)."""
     return flat_diff(comparable(a, b), comparable(b, a))
-
-
-def same_settings(current: dict, stored: dict, stored_hash: str) -> bool:
-    return settings_hash(comparable(current, stored)) == stored_hash
-
-
-def flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += flat_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out

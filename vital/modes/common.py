@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vital.config import ConfigError, opt
+from vital.config import ConfigError, RecipeDefaults, opt
 from vital.models.memory import check_memory
 from vital.optvis import losses
 from vital.optvis import param as params_mod
@@ -20,7 +20,7 @@ from vital.refs.references import reference_quantiles, sorted_features
 
 
 @dataclass
-class RenderCFG:
+class RenderCFG(RecipeDefaults):
     """Settings shared by every visualisation mode."""
     model: str = opt("efficientnet-lite0", "model spec: efficientnet-lite0, ViT-B/32, RN50, "
                      "hf-hub:ORG/REPO, torchvision:NAME, or a weights file")
