@@ -256,6 +256,24 @@ def test_neuron_objective_lowers_its_loss(tiny_cnn_target):
     assert obj.names == ["neuron:stage2:7"] and values[-1] < values[0] - 0.05
 
 
+def test_capped_neuron_term_stops_at_the_cap(tiny_cnn_target):
+    """Below the cap the capped term is the plain term; above it, it is flat (no gradient)."""
+    neuron = resolve_target(tiny_cnn_target, "stage2", 7)
+    feats = torch.rand(1, 16, 64, requires_grad=True)
+    score = float(neuron.score(feats.detach()).mean())
+    plain = neuron_objective(neuron, scale=2.0)
+    below = neuron_objective(neuron, scale=2.0, cap=score / 2.0 + 1.0)
+    above = neuron_objective(neuron, scale=2.0, cap=score / 2.0 - 0.1)
+    ctx = {"features": {"stage2": feats}}
+    torch.testing.assert_close(below(ctx), plain(ctx))
+    torch.testing.assert_close(above(ctx), torch.tensor(-(score / 2.0 - 0.1)))
+    grad_plain, = torch.autograd.grad(plain(ctx), feats)
+    grad_below, = torch.autograd.grad(below(ctx), feats)
+    grad_above, = torch.autograd.grad(above(ctx), feats)
+    torch.testing.assert_close(grad_below, grad_plain)
+    assert grad_plain.abs().sum() > 0 and grad_above.abs().sum() == 0
+
+
 def _cfg(tmp_path, data, **kw):
     base = dict(model=TINY_CNN, layer="stage2", neuron=3,
                 data_dir=str(data), num_ref=4, data_size=40, patch_size=20, size=32,

@@ -81,6 +81,8 @@ class InnerCFG(common.RenderCFG):
                        choices=["stage", "native"])
     neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
+    neuron_cap: float = opt(0.0, "the neuron term stops at CAP x the references' mean score "
+                            "(0 = no cap; 1 = at the references' level)", low=0.0)
     relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
                          "(gradient x activation), lrp (zennit for CNNs, conservative rule for "
                          "ViTs), guided, none; lrp gave saturated high-frequency images on "
@@ -204,12 +206,16 @@ def load_direction(path, channels: int) -> torch.Tensor:
 # ---------------------------------------------------------------- objective pieces
 
 def neuron_objective(neuron: NeuronTarget, scale: float = 1.0,
-                     weight: float = 1.0) -> losses.Objective:
-    """Term ``neuron:<layer>:<n>``: minus the target's score on ctx["features"], / ``scale``."""
+                     weight: float = 1.0, cap: float = 0.0) -> losses.Objective:
+    """Term ``neuron:<layer>:<n>``: minus the target's score on ctx["features"], / ``scale``;
+    with ``cap`` > 0 the score counts only up to ``cap`` (in units of ``scale``: 1 = the
+    references' mean score), so the term stops pushing past it and sort matching decides the
+    rest."""
     scale = max(abs(float(scale)), 1e-6)
 
     def fn(ctx):
-        return -neuron.score(ctx["features"][neuron.layer]).mean() / scale
+        score = neuron.score(ctx["features"][neuron.layer]).mean() / scale
+        return -(score.clamp(max=cap) if cap > 0 else score)
     return weight * losses.Objective(fn, f"neuron:{neuron.label}")
 
 
@@ -288,7 +294,8 @@ def reference_images(cfg: InnerCFG, target, top) -> torch.Tensor:
 def _objective(cfg, target, neuron, top, refs, size, schedule
                ) -> tuple[losses.Objective, list, dict, object]:
     scale = float(np.mean(top.scores))
-    objective = neuron_objective(neuron, scale, cfg.neuron_weight) + common.priors(cfg, target)
+    objective = neuron_objective(neuron, scale, cfg.neuron_weight, cfg.neuron_cap) + \
+        common.priors(cfg, target)
     layers, weights = lower_layers(cfg, target, neuron)
     meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale}
     maps = None
