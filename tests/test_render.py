@@ -75,3 +75,57 @@ def test_adam_eps_damps_steps_where_the_gradient_is_tiny(tiny_cnn_target):
                         save_steps=0, progress=False)
         return (result.image - start).abs().mean().item()
     assert change(1e-8) > 10 * change(1e-3)
+
+
+def _stall_slowly(losses_seen: list[float], fraction: float, window: int) -> int | None:
+    """The obviously correct reference: the first step (1-based) at a window boundary, after
+    two full windows, where the last window's mean fell by less than fraction x |previous|."""
+    for end in range(2 * window, len(losses_seen) + 1):
+        if end % window == 0 and end < len(losses_seen):
+            before = sum(losses_seen[end - 2 * window:end - window]) / window
+            now = sum(losses_seen[end - window:end]) / window
+            if before - now < fraction * abs(before):
+                return end
+    return None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.02, 0.3])
+def test_early_stop_ends_the_last_stage_where_the_loss_stalls(tiny_cnn_target, fraction):
+    """A loss that flattens: the run ends where the reference says (never with 0), in the last
+    stage only, and the result says at which step; the image is the final one, not a stop."""
+    seen = []
+
+    def flattening(ctx):
+        value = ctx["image"].mean() * 0 + 1.0 / (1 + ctx["step"])   # falls fast, then slowly
+        if ctx["stage"] == 1:
+            seen.append(float(value))
+        return value
+    schedule = Schedule((20, 60), lr=0.05, warmup=1, early_stop=fraction, early_window=5)
+    p = param.make_param("pixel", size=32, generator=torch.Generator().manual_seed(0))
+    result = render(tiny_cnn_target, losses.Objective(flattening, "f"), p, schedule, ["stem"],
+                    progress=False)
+    full = [1.0 / (1 + step) for step in range(20, 80)]
+    expected = _stall_slowly(full, fraction, 5) if fraction > 0 else None
+    assert result.stopped is None
+    assert result.early_stopped == (None if expected is None else 20 + expected)
+    assert result.steps_done == (80 if expected is None else 20 + expected)
+    assert seen == pytest.approx(full[:len(seen)]) and len(seen) == result.steps_done - 20
+    if fraction == 0.3:
+        assert expected is not None and expected < 60   # the case that must stop early
+
+
+def test_early_stop_is_recorded_in_metrics_json(tmp_path, ref_folder):
+    """A class run with --early_stop writes the step it stopped at; without, no such key."""
+    import json
+    from helpers import TINY_CNN
+    from vital.modes.class_mode import ClassCFG, run_class
+    base = dict(model=TINY_CNN, target="class3", ref_dir=str(ref_folder), size=32, steps=60,
+                save_steps=0, out_dir=str(tmp_path), progress=False, device="cpu",
+                early_window=5)
+    run_dir, result = run_class(ClassCFG(**base, early_stop=0.9, run_name="early"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result.early_stopped == metrics["early_stopped"] == result.steps_done < 60
+    assert metrics["status"] == "finished"
+    run_dir, result = run_class(ClassCFG(**base, run_name="full"))
+    assert "early_stopped" not in json.loads((run_dir / "metrics.json").read_text())
+    assert result.steps_done == 60

@@ -41,6 +41,11 @@ class RenderCFG(RecipeDefaults):
     adam_betas: list[float] = opt([0.5, 0.99], "Adam betas (the official VITAL code: 0.5 0.9)")
     lr_final: float = opt(0.05, "the cosine decay ends at lr * lr_final (the official code: 0)",
                           low=0)
+    early_stop: float = opt(0.0, "stop the last stage early when its mean loss over the last "
+                            "--early_window steps improved by less than this fraction of the "
+                            "window before (e.g. 0.01; 0 = run every step); metrics.json records "
+                            "the step", low=0.0)
+    early_window: int = opt(40, "steps per window of --early_stop", low=2)
     prior_form: str = opt("mean", "tv and l2 priors: mean (means over pixels, on the image in "
                           "[0, 1]) or paper (the official code's sums of norms on the model's "
                           "normalised input)", choices=["mean", "paper"])
@@ -142,7 +147,8 @@ def make_schedule(cfg: RenderCFG, target=None) -> Schedule:
         raise ConfigError(f"lr_final is a fraction of lr in [0, 1], got {cfg.lr_final}")
     multiple = getattr(target, "patch_size", 1) if target is not None else 1
     return Schedule(steps_multires=stages, lr=cfg.lr, warmup=cfg.warmup, eps=cfg.adam_eps,
-                    betas=betas, min_lr_frac=cfg.lr_final, size_multiple=multiple)
+                    betas=betas, min_lr_frac=cfg.lr_final, size_multiple=multiple,
+                    early_stop=cfg.early_stop, early_window=cfg.early_window)
 
 
 def make_augment(cfg: RenderCFG):

@@ -75,6 +75,7 @@ class RunWriter:
             save_png(grid(batch), self.run_dir / "final_batch.png")
         self._write_strip_and_animation()
         status = result.stopped or "finished"
+        early = {"early_stopped": result.early_stopped} if result.early_stopped else {}
         self._write_metrics(status=status, steps_done=result.steps_done,
-                            seconds_per_step=result.step_seconds, **(extra or {}))
+                            seconds_per_step=result.step_seconds, **early, **(extra or {}))
         return final

@@ -28,6 +28,19 @@ class Schedule:
     betas: tuple[float, float] = (0.5, 0.99)
     eps: float = 1e-8         # Adam epsilon; larger values damp steps where gradients are tiny
     size_multiple: int = 1    # every stage size is a multiple of this (a ViT's patch size)
+    early_stop: float = 0.0   # > 0: the last stage ends when a window improved less than this
+    early_window: int = 40    # steps per window of early_stop
+
+    def stalled(self, losses: list[float]) -> bool:
+        """Whether the last stage may end now: ``early_stop`` > 0, at a window boundary, and
+        the mean loss of the last ``early_window`` steps fell by less than ``early_stop`` times
+        the previous window's (absolute) mean. Losses are noisy (augmentation), hence means."""
+        w = int(self.early_window)
+        if not self.early_stop > 0 or len(losses) < 2 * w or len(losses) % w:
+            return False
+        before = sum(losses[-2 * w:-w]) / w
+        now = sum(losses[-w:]) / w
+        return before - now < self.early_stop * abs(before)
 
     def stage_sizes(self, size: int) -> list[int]:
         """Px per stage: halving from ``size`` (the last stage), at least 16, each rounded to
@@ -58,6 +71,7 @@ class RenderResult:
     stopped: str | None = None       # None, "interrupted", "terminated (SIGTERM...)", "stopped"
                                      # (should_stop) or "nan: <term>"
     step_seconds: float = 0.0        # optimisation time per step, without save steps / callbacks
+    early_stopped: int | None = None  # the step at which --early_stop ended the last stage
 
 
 def ends_the_loop(stopped: str | None) -> bool:
@@ -156,6 +170,7 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
                 optimizer = torch.optim.Adam(params, lr=schedule.lr, betas=schedule.betas,
                                              eps=schedule.eps)
+                last_stage, losses = stage == len(sizes) - 1, []
                 for t in range(n_steps):
                     if should_stop is not None and should_stop():
                         raise _StopRequested
@@ -196,6 +211,11 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
                                                     or step % max(1, progress_every) == 0):
                         on_progress(step, schedule.total, loss.item(), result.image)
                     outside += time.perf_counter() - aside
+                    if last_stage and schedule.early_stop > 0:
+                        losses.append(loss.item())
+                        if t + 1 < n_steps and schedule.stalled(losses):
+                            result.early_stopped = step
+                            break
     except KeyboardInterrupt as err:   # Ctrl-C, or SIGTERM as vital.cli.Terminated
         result.stopped = getattr(err, "stopped_as", "interrupted")
     except _StopRequested:
