@@ -58,6 +58,10 @@ class InnerCFG(common.RenderCFG):
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
                       "vital/modes/recipes.py) or toolkit; flags and --json_cfg override it",
                       choices=list(recipes.INNER_RECIPES))
+    # issue 22: 80 + 160 steps are within noise of 200 + 400 on held-out photos (docs/inner.md)
+    steps_multires: list[int] = opt([80, 160], "steps per resolution stage, low to high "
+                                    "(each stage doubles the size, the last is full size)",
+                                    low=1)
     layer: str = opt("blocks.10", "layer of the neuron (query_model_layers.py lists them)")
     neuron: int = opt(0, "neuron / channel index in --layer")
     direction: str = opt("", "file with one value per channel (.pt, .npy, .safetensors, .txt): "
@@ -81,8 +85,9 @@ class InnerCFG(common.RenderCFG):
                        choices=["stage", "native"])
     neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
-    neuron_cap: float = opt(0.0, "the neuron term stops at CAP x the references' mean score "
-                            "(0 = no cap; 1 = at the references' level)", low=0.0)
+    neuron_cap: float = opt(0.0, "the neuron term stops when the score reaches CAP x the mean "
+                            "score of the references as matched (whole images or patches at "
+                            "the run's size); 0 = no cap", low=0.0)
     relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
                          "(gradient x activation), lrp (zennit for CNNs, conservative rule for "
                          "ViTs), guided, none; lrp gave saturated high-frequency images on "
@@ -294,10 +299,18 @@ def reference_images(cfg: InnerCFG, target, top) -> torch.Tensor:
 def _objective(cfg, target, neuron, top, refs, size, schedule
                ) -> tuple[losses.Objective, list, dict, object]:
     scale = float(np.mean(top.scores))
-    objective = neuron_objective(neuron, scale, cfg.neuron_weight, cfg.neuron_cap) + \
+    meta, cap = {}, 0.0
+    if cfg.neuron_cap > 0:
+        # the cap is in units of what sort matching matches (whole images or patches, at the
+        # run's size), not of the patch scores that chose them (several times higher)
+        matched = float(neuron.score_means(channel_means(
+            target, neuron.layer, neuron.layout, refs, neuron.skip, size)).mean())
+        cap = cfg.neuron_cap * matched / max(abs(scale), 1e-6)
+        meta["reference_matched_score"] = matched
+    objective = neuron_objective(neuron, scale, cfg.neuron_weight, cap) + \
         common.priors(cfg, target)
     layers, weights = lower_layers(cfg, target, neuron)
-    meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale}
+    meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale, **meta}
     maps = None
     if cfg.feat_weight and layers:
         feat, info, maps = feature_objective(cfg, target, neuron, layers, weights, refs,
