@@ -470,6 +470,39 @@ def test_visualise_and_check_on_a_tiny_cnn(tmp_path):
         assert sheet.height > 2 * 96
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sigterm_during_visualise_stops_the_loop_and_judges_no_half_picture(
+        tmp_path, monkeypatch, batch):
+    """SIGTERM in the first picture: no later neuron or layer is rendered, the cut picture is
+    not judged by --check, the summary is written and the script exits 143."""
+    import os
+    import signal
+    from vital.cli import main
+    from vital.modes import batch as batch_mod, runner
+    write_colour_images(tmp_path / "probe")
+
+    def terminate(step, total, loss, image):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    callbacks = runner.Callbacks(on_progress=terminate, progress_every=1)
+    monkeypatch.setattr(runner, "NO_CALLBACKS", callbacks)
+    monkeypatch.setattr(batch_mod, "NO_CALLBACKS", callbacks)
+    status = main(DescribeCFG, run_describe, [
+        "--model", "module:tests.conftest:TinyCNN", "--layers", "stage1", "stage2",
+        "--probe_dir", str(tmp_path / "probe"), "--concept_model", COLOUR_JUDGE,
+        "--out_dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--sheets", "1",
+        "--visualise", "3", "--check", "--vis_steps", "20", "--vis_size", "32",
+        "--vis_num_ref", "3", "--vis_patch", "16", "--vis_images", "2",
+        "--vis_batch_size", str(batch)])
+    assert status == 143
+    run_dir = next((tmp_path / "out").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {v["layer"] for v in summary["visualised"]} == {"stage1"}
+    assert len(summary["visualised"]) == batch         # the batch that was cut, nothing after
+    assert all(v["status"].startswith("terminated") for v in summary["visualised"])
+    assert "check" not in summary
+
+
 @pytest.mark.parametrize("vis_probe", [4, 0])   # each neuron's own probe folder; the whole one
 def test_batched_visualisations_equal_one_at_a_time(tmp_path, vis_probe):
     write_colour_images(tmp_path / "probe")

@@ -28,6 +28,7 @@ from vital.imaging import grid, save_png, to_pil
 from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, titled, \
     top_image_tiles, top_probe_files, write_summary
 from vital.modes.batch import run_in_batches
+from vital.optvis.render import ends_the_loop
 from vital.modes.inner import InnerCFG, layer_patch_scores, plan_neuron, resolve_target, \
     run_neuron
 
@@ -126,7 +127,7 @@ def _render_layer(cfg: DescribeCFG, run: LabelRun, layer: str, units: list[int],
         run_dir, result = run_neuron(icfg, target, neurons[icfg.neuron], argv,
                                      extras[icfg.neuron], patch_scores=shared)
         out.append((icfg.neuron, run_dir, result))
-        if result.stopped in ("interrupted", "stopped"):
+        if ends_the_loop(result.stopped):
             break
     return out
 
@@ -143,9 +144,12 @@ def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
             done.append({"layer": name, "unit": unit, "label": run.concept.concepts[best],
                          "label_index": best, "similarity": float(res.similarity[unit, best]),
                          "run_dir": str(run_dir.relative_to(run.run_dir)),
+                         "status": result.stopped or "finished",
                          "image": result.image.detach().cpu()})
-            if result.stopped in ("interrupted", "stopped"):
-                return done
+            if ends_the_loop(result.stopped):
+                run.stopped = result.stopped   # the script exits 130 / 143 / 1 as a run does
+        if run.stopped:
+            return done   # every picture of the cut batch is kept (and marked), nothing after
     return done
 
 
@@ -189,8 +193,9 @@ def run_describe(cfg: DescribeCFG, argv=None):
     visuals = visualise_neurons(cfg, run, argv)
     extra = {"visualised": [{k: v for k, v in x.items() if k != "image"} for x in visuals],
              "visualise_settings": dataclasses.asdict(_inner_cfg(cfg, run, "<layer>", 0))}
-    if cfg.check and visuals:
-        extra["check"] = check_agreement(run, visuals)
+    finished = [v for v in visuals if v["status"] == "finished"]
+    if cfg.check and finished:   # a picture cut short by Ctrl-C / SIGTERM is not judged
+        extra["check"] = check_agreement(run, finished)
         c = extra["check"]
         print(f"check: the concept model gives {c['top1']}/{c['neurons']} visualisations the "
               f"neuron's label (top-1), {c['top5']}/{c['neurons']} within its top-5")
