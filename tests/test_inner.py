@@ -453,3 +453,33 @@ def test_native_references_are_matched_at_their_own_size(tiny_cnn_target, rule):
         from vital.optvis.losses import sort_matching
         assert abs(native_loss - float(sort_matching(ctx["features"]["stem"], ref))) < 1e-6
     assert abs(native_loss - stage_loss) > 1e-6       # not the references resized to 32 px
+
+
+class _Planted:
+    """Unpickling this would print: a crafted .pt must never run it."""
+    def __reduce__(self):
+        return (print, ("PLANTED CODE RAN",))
+
+
+@pytest.mark.parametrize("name, write", [
+    ("crafted.pt", lambda p: p.write_bytes(__import__("pickle").dumps(_Planted()))),
+    ("list.pt", lambda p: torch.save({"x": [1, 2]}, p)),
+    ("bytes.pt", lambda p: p.write_bytes(bytes(range(256)) * 3)),
+    ("bytes.safetensors", lambda p: p.write_bytes(bytes(range(256)) * 3)),
+    ("empty.npy", lambda p: p.write_bytes(b"")),
+    ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)),
+    ("zero.npy", lambda p: np.save(p, np.zeros(0))),
+])
+def test_bad_direction_files_are_one_sentence(tmp_path, capfd, name, write):
+    """Every direction file that is not one vector of numbers: exit 2, one line naming the
+    file, no code from it run, no advice to load it unsafely."""
+    path = tmp_path / name
+    write(path)
+    status = main(InnerCFG, run_inner, ["--model", TINY_CNN, "--layer", "stage2",
+                                        "--direction", str(path), "--data_dir", str(tmp_path),
+                                        "--no-progress"])
+    out, err = capfd.readouterr()
+    assert status == 2 and "PLANTED" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and name in lines[0] and "weights_only" not in err
+    assert "Traceback" not in err and "Warning" not in err

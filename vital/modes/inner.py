@@ -169,29 +169,50 @@ def resolve_target(target, layer: str, neuron: int = 0, direction: str = "") -> 
     return NeuronTarget(index=int(neuron), **base)
 
 
+_VECTOR_FILES = ".pt, .pth, .npy, .safetensors, .txt, .csv"
+
+
 def _read_vector(path: Path) -> torch.Tensor:
+    """The one tensor of a direction file. Nothing is unpickled (``weights_only=True``,
+    ``allow_pickle=False``); a file that is not what its suffix says is one sentence."""
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth", ".npy", ".txt", ".csv"):
+        raise ConfigError(f"direction file {path} has an unknown type; valid: {_VECTOR_FILES}")
+    try:
+        tensors = _vector_tensors(path, suffix)
+    except ConfigError:
+        raise
+    except Exception as err:   # noqa: BLE001  (any loader's failure on a bad file: one sentence)
+        # torch's message on a refused pickle ends with advice to set weights_only=False,
+        # which would run the file's code: keep only its first line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "weights only load failed" in first.lower():
+            first = "it holds pickled Python objects, or it is not a torch file"
+        raise ConfigError(f"direction file {path} is not a readable {suffix} file with one "
+                          f"vector of numbers (pickled objects are never loaded): "
+                          f"{first[:200]}") from None
+    if len(tensors) != 1 or not torch.is_tensor(tensors[0]):
+        kinds = ", ".join(sorted({type(t).__name__ for t in tensors})) or "nothing"
+        raise ConfigError(f"direction file {path} must hold exactly one tensor of numbers, "
+                          f"found {len(tensors)} item(s) ({kinds})")
+    return tensors[0]
+
+
+def _vector_tensors(path: Path, suffix: str) -> list:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
-        tensors = list(load_file(str(path)).values())
-    elif suffix in (".pt", ".pth"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = list(data.values()) if isinstance(data, dict) else [data]
-    elif suffix == ".npy":
-        tensors = [torch.from_numpy(np.load(path, allow_pickle=False))]
-    elif suffix in (".txt", ".csv"):
-        try:
-            tensors = [torch.from_numpy(np.loadtxt(path, delimiter="," if suffix == ".csv"
-                                                   else None))]
-        except ValueError as err:   # letters or ragged rows; numpy's message omits the file
-            raise ConfigError(f"direction file {path} must hold numbers only: {err}") from None
-    else:
-        raise ConfigError(f"direction file {path} has an unknown type; valid: .pt, .pth, .npy, "
-                          ".safetensors, .txt, .csv")
-    if len(tensors) != 1 or not torch.is_tensor(tensors[0]):
-        raise ConfigError(f"direction file {path} must hold exactly one tensor, found "
-                          f"{len(tensors)}")
-    return tensors[0]
+        return list(load_file(str(path)).values())
+    if suffix in (".pt", ".pth"):
+        with warnings.catch_warnings():   # torch's note on a foreign pickle protocol
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        return list(data.values()) if isinstance(data, dict) else [data]
+    if suffix == ".npy":
+        return [torch.from_numpy(np.load(path, allow_pickle=False))]
+    try:
+        return [torch.from_numpy(np.loadtxt(path, delimiter="," if suffix == ".csv" else None))]
+    except ValueError as err:   # letters or ragged rows; numpy's message omits the file
+        raise ConfigError(f"direction file {path} must hold numbers only: {err}") from None
 
 
 def load_direction(path, channels: int) -> torch.Tensor:
