@@ -15,6 +15,7 @@ vital-facets       faceted_fvis.py                       ``modes.facets.run_face
 vital-eval         evaluate_fvis.py                      ``eval.harness.run_eval``
 vital-describe     describe_neurons.py                   ``eval.label_visuals.run_describe``
 vital-effects      neuron_effects.py                     ``eval.effect_visuals.run_neuron_effects``
+vital-atlas        atlas.py                              ``atlas.build.run_atlas``
 vital-layers       query_model_layers.py                 ``models.layer_table.main``
 vital-gui          vital_gui.py                          ``app.gui.main``
 vital-references   scripts/build_references.py           ``refs.bundled.build_reference_folders``
@@ -33,7 +34,7 @@ from vital.cli import main
 
 __all__ = ["COMMANDS", "Command", "by_script", "vital_class", "vital_inner", "vital_arithmetic",
            "vital_concepts", "vital_facets", "vital_eval", "vital_describe", "vital_effects",
-           "vital_layers", "vital_gui", "vital_references"]
+           "vital_layers", "vital_gui", "vital_references", "vital_atlas"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ COMMANDS = {c.name: c for c in [
     Command("vital-effects", "neuron_effects.py", "vital.eval.effect_visuals:NeuronEffectsCFG",
             "vital.eval.effect_visuals:run_neuron_effects",
             f"Second-order effects of CLIP neurons. {_ABOUT}"),
+    Command("vital-atlas", "atlas.py", "vital.atlas.build:AtlasCFG", "vital.atlas.build:run_atlas",
+            f"A layer atlas: labels, pictures and top probe images of every unit as an offline "
+            f"site. {_ABOUT}"),
 ]}
 
 
@@ -128,6 +132,10 @@ def vital_describe(argv: list[str] | None = None) -> int:
 
 def vital_effects(argv: list[str] | None = None) -> int:
     return COMMANDS["vital-effects"](argv)
+
+
+def vital_atlas(argv: list[str] | None = None) -> int:
+    return COMMANDS["vital-atlas"](argv)
 
 
 def vital_layers(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,8 @@ from vital.optvis.render import ends_the_loop
 from vital.modes.inner import InnerCFG, layer_patch_scores, plan_neuron, resolve_target, \
     run_neuron
 
-__all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "check_agreement"]
+__all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "render_units",
+           "visualise_settings", "check_agreement"]
 
 _CHECK_TOP = 5          # the neuron's label must be among the picture's best 5 for top-5
 _TILE = 96
@@ -82,11 +84,12 @@ def _vis_checks(cfg: DescribeCFG):
 
 
 def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
-               data_dir: str = "") -> InnerCFG:
+               data_dir: str = "", out_dir: str = "") -> InnerCFG:
     return InnerCFG(model=cfg.model, device=cfg.device, layer=layer, neuron=unit,
                     data_dir=data_dir or cfg.probe_dir, num_ref=cfg.vis_num_ref,
                     patch_size=cfg.vis_patch, size=cfg.vis_size, steps=cfg.vis_steps,
-                    save_steps=0, seed=cfg.seed, out_dir=str(run.run_dir / "visuals"),
+                    save_steps=0, seed=cfg.seed,
+                    out_dir=out_dir or str(run.run_dir / "visuals"),
                     run_name=f"{layer}_{unit}", cache=cfg.cache, progress=cfg.progress,
                     batch_size=cfg.vis_batch_size)
 
@@ -105,12 +108,12 @@ def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str
 
 
 def _render_layer(cfg: DescribeCFG, run: LabelRun, layer: str, units: list[int], extras: dict,
-                  argv=None):
+                  argv=None, out_dir: str = ""):
     """[(unit, run_dir, result)] of ``units`` of ``layer``: ``cfg.vis_batch_size`` neurons per
     batched optimisation (``plan_neuron`` in ``vital.modes.batch``, as ``run_neurons`` does, but
     each neuron with its own probe folder), or one at a time; stops after an interrupted run."""
     target = run.target
-    cfgs = [_inner_cfg(cfg, run, layer, unit, _neuron_probe(cfg, run, layer, unit))
+    cfgs = [_inner_cfg(cfg, run, layer, unit, _neuron_probe(cfg, run, layer, unit), out_dir)
             for unit in units]
     neurons = {unit: resolve_target(target, layer, unit) for unit in units}
     base = _inner_cfg(cfg, run, layer, 0)   # whole-folder patch scores: shared, once
@@ -130,6 +133,37 @@ def _render_layer(cfg: DescribeCFG, run: LabelRun, layer: str, units: list[int],
         if ends_the_loop(result.stopped):
             break
     return out
+
+
+def render_units(cfg: DescribeCFG, run: LabelRun, layer: str, units: list[int],
+                 out_dir: str, argv=None) -> list[dict]:
+    """Inner-mode pictures of ``units`` of ``layer`` (``cfg``'s --vis_* settings) into
+    ``out_dir/<layer>_<unit>/`` (an existing folder of that name is replaced): [{"layer",
+    "unit", "label", "label_index", "similarity", "run_dir", "status", "image"}]; a stop
+    that ends the loop sets ``run.stopped`` and renders nothing after the cut batch."""
+    res = run.layers[layer]
+    for unit in units:
+        stale = Path(out_dir) / f"{layer}_{unit}"
+        if stale.exists():
+            shutil.rmtree(stale)
+    extras = {unit: {"label": res.label(unit, run.concept.concepts)} for unit in units}
+    done = []
+    for unit, run_dir, result in _render_layer(cfg, run, layer, units, extras, argv, out_dir):
+        best = int(res.similarity[unit].argmax())
+        done.append({"layer": layer, "unit": unit, "label": run.concept.concepts[best],
+                     "label_index": best, "similarity": float(res.similarity[unit, best]),
+                     "run_dir": str(run_dir), "status": result.stopped or "finished",
+                     "image": result.image.detach().cpu()})
+        if ends_the_loop(result.stopped):
+            run.stopped = result.stopped
+    return done
+
+
+def visualise_settings(cfg: DescribeCFG, run: LabelRun) -> dict:
+    """The inner-mode settings every picture of ``cfg`` is rendered with (unit-independent)."""
+    values = dataclasses.asdict(_inner_cfg(cfg, run, "<layer>", 0))
+    return {k: v for k, v in values.items()
+            if k not in ("out_dir", "run_name", "neuron", "layer", "progress", "device")}
 
 
 def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:

@@ -1,0 +1,97 @@
+"""The layer atlas (atlas.py / vital.atlas): its data, its pages, resume and bad input, on a tiny
+CNN labelled by a colour judge (tests/test_labels.py). The pages in a real browser:
+tests/test_atlas_browser.py."""
+import json
+from pathlib import Path
+
+import pytest
+
+from vital.atlas import build
+from vital.atlas.build import SCHEMA, AtlasCFG, run_atlas
+from vital.cli import main
+from test_labels import COLOUR_JUDGE, write_colour_images
+
+TINY = "module:tests.conftest:TinyCNN"
+
+
+def atlas_cfg(tmp_path: Path, **kw) -> AtlasCFG:
+    if not (tmp_path / "probe").exists():
+        write_colour_images(tmp_path / "probe")
+    base = dict(model=TINY, layers=["stage2"], probe_dir=str(tmp_path / "probe"),
+                concept_model=COLOUR_JUDGE, out_dir=str(tmp_path / "out"), run_name="site",
+                units=["0-3"], vis_steps=3, vis_size=32, vis_num_ref=3, vis_patch=16,
+                top_images=4, device="cpu", progress=False, vis_batch_size=2)
+    return AtlasCFG(**{**base, **kw})
+
+
+def test_atlas_data_pages_and_pictures(tmp_path):
+    site, run = run_atlas(atlas_cfg(tmp_path))
+    data = json.loads((site / "atlas.json").read_text())
+    assert data["schema"] == SCHEMA and data["model"] == TINY
+    units = data["layers"]["stage2"]["units"]
+    assert [u["unit"] for u in units] == [0, 1, 2, 3]
+    assert data["layers"]["stage2"]["channels"] == run.layers["stage2"].similarity.shape[0]
+    for u in units:
+        sims = run.layers["stage2"].similarity[u["unit"]]
+        assert u["label"] == run.concept.concepts[int(sims.argmax())]
+        assert u["similarity"] == pytest.approx(float(sims.max()))
+        assert [c["similarity"] for c in u["candidates"]] == sorted(
+            (c["similarity"] for c in u["candidates"]), reverse=True)
+        acts = [t["activation"] for t in u["top_images"]]
+        assert len(acts) == 4 and acts == sorted(acts, reverse=True)
+        assert sum(u["histogram"]["counts"]) == run.layers["stage2"].acts.values.shape[0]
+        picture = u["picture"]
+        for key in ("image", "thumb"):
+            assert (site / picture[key]).is_file()
+        assert isinstance(picture["agrees_top5"], bool) and len(picture["picture_labels"]) == 5
+        page = (site / "stage2" / f"{u['unit']}.html").read_text()
+        assert u["label"] in page and picture["image"] in page
+        for t in u["top_images"]:
+            assert (site / t["thumb"]).is_file()
+    layer_page = (site / "stage2" / "index.html").read_text()
+    assert layer_page.count('class="card"') == 4
+    assert "http://" not in layer_page and "https://" not in layer_page   # nothing from outside
+    assert (site / "static" / "atlas.js").is_file() and (site / "index.html").is_file()
+
+
+def test_rerun_renders_only_what_is_missing_or_changed(tmp_path, monkeypatch):
+    run_atlas(atlas_cfg(tmp_path))
+    rendered = []
+    real = build.render_units
+    monkeypatch.setattr(build, "render_units", lambda cfg, run, layer, units, *a, **k: (
+        rendered.append(list(units)), real(cfg, run, layer, units, *a, **k))[1])
+    site, _ = run_atlas(atlas_cfg(tmp_path))
+    assert rendered == []                                   # same settings: nothing again
+    site, _ = run_atlas(atlas_cfg(tmp_path, units=["0-5"]))
+    assert rendered == [[4, 5]]                             # only the new units
+    site, _ = run_atlas(atlas_cfg(tmp_path, units=["0-1"], vis_steps=4))
+    assert rendered[1:] == [[0, 1]]                         # other settings: rendered again
+    data = json.loads((site / "atlas.json").read_text())
+    assert [u["unit"] for u in data["layers"]["stage2"]["units"]] == [0, 1]
+
+
+def test_no_pictures_and_preview(tmp_path):
+    site, _ = run_atlas(atlas_cfg(tmp_path, pictures=False))
+    data = json.loads((site / "atlas.json").read_text())
+    assert all(u["picture"] is None for u in data["layers"]["stage2"]["units"])
+    assert "no picture" in (site / "stage2" / "0.html").read_text()
+    site, _ = run_atlas(atlas_cfg(tmp_path, run_name="preview", preview=True, vis_size=64,
+                                  vis_steps=60))
+    settings = json.loads((site / "atlas.json").read_text())["picture_settings"]
+    assert settings["size"] == 64 and settings["steps"] == 48
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--units", "999"], "out of range"),
+    (["--units", "3-1"], "runs backwards"),
+    (["--units", "x"], "is not a number"),
+    (["--layers", "fc"], "--no-pictures"),
+])
+def test_bad_input_is_one_sentence(tmp_path, capsys, argv, words):
+    write_colour_images(tmp_path / "probe")
+    status = main(AtlasCFG, run_atlas, ["--model", TINY, "--layers", "stage2", "--probe_dir",
+                                        str(tmp_path / "probe"), "--concept_model",
+                                        COLOUR_JUDGE, "--out_dir", str(tmp_path / "out"),
+                                        "--device", "cpu", "--no-progress", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and words in err[-1] and err[-1].startswith("error:")

@@ -1,0 +1,233 @@
+"""A layer atlas (``atlas.py`` / ``vital-atlas``): every unit of a layer on one browsable, offline
+site, built from what the toolkit already computes.
+
+1. Labels (``vital.labels.describe.run_labels``, CLIP-Dissect-style, cached activations) for
+   every unit of ``--layers``, into ``<site>/labels/run/`` (rebuilt on each run: cheap).
+2. One inner-mode picture per unit of ``--units`` (``vital.eval.label_visuals.render_units``,
+   the ``--vis_*`` settings, ``--vis_batch_size`` units per batched optimisation) into
+   ``<site>/units/<layer>_<unit>/``, each with ``atlas_picture.json`` (the settings' hash):
+   a rerun renders only units whose picture is missing or was made with other settings.
+   The concept model then names each picture (the closed loop of ``--check``).
+3. ``atlas.json`` (schema ``vital-atlas/1``) and the pages (``vital.atlas.site``).
+
+Ctrl-C / SIGTERM: the pictures made so far are kept and the pages are written for them; the
+same command resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vital.cache import write_json
+from vital.config import ConfigError, opt, parse_units
+from vital.eval.label_visuals import DescribeCFG, check_agreement, render_units, \
+    visualise_settings
+from vital.labels.describe import LabelRun, run_labels, top_probe_files
+from vital.atlas import site as site_mod
+
+__all__ = ["AtlasCFG", "run_atlas", "SCHEMA"]
+
+SCHEMA = "vital-atlas/1"
+PICTURE_FILE = "atlas_picture.json"
+_THUMB = 160        # px of a card's picture
+_PROBE_THUMB = 96   # px of a top probe image
+_BINS = 24          # histogram bins of a unit's probe activations
+_CANDIDATES = 5
+
+
+@dataclass
+class AtlasCFG(DescribeCFG):
+    """A layer atlas: labels, pictures and top probe images of every unit, as static pages."""
+    units: list[str] = opt([], "units of each layer: numbers, ranges (0-63) or all; empty = "
+                           "the first 64 (or every unit of a smaller layer)")
+    pictures: bool = opt(True, "an inner-mode picture of every unit (--no-pictures: labels and "
+                         "probe images only)")
+    preview: bool = opt(False, "a fast first look: pictures at 96 px with 48 steps")
+    top_images: int = opt(8, "top probe images per unit", low=1)
+    out_dir: str = opt("out_atlas", "parent folder of the atlas site")
+    run_name: str = opt("", "site folder name (default from model and layers); the same name "
+                        "resumes and updates that site")
+    sheets: int = opt(0, "labels' contact sheets per layer (the atlas has its own pages)")
+
+
+def _site_dir(cfg: AtlasCFG) -> Path:
+    name = cfg.run_name or f"{cfg.model}_{'+'.join(cfg.layers)}"
+    safe = "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in name).strip("._")
+    return Path(cfg.out_dir) / (safe or "atlas")
+
+
+def _picture_cfg(cfg: AtlasCFG) -> AtlasCFG:
+    """The settings pictures are rendered with (``--preview`` lowers size and steps)."""
+    if cfg.preview:
+        return dataclasses.replace(cfg, vis_size=min(cfg.vis_size, 96),
+                                   vis_steps=min(cfg.vis_steps, 48))
+    return cfg
+
+
+def _checks(cfg: AtlasCFG, chosen: dict):
+    """Refuse bad units and layers without positions before any heavy work."""
+    def checks(target, specs):
+        for spec in specs:
+            if cfg.pictures and spec.layout not in ("BCHW", "BND"):
+                raise ConfigError(f"pictures use inner mode, which needs spatial positions or "
+                                  f"tokens; layer {spec.name!r} is a vector (e.g. a "
+                                  f"classifier's output); pass --no-pictures or pick a layer "
+                                  f"such as blocks.15")
+            tokens = cfg.units or [f"0-{min(64, spec.channels) - 1}"]
+            chosen[spec.name] = parse_units(tokens, spec.channels, "unit")
+    return checks
+
+
+def _settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
+                          .encode()).hexdigest()[:16]
+
+
+def _have_picture(folder: Path, digest: str) -> bool:
+    try:
+        record = json.loads((folder / PICTURE_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return record.get("settings_hash") == digest and (folder / "final.png").is_file()
+
+
+def _thumb(src: Path, dest: Path, size: int) -> None:
+    """A small JPEG (cards stay fast with hundreds of units); written once."""
+    if dest.is_file():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        tmp = dest.with_suffix(".tmp.jpg")
+        img.save(tmp, format="JPEG", quality=85)
+        tmp.replace(dest)
+
+
+def _histogram(values: torch.Tensor) -> dict:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1e-6
+    counts = torch.histc(values.float(), bins=_BINS, min=low, max=high)
+    return {"low": low, "high": high, "counts": [int(c) for c in counts.tolist()]}
+
+
+def _selectivity(values: torch.Tensor, k: int) -> float:
+    """(mean of the top-k activations - mean) / std over the probe set."""
+    std = float(values.std())
+    top = values.topk(min(k, len(values))).values.mean()
+    return float((top - values.mean()) / std) if std > 0 else 0.0
+
+
+def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int) -> dict:
+    res = run.layers[layer]
+    sims = res.similarity[unit]
+    best = sims.topk(min(_CANDIDATES, len(sims)))
+    files, acts = top_probe_files(run, layer, unit, k)
+    top = []
+    for path, act in zip(files, acts):
+        index = run.probe.files.index(path)
+        thumb = Path("probe") / f"{index:05d}.jpg"
+        _thumb(path, site / thumb, _PROBE_THUMB)
+        top.append({"file": path.name, "thumb": thumb.as_posix(), "activation": float(act)})
+    values = res.acts.values[:, unit]
+    return {"unit": unit, "label": run.concept.concepts[int(best.indices[0])],
+            "similarity": float(best.values[0]),
+            "candidates": [{"label": run.concept.concepts[int(i)], "similarity": float(v)}
+                           for v, i in zip(best.values, best.indices)],
+            "selectivity": _selectivity(values, k), "top_images": top,
+            "histogram": _histogram(values), "picture": None}
+
+
+def _picture_record(site: Path, folder: Path, check: dict | None) -> dict:
+    rel = folder.relative_to(site)
+    _thumb(folder / "final.png", folder / "thumb.jpg", _THUMB)
+    neuron = json.loads((folder / "neuron.json").read_text())
+    record = {"image": (rel / "final.png").as_posix(), "thumb": (rel / "thumb.jpg").as_posix(),
+              "activation": float(sum(neuron["visualisation"]) / len(neuron["visualisation"]))}
+    if (folder / "references.png").is_file():
+        record["references"] = (rel / "references.png").as_posix()
+    if check is not None:
+        record.update(check)
+    return record
+
+
+def _closed_loop(run: LabelRun, visuals: list[dict]) -> dict:
+    """unit -> {"picture_labels", "agrees_top1", "agrees_top5"} for finished pictures."""
+    finished = [v for v in visuals if v["status"] == "finished"]
+    if not finished:
+        return {}
+    rows = check_agreement(run, finished)["per_neuron"]
+    return {row["unit"]: {"picture_labels": row["picture_labels"], "agrees_top1": row["top1"],
+                          "agrees_top5": row["top5"]} for row in rows}
+
+
+def run_atlas(cfg: AtlasCFG, argv=None):
+    """Labels, pictures and pages of ``cfg.layers``; returns (site folder, LabelRun)."""
+    site = _site_dir(cfg)
+    try:
+        site.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the atlas folder {site}: {err.strerror or err}") from None
+    labels = site / "labels"
+    if (labels / "run").exists():
+        shutil.rmtree(labels / "run")   # the atlas's own label run: rebuilt from the cache
+    chosen: dict[str, list[int]] = {}
+    lcfg = dataclasses.replace(cfg, out_dir=str(labels), run_name="run", visualise=0,
+                               check=False)
+    _, run = run_labels(lcfg, argv, checks=_checks(cfg, chosen))
+    pcfg = _picture_cfg(cfg)
+    settings = visualise_settings(pcfg, run)
+    digest = _settings_hash({**settings, "concept_model": cfg.concept_model})
+    data = {"schema": SCHEMA, "model": cfg.model, "concept_model": run.summary.get(
+                "concept_model", cfg.concept_model),
+            "similarity": cfg.similarity, "probe": run.summary.get("probe", {}),
+            "picture_settings": settings if cfg.pictures else None, "layers": {}}
+    try:
+        for layer, units in chosen.items():
+            records = {u: _unit_record(run, site, layer, u, cfg.top_images) for u in units}
+            data["layers"][layer] = {"units": [records[u] for u in units],
+                                     "channels": int(run.layers[layer].similarity.shape[0])}
+            if cfg.pictures:
+                _pictures(pcfg, run, site, layer, units, records, digest, argv)
+            site_mod.write_site(site, data)
+            if run.stopped:
+                break
+    finally:
+        write_json(site / "atlas.json", data)
+        site_mod.write_site(site, data)
+    print(f"atlas: {site / 'index.html'}")
+    return site, run
+
+
+def _pictures(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[int],
+              records: dict, digest: str, argv) -> None:
+    """Render the missing pictures of ``units``, name them with the concept model, and fill
+    ``records``; the pages are rewritten after every batch (each unit appears when ready)."""
+    folders = {u: site / "units" / f"{layer}_{u}" for u in units}
+    todo = [u for u in units if not _have_picture(folders[u], digest)]
+    for u in units:
+        if u not in todo:
+            stored = json.loads((folders[u] / PICTURE_FILE).read_text())
+            records[u]["picture"] = stored["record"]
+    step = max(1, cfg.vis_batch_size)
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        visuals = render_units(cfg, run, layer, chunk, str(site / "units"), argv)
+        verdicts = _closed_loop(run, visuals)
+        for v in visuals:
+            if v["status"] != "finished":
+                continue
+            record = _picture_record(site, folders[v["unit"]], verdicts.get(v["unit"]))
+            write_json(folders[v["unit"]] / PICTURE_FILE,
+                       {"settings_hash": digest, "record": record})
+            records[v["unit"]]["picture"] = record
+        if run.stopped:
+            return
