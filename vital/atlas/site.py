@@ -119,8 +119,9 @@ def _histogram_svg(hist: dict, mark: float | None) -> str:
     if mark is not None:
         x = (min(max(mark, low), high) - low) / (high - low) * w
         beyond = " (beyond the probe set)" if mark > high else ""
+        anchor, tx = ("end", x - 4) if x > w / 2 else ("start", x + 4)
         line = (f"<line class=\"mark\" x1=\"{x:.1f}\" x2=\"{x:.1f}\" y1=\"0\" y2=\"{h}\"></line>"
-                f"<text x=\"{max(2, min(x + 3, w - 150)):.1f}\" y=\"12\">picture {mark:.3g}"
+                f"<text x=\"{tx:.1f}\" y=\"12\" text-anchor=\"{anchor}\">picture {mark:.3g}"
                 f"{beyond}</text>")
     return (f"<svg class=\"hist\" viewBox=\"0 0 {w} {h + 16}\" role=\"img\" "
             f"aria-label=\"activation histogram\">{bars}{line}"

@@ -52,6 +52,9 @@ class DescribeCFG(LabelCFG):
     vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
     vis_patch: int = opt(64, "inner mode: side of the reference patches in px")
     vis_images: int = opt(6, "top probe images beside each visualisation")
+    vis_neuron_cap: float = opt(0.0, "inner mode: --neuron_cap of the visualisations (the "
+                                "neuron term stops at CAP x the references' score; 0 = off)",
+                                low=0.0)
     vis_batch_size: int = opt(4, "inner mode: neurons of a layer optimised together in one "
                               "batched optimisation (vital.modes.batch; the same images as one "
                               "at a time up to float rounding); 1 = one at a time", low=1)
@@ -91,7 +94,7 @@ def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
                     save_steps=0, seed=cfg.seed,
                     out_dir=out_dir or str(run.run_dir / "visuals"),
                     run_name=f"{layer}_{unit}", cache=cfg.cache, progress=cfg.progress,
-                    batch_size=cfg.vis_batch_size)
+                    batch_size=cfg.vis_batch_size, neuron_cap=cfg.vis_neuron_cap)
 
 
 def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str:
