@@ -34,7 +34,7 @@ import torch
 
 from vital.eval import metrics
 from vital.config import set_determinism
-from vital.eval.inner import real_activations, report_table
+from vital.eval.inner_sweep import real_activations, report_table
 from vital.modes.inner import InnerCFG, layer_patch_scores, resolve_target, run_neuron
 from vital.refs.patches import data_files
 from vital.models import load_target

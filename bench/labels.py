@@ -53,7 +53,7 @@ import torch
 
 from vital.labels import linear
 from vital.labels import similarity as S
-from vital.labels.concepts import classifier_scores, concept_model, probe_matrix
+from vital.labels.vocabulary import classifier_scores, concept_model, probe_matrix
 from vital.labels.heldout import halves, score_labels
 from vital.labels.metrics import auprc, pearson
 from vital.labels.probe import ProbeSet, layer_activations, layer_spec, probe_set

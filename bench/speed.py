@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 import torch
 from tqdm.auto import tqdm
 
-from vital.modes import common as pipeline
+from vital.modes import setup as pipeline
 from vital.refs.bundled import PHOTOS, build_reference_folders
 from vital.modes.class_mode import ClassCFG, class_term
 from vital.models import load_target

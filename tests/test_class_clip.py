@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from vital.models.labels import clip_text_target
+from vital.models.classnames import clip_text_target
 from vital.modes.class_mode import ClassCFG, run_class
 from vital.models import load_target
 

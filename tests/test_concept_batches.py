@@ -12,7 +12,7 @@ from helpers import TINY_CNN, read_png, write_images
 from vital.cli import main
 from vital.concepts.extract import facet_objective
 from vital.config import ConfigError
-from vital.modes import common
+from vital.modes import setup
 from vital.modes.concepts import ConceptCFG, element_seed, run_concepts
 from vital.modes.facets import FacetCFG, run_facets
 from vital.modes.runner import Callbacks
@@ -46,7 +46,7 @@ def augment_spy(monkeypatch):
     """Wrap the augmentation: per call, the generator used and what the same draw does to a
     fixed probe image (the transform the element saw, whatever its own image)."""
     calls = []
-    real = common.make_augment
+    real = setup.make_augment
     probe = torch.arange(3 * 16 * 16, dtype=torch.float32).reshape(1, 3, 16, 16)
 
     def make_augment(cfg):
@@ -58,7 +58,7 @@ def augment_spy(monkeypatch):
             calls.append((generator, augment(probe, twin)))
             return augment(x, generator)
         return spy
-    monkeypatch.setattr(common, "make_augment", make_augment)
+    monkeypatch.setattr(setup, "make_augment", make_augment)
     return calls
 
 

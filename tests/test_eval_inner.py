@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from vital.eval import inner as eval_inner
+from vital.eval import inner_sweep as eval_inner
 from vital.eval import metrics
 from vital.config import ConfigError
 from vital.cli import main

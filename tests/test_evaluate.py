@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vital.models import labels
+from vital.models import classnames as labels
 from vital.eval import scoring as eval_scoring
 from vital.eval import harness as evaluate
 from vital.config import ConfigError, parse_cfg
@@ -18,7 +18,7 @@ from vital.eval.sweep import MethodSpec, Overrides, TargetSpec, batch_key, batch
 from vital.eval.harness import (EvalCFG, expand, parse_shard, run_sweep, select_shard,
                             settings_hash)
 from vital.eval.metrics import zeroshot_classifier
-from vital.models.labels import encode_texts
+from vital.models.classnames import encode_texts
 
 from helpers import TINY_CNN, TINY_CNN_DIR, assert_png_shows, read_png, write_images
 

@@ -404,7 +404,7 @@ def test_presets_parse(preset):
 def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_target):
     import torch.nn.functional as F
     from vital.modes.inner import rank_neurons
-    from vital.models.labels import encode_texts
+    from vital.models.classnames import encode_texts
     data = write_images(tmp_path / "data", 1, size=32)
     files = sorted(data.iterdir())
     with pytest.raises(ValueError, match="needs a CLIP"):
@@ -432,15 +432,15 @@ def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_tar
 def test_native_references_are_matched_at_their_own_size(tiny_cnn_target, rule):
     """--ref_res native: every stage matches the references' features at the px they were cut
     at (resampled to the stage's positions), not the references resized to the stage."""
-    from vital.modes import common
+    from vital.modes import setup
     from vital.refs.references import sorted_features
     images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     cfg = InnerCFG(model=TINY_CNN, progress=False)
     neuron = resolve_target(tiny_cnn_target, "stage2", 1)
-    obj, info, _ = common.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
+    obj, info, _ = setup.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
                                               [16, 32], "stage2", neuron.score, rule,
                                               native=True)
-    stage, _, _ = common.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
+    stage, _, _ = setup.relevance_objective(cfg, tiny_cnn_target, ["stem"], [1.0], images,
                                              [16, 32], "stage2", neuron.score, rule)
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with tiny_cnn_target.hooks(["stem"]) as feats:     # with gradients: relevance maps

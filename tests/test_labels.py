@@ -21,7 +21,7 @@ from helpers import read_png
 from vital.cli import main
 from vital.config import ConfigError
 from vital.labels import similarity as S
-from vital.labels.concepts import concept_model, words20k
+from vital.labels.vocabulary import concept_model, words20k
 from vital.labels.describe import LabelCFG, run_labels
 from vital.eval.label_visuals import DescribeCFG, run_describe
 from vital.models import load_target
@@ -370,7 +370,7 @@ def test_tiny_clip_as_concept_model_end_to_end(tmp_path, tiny_clip_file):
     clip = load_target(str(tiny_clip_file))
     images = torch.rand(3, 3, 32, 32)
     emb = torch.nn.functional.normalize(clip.embed(images).float(), dim=-1)
-    from vital.models.labels import encode_texts
+    from vital.models.classnames import encode_texts
     text = encode_texts(clip.clip, ["red", "green"], "cpu")
     cm = concept_model(clip, str(words), progress=False)
     torch.testing.assert_close(cm.scores(images)[:, :2], emb @ text.t())   # P = cosine, no template

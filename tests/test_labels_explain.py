@@ -19,7 +19,7 @@ from vital.cli import main
 from vital.config import ConfigError
 from vital.labels import linear, metrics
 from vital.labels import similarity as S
-from vital.labels.concepts import classifier_scores, concept_model
+from vital.labels.vocabulary import classifier_scores, concept_model
 from vital.labels.describe import LabelCFG, run_labels
 from vital.labels.heldout import cross_fit, halves, score_labels
 from vital.eval.label_visuals import DescribeCFG, run_describe

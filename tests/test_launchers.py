@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vital.config import ConfigError
-from vital.eval import inner as eval_inner
+from vital.eval import inner_sweep as eval_inner
 from vital.eval import launchers
 from vital.eval.harness import EvalCFG, run_sweep
 from vital.eval.report import QUALITY, write_report

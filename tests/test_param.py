@@ -155,7 +155,7 @@ def test_make_param_errors_name_the_valid_choices():
 
 
 def test_pyramid_gain_setting_scales_the_coarse_levels():
-    from vital.modes.common import RenderCFG, make_param
+    from vital.modes.setup import RenderCFG, make_param
 
     def coarse_effect(gain):
         cfg = RenderCFG(pyramid_gain=gain, pyramid_levels=3)

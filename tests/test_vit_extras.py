@@ -11,7 +11,7 @@ from helpers import assert_png_equals, tiny_clip_file, write_images
 from vital.refs import fields as field_refs
 from vital.optvis import attention as att
 from vital.optvis import neural_field as nf
-from vital.modes import common, runner
+from vital.modes import setup, runner
 from vital.modes import vit_extras as vx
 from vital.modes.class_mode import ClassCFG, run_class
 from vital.config import ConfigError
@@ -84,7 +84,7 @@ def test_reference_sizes_options():
     sizes = [16, 32, 64]
 
     def pick(choice):
-        return common.reference_sizes(SimpleNamespace(ref_size=choice), target, sizes)
+        return setup.reference_sizes(SimpleNamespace(ref_size=choice), target, sizes)
     assert pick("auto") == {16: 16, 32: 32, 64: 32}
     assert pick("stage") == pick("0") == {16: 16, 32: 32, 64: 64}
     assert pick("native") == {16: 32, 32: 32, 64: 32}

@@ -213,7 +213,7 @@ def model_info(spec: str) -> ModelInfo:
         infos = target.layers()
     classes = list(target.class_names or [])
     if not classes and getattr(target, "clip", None) is not None:
-        from vital.models.labels import clip_classnames
+        from vital.models.classnames import clip_classnames
         classes = clip_classnames()
     return ModelInfo(spec, classes, [i for i in infos if i.layout in _POSITION_LAYOUTS],
                      [i.name for i in infos], target.input_size, target.kind)

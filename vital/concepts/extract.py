@@ -282,7 +282,7 @@ def make_scorer(target, text: str):
     or to a free prompt). Empty: classifier -> the logit of the image's own top class;
     otherwise -> cosine to the image's own unedited output."""
     if text and getattr(target, "clip", None) is not None:
-        from vital.models.labels import clip_text_target
+        from vital.models.classnames import clip_text_target
         emb, label = clip_text_target(target, text)
         return (lambda out, ref: F.cosine_similarity(out, emb.to(out)[None], dim=-1)), label
     if text:

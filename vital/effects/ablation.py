@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vital import cache
 from vital.config import ConfigError
-from vital.models.labels import clip_classnames, encode_texts, imagenet_classes, imagenet_templates
+from vital.models.classnames import clip_classnames, encode_texts, imagenet_classes, imagenet_templates
 from vital.refs.patches import data_files
 
 __all__ = ["labelled_folder", "zeroshot_classifier", "AblationCounter"]

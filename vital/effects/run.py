@@ -28,7 +28,7 @@ from vital.effects.stats import MeanTracker, TopTracker, summarise
 from vital.effects.texts import dictionary, sparse_decompose, text_embeddings, text_set
 from vital.imaging import grid, save_png, to_pil
 from vital.models import load_target
-from vital.models.labels import encode_texts
+from vital.models.classnames import encode_texts
 from vital.refs.images import load_image
 from vital.refs.patches import data_files, iter_images
 

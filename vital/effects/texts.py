@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vital.config import ConfigError
-from vital.models.labels import clip_classnames
+from vital.models.classnames import clip_classnames
 from vital.models.opinion import vocabulary_embeddings
 
 __all__ = ["BUNDLED", "text_set", "text_embeddings", "dictionary", "Decomposition",

@@ -24,7 +24,7 @@ from PIL import Image
 from vital.config import opt
 from vital.effects.run import EffectsCFG, run_effects
 from vital.imaging import grid, save_png, to_pil
-from vital.modes import common
+from vital.modes import setup
 from vital.modes.arithmetic import (ArithmeticCFG, embed_images, shallow_layers,
                                     steering_objective, target_embedding)
 from vital.modes.runner import Plan, run_plan
@@ -61,23 +61,23 @@ def _render_cfg(cfg: NeuronEffectsCFG, out_dir: Path, name: str) -> ArithmeticCF
 def plan_neuron_visual(rcfg: ArithmeticCFG, target, tops: torch.Tensor, component: torch.Tensor,
                        beta: float, name: str) -> Plan:
     """The plan of one neuron: ``tops`` (k, 3, S, S) its top images, best first."""
-    size = common.image_size(rcfg, target)
+    size = setup.image_size(rcfg, target)
     layers = shallow_layers(target)
-    schedule = common.make_schedule(rcfg, target)
+    schedule = setup.make_schedule(rcfg, target)
     base = embed_images(target, list(tops)).mean(0)
     goal = target_embedding(base, component[None].cpu(), add_beta=beta).to(target.device)
     refs = {s: sorted_features(target, layers, resize_images(tops, s), progress=False)
             for s in sorted(set(schedule.stage_sizes(size)))}
     objective = (rcfg.target_weight * steering_objective(goal)
                  + rcfg.feat_weight * staged_sort_matching(refs, {layer: 1.0 for layer in layers})
-                 + common.priors(rcfg))
-    gen = common.generator_for(rcfg, target.device)
-    param = common.make_param(rcfg, size, target.device, gen,
+                 + setup.priors(rcfg))
+    gen = setup.generator_for(rcfg, target.device)
+    param = setup.make_param(rcfg, size, target.device, gen,
                               init=resize_images(tops[:1], size))
     meta = {"goal": "unit(unit(mean e(top images)) + beta * component)", "beta": beta,
             "layers": layers}
     return Plan("effects", target, objective, layers, param, schedule,
-                common.make_augment(rcfg), gen, name, meta, embed=True)
+                setup.make_augment(rcfg), gen, name, meta, embed=True)
 
 
 def _strip(render: torch.Tensor, tops: torch.Tensor, words: str, path: Path) -> None:

@@ -247,8 +247,8 @@ def run_eval(cfg: EvalCFG, argv: list[str] | None = None) -> tuple[Path, SweepOu
 
 
 def _main_inner(cfg: EvalCFG) -> None:
-    """``--mode inner``: run the inner-neuron sweep (``vital.eval.inner``), then report."""
-    from vital.eval.inner import run_inner_sweep, write_inner_report
+    """``--mode inner``: run the inner-neuron sweep (``vital.eval.inner_sweep``), then report."""
+    from vital.eval.inner_sweep import run_inner_sweep, write_inner_report
     if not cfg.report:
         run_inner_sweep(cfg)
     if cfg.report or not (cfg.shard or cfg.list_runs):

@@ -39,7 +39,7 @@ def _num_classes(model) -> int | None:
 
 def _clip_class(text: str) -> int:
     """ImageNet index of a CLIP target given as a class name (CLIP's names) or an index."""
-    from vital.models.labels import clip_classnames
+    from vital.models.classnames import clip_classnames
     names = [n.lower() for n in clip_classnames()]
     text = str(text).strip()
     if text.isdigit() and int(text) < len(names):
@@ -83,7 +83,7 @@ class Scorer:
         """The target's class on every model; an unknown class raises ValueError/ConfigError."""
         model = self.model(model_spec)
         if model.clip is not None:
-            from vital.models.labels import clip_classnames
+            from vital.models.classnames import clip_classnames
             index = _clip_class(target)
             label = clip_classnames()[index]
         elif not model.class_names:
@@ -238,8 +238,8 @@ def zeroshot_weights(model, progress: bool = False) -> torch.Tensor:
     """(1000, E) zero-shot classifier of a CLIP target: CLIP's ImageNet class names, each with
     the 80 templates of OpenAI's evaluation (``vital.eval.metrics.zeroshot_classifier``); cached on
     disk by the model's weight hash (80,000 prompts are slow to encode on a CPU)."""
-    from vital.models.labels import clip_classnames, imagenet_templates
-    from vital.models.labels import encode_texts
+    from vital.models.classnames import clip_classnames, imagenet_templates
+    from vital.models.classnames import encode_texts
     path = _zeroshot_cache(model)
     hit = cache.load_tensors(path, expect={"weights"}, what="zero-shot cache")
     if hit is not None:

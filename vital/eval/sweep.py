@@ -240,7 +240,7 @@ def resolve_methods(entries, builtins: dict[str, dict] | None = None,
                     check=None) -> dict[str, dict]:
     """Method name -> overrides of the run's CFG; unknown names list the valid ones.
     ``builtins`` (default: the class methods) and ``check(overrides, what)`` (default: against
-    ClassCFG) let another mode (``vital.eval.inner``) use the same rules."""
+    ClassCFG) let another mode (``vital.eval.inner_sweep``) use the same rules."""
     builtins = BUILTIN_METHODS if builtins is None else builtins
     check = check or check_settings
     entries = [parsed(MethodSpec, e) for e in entries]

@@ -33,7 +33,7 @@ from vital.config import ConfigError, make_run_dir, opt, resolve_device, run_met
 from vital.imaging import grid, save_png, to_pil
 from vital.labels import linear
 from vital.labels import similarity as sim_mod
-from vital.labels.concepts import CLASSIFIER_SCORES, ConceptModel, concept_model, \
+from vital.labels.vocabulary import CLASSIFIER_SCORES, ConceptModel, concept_model, \
     concepts_digest, default_concept_model, probe_matrix
 from vital.labels.heldout import HeldOut, cross_fit
 from vital.labels.probe import POOLS, Activations, LayerSpec, ProbeSet, layer_activations, \

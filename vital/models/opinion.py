@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from vital import cache
 from vital.config import packaged
-from vital.models.labels import encode_texts
+from vital.models.classnames import encode_texts
 
 
 def read_prompts(path: str | Path | None) -> list[str]:

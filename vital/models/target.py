@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from vital.models.labels import IMAGENET_FILE, imagenet_classes
+from vital.models.classnames import IMAGENET_FILE, imagenet_classes
 
 __all__ = ["TargetModel", "LayerInfo", "channels_positions", "imagenet_classes",
            "LAYOUTS", "VIT_LAYER_DOC"]

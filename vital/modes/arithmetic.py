@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vital.modes import common
+from vital.modes import setup
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.config import ConfigError, opt
 from vital.cache import write_json
@@ -41,7 +41,7 @@ _ZERO_NORM = 1e-6   # a target shorter than this has no direction
 
 
 @dataclass
-class ArithmeticCFG(common.RenderCFG):
+class ArithmeticCFG(setup.RenderCFG):
     """Embedding arithmetic steering: base - alpha * mean(sub) + beta * mean(add)."""
     # the README's example, KING - MAN + WOMAN, as word images: the script runs without inputs
     base: str = opt("KING", "base image: an image file or a word drawn as a typographic image "
@@ -215,21 +215,21 @@ def formula(inputs: Inputs, cfg: ArithmeticCFG) -> str:
 
 def plan_arithmetic(cfg: ArithmeticCFG, target) -> tuple[Plan, Inputs, torch.Tensor]:
     """The arithmetic run as a value, with its inputs and unit target embedding."""
-    size = common.image_size(cfg, target)
-    layers, weights = common.resolve_layers(
+    size = setup.image_size(cfg, target)
+    layers, weights = setup.resolve_layers(
         replace(cfg, layers=list(cfg.layers) or shallow_layers(target)), target)
-    schedule = common.make_schedule(cfg, target)
+    schedule = setup.make_schedule(cfg, target)
     inputs = load_inputs(cfg, size)
     goal = goal_of(target, inputs, cfg)
     text = formula(inputs, cfg)
     name = f"{text}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "")
     objective = _objective(cfg, target, layers, weights, inputs.base[1],
                            schedule.stage_sizes(size), goal)
-    gen = common.generator_for(cfg, target.device)
+    gen = setup.generator_for(cfg, target.device)
     init = None if cfg.init_image else inputs.base[1][None]   # --init_image overrides
-    param = common.make_param(cfg, size, target.device, gen, init=init)
+    param = setup.make_param(cfg, size, target.device, gen, init=init)
     plan = Plan("arithmetic", target, objective, layers, param, schedule,
-                common.make_augment(cfg), gen, name, _meta(cfg, inputs, layers, weights),
+                setup.make_augment(cfg), gen, name, _meta(cfg, inputs, layers, weights),
                 embed=True,
                 after=lambda run_dir, result: write_report(cfg, target, run_dir, result,
                                                            inputs, goal, text))
@@ -261,9 +261,9 @@ def goal_of(target, inputs: Inputs, cfg: ArithmeticCFG) -> torch.Tensor:
 
 def _objective(cfg, target, layers, weights, base, sizes, goal) -> Objective:
     objective = cfg.target_weight * steering_objective(goal.to(target.device))
-    objective = objective + common.priors(cfg)
+    objective = objective + setup.priors(cfg)
     if cfg.feat_weight:
-        refs = base_references(target, layers, base, sizes, common.make_augment(cfg),
+        refs = base_references(target, layers, base, sizes, setup.make_augment(cfg),
                                cfg.ref_views, cfg.seed)
         objective = cfg.feat_weight * staged_sort_matching(
             refs, dict(zip(layers, weights))) + objective

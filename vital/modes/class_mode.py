@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from vital.config import ConfigError, opt
-from vital.models.labels import clip_text_target
-from vital.modes import common, recipes, vit_extras
+from vital.models.classnames import clip_text_target
+from vital.modes import setup, recipes, vit_extras
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import losses
 from vital.optvis.relevance import RULES
@@ -23,7 +23,7 @@ from vital.refs.images import list_images, load_images
 
 
 @dataclass
-class ClassCFG(vit_extras.ViTExtrasCFG, common.RenderCFG):
+class ClassCFG(vit_extras.ViTExtrasCFG, setup.RenderCFG):
     """Class neuron visualisation (VITAL)."""
     RECIPES: ClassVar[dict] = recipes.CLASS_RECIPES
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
@@ -85,7 +85,7 @@ def _relevance_references(cfg: ClassCFG, target, layers, weights, files, sizes) 
     layer, score = class_score(cfg, target)
     native = target.input_size
     images, used = load_images(files, native, cfg.num_ref, getattr(cfg, "ref_crop", 1.0))
-    obj, info, maps = common.relevance_objective(cfg, target, layers, weights, images, sizes,
+    obj, info, maps = setup.relevance_objective(cfg, target, layers, weights, images, sizes,
                                                  layer, score, cfg.relevance,
                                                  cfg.relevance_floor, cfg.relevance_every)
     return obj, {"references": {"files": [str(p) for p in used], "size": native,
@@ -102,7 +102,7 @@ def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
         obj, info, meta = vit_extras.field_reference_objective(cfg, target, layers, weights,
                                                                files, sizes, cfg.num_ref)
     else:
-        obj, info, meta = common.reference_objective(cfg, target, layers, weights, files, sizes,
+        obj, info, meta = setup.reference_objective(cfg, target, layers, weights, files, sizes,
                                                      cfg.num_ref)
         if vit:
             meta["neural_field"] = {"active": False}
@@ -111,12 +111,12 @@ def _references(cfg: ClassCFG, target, layers, weights, files, sizes) -> tuple:
 
 def plan_class(cfg: ClassCFG, target) -> Plan:
     """The class run as a value (see ``vital.modes.runner``)."""
-    size = common.image_size(cfg, target)
-    layers, weights = common.resolve_layers(cfg, target, mode="class")
-    schedule = common.make_schedule(cfg, target)
+    size = setup.image_size(cfg, target)
+    layers, weights = setup.resolve_layers(cfg, target, mode="class")
+    schedule = setup.make_schedule(cfg, target)
     cls_obj, label, meta = class_term(cfg, target)
     meta.update(layers=layers, layer_weights=weights)
-    objective, hooked = cls_obj + common.priors(cfg, target), list(layers)
+    objective, hooked = cls_obj + setup.priors(cfg, target), list(layers)
     if target.kind == "clip-vit":
         steer, steer_layers, meta["attn_steering"] = vit_extras.attention_steering(cfg, target)
         objective = objective + steer
@@ -130,12 +130,12 @@ def plan_class(cfg: ClassCFG, target) -> Plan:
         meta.update(ref_meta)
     if not isinstance(objective, losses.Objective) or not objective.names:
         raise ConfigError("every weight is zero: nothing to optimise")
-    gen = common.generator_for(cfg, target.device)
-    extras = {"magnitude": common.maco_magnitude(files, size, cfg.num_ref)} \
+    gen = setup.generator_for(cfg, target.device)
+    extras = {"magnitude": setup.maco_magnitude(files, size, cfg.num_ref)} \
         if cfg.param == "maco" else {}   # MACO: the references' natural amplitude spectrum
-    param = common.make_param(cfg, size, target.device, gen, target=target, **extras)
+    param = setup.make_param(cfg, size, target.device, gen, target=target, **extras)
     name = f"{label}_{Path(str(target.spec)).name}_s{cfg.seed}".replace(" ", "-")
-    return Plan("class", target, objective, hooked, param, schedule, common.make_augment(cfg),
+    return Plan("class", target, objective, hooked, param, schedule, setup.make_augment(cfg),
                 gen, name, {"target_label": label, "recipe": cfg.recipe, **meta},
                 relevance_maps=maps)
 

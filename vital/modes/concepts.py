@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vital.concepts import extract as C
-from vital.modes import common
+from vital.modes import setup
 from vital.modes.batch import batch_plans, element_context
 from vital.modes.outputs import RunWriter
 from vital.modes.runner import NO_CALLBACKS, Callbacks, Plan, prepare, write_run
@@ -34,7 +34,7 @@ _GRID_PATCHES = 6  # top patches shown next to each visualisation
 
 
 @dataclass
-class ConceptCFG(common.RenderCFG):
+class ConceptCFG(setup.RenderCFG):
     """Concept visualisation: CRAFT concepts of a layer, ranked, each rendered with VITAL."""
     ref_dir: str = opt("references/espresso", "folder of real images, or a folder of class "
                        "folders (all are used)")
@@ -101,11 +101,11 @@ def patch_quantiles(target, layers, groups: list[torch.Tensor], sizes, device) -
 
 def vital_terms(cfg, target, groups, size) -> tuple[list[Objective | int], list[str], dict]:
     """Per patch group: sort matching of one image to that group, plus the priors."""
-    layers, weights = common.resolve_layers(cfg, target)
-    prior = common.priors(cfg)
+    layers, weights = setup.resolve_layers(cfg, target)
+    prior = setup.priors(cfg)
     if not cfg.feat_weight:
         return [prior] * len(groups), layers, {"layers": layers, "layer_weights": weights}
-    sizes = common.make_schedule(cfg, target).stage_sizes(size)
+    sizes = setup.make_schedule(cfg, target).stage_sizes(size)
     refs = patch_quantiles(target, layers, groups, sizes, target.device)   # (G, C, Q) each
     objectives = [cfg.feat_weight * batched_sort_matching(
         {s: {l: q[g:g + 1] for l, q in by_layer.items()} for s, by_layer in refs.items()},
@@ -177,10 +177,10 @@ def _check(cfg, elements: Elements) -> None:
 
 def _element_plan(cfg, mode: str, target, elements: Elements, i: int) -> Plan:
     gen = element_generator(cfg, target.device, elements.keys[i])
-    param = common.make_param(dataclasses.replace(cfg, batch=1), elements.size, target.device,
+    param = setup.make_param(dataclasses.replace(cfg, batch=1), elements.size, target.device,
                               gen, **elements.param_kw)
     return Plan(mode, target, elements.objectives[i], elements.layers, param,
-                common.make_schedule(cfg, target), common.make_augment(cfg), gen,
+                setup.make_schedule(cfg, target), setup.make_augment(cfg), gen,
                 f"{mode}{elements.keys[i]}")
 
 
@@ -211,7 +211,7 @@ def render_elements(cfg, mode: str, target, elements: Elements,
     _check(cfg, elements)
     n = len(elements.keys)
     starts = range(0, n, cfg.batch_size)
-    steps = common.make_schedule(cfg, target).total
+    steps = setup.make_schedule(cfg, target).total
     out = []
     for j, start in enumerate(starts):
         set_determinism(cfg.seed, cfg.deterministic, cfg.hard_determinism)
@@ -335,7 +335,7 @@ def run_concepts(cfg: ConceptCFG, argv=None, callbacks: Callbacks | None = None)
     """Bank + (unless extract_only) the shown concepts rendered ``--batch_size`` at a time into
     one run folder; (run_dir, result)."""
     _, target = prepare(cfg)
-    size = common.image_size(cfg, target)
+    size = setup.image_size(cfg, target)
     bank, patches, label = build_bank(cfg, target, size)
     name = (f"{label}_{Path(str(target.spec)).name}_{bank.meta['layer']}_k{bank.n_concepts}"
             f"_s{cfg.seed}").replace(" ", "-")

@@ -20,7 +20,7 @@ from vital.concepts import extract as C
 from vital.concepts.bank import FILE_NAME, check_compatible, load_bank
 from vital.config import ConfigError, make_run_dir, opt
 from vital.imaging import save_png
-from vital.modes import common
+from vital.modes import setup
 from vital.modes.concepts import (Elements, grid_rows, param_keywords, reference_files,
                                   run_elements, vital_terms, write_match)
 from vital.modes.runner import Callbacks, prepare
@@ -28,7 +28,7 @@ from vital.refs.images import ReferenceError, load_images
 
 
 @dataclass
-class FacetCFG(common.RenderCFG):
+class FacetCFG(setup.RenderCFG):
     """Facet visualisation: sub-concepts of one concept of a bank, each rendered with VITAL."""
     bank: str = opt("", "concept bank: a concept run folder, or its .safetensors / .json "
                     "(empty = the newest bank in --concept_dir made with this model, "
@@ -185,7 +185,7 @@ def run_facets(cfg: FacetCFG, argv=None, callbacks: Callbacks | None = None):
     """Facets of one concept, rendered ``--batch_size`` at a time into one run folder;
     returns (run_dir, result)."""
     _, target = prepare(cfg)
-    size = common.image_size(cfg, target)
+    size = setup.image_size(cfg, target)
     bank, layer, files = load_checked_bank(cfg, target)
     concept = bank.order()[0] if cfg.concept < 0 else cfg.concept
     patches = concept_patches(bank, files, concept, cfg.facet_patches)

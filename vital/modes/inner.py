@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from vital.optvis import losses
 from vital.optvis.losses import staged_sort_matching
-from vital.modes import common, recipes
+from vital.modes import setup, recipes
 from vital.modes.batch import run_in_batches
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
 from vital.optvis import relevance as rel
@@ -52,7 +52,7 @@ _POSITION_LAYOUTS = ("BCHW", "BND")
 
 
 @dataclass
-class InnerCFG(common.RenderCFG):
+class InnerCFG(setup.RenderCFG):
     """Inner neuron visualisation (VITAL)."""
     RECIPES: ClassVar[dict] = recipes.INNER_RECIPES
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
@@ -255,7 +255,7 @@ def forward_order(target, names: list[str]) -> list[str]:
 
 def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str], list[float]]:
     """Sort-matching layers computed before the target (``--layers`` or the model's defaults)."""
-    layers, weights = common.resolve_layers(cfg, target, mode="inner")
+    layers, weights = setup.resolve_layers(cfg, target, mode="inner")
     order = forward_order(target, list(dict.fromkeys(layers + [neuron.layer])))
     layouts = {info.name: info.layout for info in target.layers()}
     below = order[:order.index(neuron.layer)]
@@ -276,7 +276,7 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
     """Sort matching against the references at each stage size (relevance-weighted unless
     ``--relevance none``); returns (objective, info with the most important channels, the
     synthetic image's relevance maps or None)."""
-    return common.relevance_objective(cfg, target, layers, weights, patches, sizes,
+    return setup.relevance_objective(cfg, target, layers, weights, patches, sizes,
                                       neuron.layer, neuron.score, cfg.relevance,
                                       cfg.relevance_floor, cfg.relevance_every,
                                       native=cfg.ref_res == "native")
@@ -329,7 +329,7 @@ def _objective(cfg, target, neuron, top, refs, size, schedule
         cap = cfg.neuron_cap * matched / max(abs(scale), 1e-6)
         meta["reference_matched_score"] = matched
     objective = neuron_objective(neuron, scale, cfg.neuron_weight, cap) + \
-        common.priors(cfg, target)
+        setup.priors(cfg, target)
     layers, weights = lower_layers(cfg, target, neuron)
     meta = {"layers": layers, "layer_weights": weights, "reference_mean_score": scale, **meta}
     maps = None
@@ -359,13 +359,13 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
     """One target's run as a value. ``patch_scores`` (from ``layer_patch_scores`` with the same
     cfg, or a function returning them, called only when the patch cache misses) saves scoring
     the data set again."""
-    size = common.image_size(cfg, target)
-    schedule = common.make_schedule(cfg, target)
+    size = setup.image_size(cfg, target)
+    schedule = setup.make_schedule(cfg, target)
     top = _patches(cfg, target, neuron, patch_scores)
     refs = reference_images(cfg, target, top)
     objective, layers, meta, maps = _objective(cfg, target, neuron, top, refs, size, schedule)
-    gen = common.generator_for(cfg, target.device)
-    param = common.make_param(cfg, size, target.device, gen, target=target,
+    gen = setup.generator_for(cfg, target.device)
+    param = setup.make_param(cfg, size, target.device, gen, target=target,
                               **_param_extras(cfg, refs, size))
     meta.update(target_label=neuron.label, neuron=neuron.index, direction=cfg.direction or None,
                 relevance=cfg.relevance, ref_kind=cfg.ref_kind, references=_reference_meta(top), **(extra or {}))
@@ -374,7 +374,7 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
         contact_sheet(top, run_dir / "references.png")
         write_neuron_report(target, neuron, result.image, top, size, run_dir)
     return Plan("inner", target, objective, list(dict.fromkeys(layers + [neuron.layer])), param,
-                schedule, common.make_augment(cfg), gen, _run_name(target, neuron, cfg.seed),
+                schedule, setup.make_augment(cfg), gen, _run_name(target, neuron, cfg.seed),
                 meta, after=after, relevance_maps=maps)
 
 
@@ -428,7 +428,7 @@ def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "
                           f"(leave it empty to rank by activation on the data set)")
     text = None
     if prompt:
-        from vital.models.labels import encode_texts
+        from vital.models.classnames import encode_texts
         text = encode_texts(target.clip, [prompt], target.device)[0].to(target.device)
     total, count = 0, 0
     for images, _ in iter_images(files, size, crop=crop):

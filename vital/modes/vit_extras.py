@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from vital.config import ConfigError, opt
-from vital.modes.common import reference_sizes
+from vital.modes.setup import reference_sizes
 from vital.optvis.attention import PriorMaps, attn_entropy_objective, attn_spatial_objective
 from vital.optvis.losses import Objective
 from vital.refs import fields as field_refs

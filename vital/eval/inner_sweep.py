@@ -221,7 +221,7 @@ def sweep_kind(cfg, model: str = "", target=None, real=None, scores=None,
 def _model_runs(cfg, model: str, device):
     """(target, probe, runs, image size) of one model; the runs must share one size."""
     from vital.models import load_target
-    from vital.modes.common import image_size
+    from vital.modes.setup import image_size
     from vital.modes.inner import resolve_target
     target = load_target(model, device=device)
     probe = resolve_target(target, cfg.layer, 0)

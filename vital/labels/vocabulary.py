@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vital.models.labels import clip_classnames, encode_texts, imagenet_classes
+from vital.models.classnames import clip_classnames, encode_texts, imagenet_classes
 from vital.labels.probe import ProbeSet, cached_tensors, image_batches
 from vital.refs.images import PREPROCESS_TAG
 
