@@ -336,6 +336,52 @@ def test_omp_recovers_a_component_built_from_known_texts():
     assert abs(ratio - (-0.5 / 0.8)) < 1e-6
 
 
+def test_official_dictionary_equals_a_loop_of_the_official_formula():
+    """``text - mean(axis=0)``, then each embedding dimension divided by its norm over the
+    texts and times 100 (compute_sparse_decomposition.py), as an explicit loop."""
+    from vital.effects.texts import dictionary
+    gen = torch.Generator().manual_seed(1)
+    texts = F.normalize(torch.randn(40, 12, generator=gen), dim=-1).double()
+    want = torch.empty_like(texts)
+    for j in range(texts.shape[1]):
+        column = [float(texts[i, j]) for i in range(texts.shape[0])]
+        mean = sum(column) / len(column)
+        norm = sum((v - mean) ** 2 for v in column) ** 0.5
+        for i, v in enumerate(column):
+            want[i, j] = 100.0 * (v - mean) / norm
+    torch.testing.assert_close(dictionary(texts.float(), "dimensions").double(), want,
+                               rtol=1e-5, atol=1e-4)
+    rows = dictionary(texts.float(), "texts")
+    torch.testing.assert_close(rows.norm(dim=-1), torch.ones(40))
+
+
+def test_omp_recovers_planted_texts_in_the_official_dictionary():
+    """A component planted as a combination of three texts of the official dictionary: the
+    three come out on top (precision@3 = 1) with the planted ratios."""
+    from vital.effects.texts import dictionary, sparse_decompose
+    gen = torch.Generator().manual_seed(2)
+    atoms = dictionary(F.normalize(torch.randn(400, 64, generator=gen), dim=-1), "dimensions")
+    truth = {5: 0.7, 211: 0.4, 390: -0.3}
+    component = F.normalize(sum(c * atoms[i] for i, c in truth.items()), dim=0)
+    (found,) = sparse_decompose(component[None], atoms, k=32)
+    assert sorted(i for i, _ in found.terms[:3]) == sorted(truth) and found.cosine > 0.9999
+    assert dict(found.terms)[390] / dict(found.terms)[5] == pytest.approx(-0.3 / 0.7, abs=1e-6)
+
+
+def test_protocol_sets_defaults_and_flags_win():
+    from vital.effects.run import PROTOCOLS, EffectsCFG, resolve
+    official = resolve(EffectsCFG())
+    assert (official.normalise, official.dictionary, official.components) == (
+        "embedding", "dimensions", 32) and official.protocol == "official"
+    toolkit = resolve(EffectsCFG(protocol="toolkit"))
+    assert (toolkit.normalise, toolkit.dictionary, toolkit.components) == ("none", "texts", 16)
+    mine = resolve(EffectsCFG(components=8, normalise="none"))
+    assert (mine.normalise, mine.dictionary, mine.components) == ("none", "dimensions", 8)
+    assert set(PROTOCOLS["official"]) == set(PROTOCOLS["toolkit"])
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        resolve(EffectsCFG(protocol="paper"))
+
+
 def test_batched_omp_equals_scikit_learn():
     from sklearn.linear_model import orthogonal_mp
     from vital.effects.texts import dictionary, omp
@@ -411,6 +457,8 @@ def test_script_runs_end_to_end(tiny_clip_file, tmp_path):
     assert acc["0"]["images"] == 6
     config = json.loads((run / "config.json").read_text())
     assert config["cfg"]["layer"] == ["0", "block.1.mlp"] and config["probe_images"] == 7
+    assert (config["cfg"]["protocol"], config["cfg"]["normalise"], config["cfg"]["dictionary"],
+            config["cfg"]["components"]) == ("official", "embedding", "dimensions", 2)
     assert "block 0 zero-shot accuracy" in out.stdout
     # --visualise 1: the strongest neuron of block 0 (block 1 has no second-order direction)
     strips = list((run / "visuals").glob("block*_neuron*.png"))

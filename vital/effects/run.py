@@ -10,6 +10,7 @@ images x neurons x E floats (1000 x 3072 x 512 x 4 B = 6.3 GB for one ViT-B laye
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ __all__ = ["EffectsCFG", "EffectsResult", "run_effects", "prepare", "LayerRun", 
 _TILE = 96          # px of a tile in the contact sheets
 _EMBED_SCALE = 100.0  # the official normalisation: effects in units of 1/100 of |embedding|
 
+# The settings a protocol decides, in one place; a flag given explicitly wins (``resolve``).
+# official: compute_second_order_neuron_prs.py / compute_sparse_decomposition.py of
+# yossigandelsman/second_order_lens (coefficient 100 on the image representation and on the
+# text set, `text - mean(axis=0)` then `/ norm(axis=0)`, `--components 32`).
+PROTOCOLS = {
+    "official": {"normalise": "embedding", "dictionary": "dimensions", "components": 32},
+    "toolkit": {"normalise": "none", "dictionary": "texts", "components": 16},
+}
+
 
 @dataclass
 class EffectsCFG:
@@ -50,12 +60,21 @@ class EffectsCFG:
     neuron_chunk: int = opt(512, "neurons whose effects are materialised at once", low=1)
     top_k: int = opt(100, "images per neuron with the largest centred effect norm (PCA, "
                      "significance threshold)", low=1)
-    normalise: str = opt("none", "effect units: none (embedding units) or embedding (x 100 / "
-                         "|embedding| per image, as the official code)",
-                         choices=["none", "embedding"])
+    protocol: str = opt("official", "the defaults of --normalise, --dictionary and "
+                        "--components: official (yossigandelsman/second_order_lens) or "
+                        "toolkit (ours before); docs/effects.md compares them",
+                        choices=list(PROTOCOLS))
+    normalise: str | None = opt(None, "effect units: none (embedding units) or embedding (x 100 "
+                                "/ |embedding| per image); default from --protocol",
+                                choices=["none", "embedding"])
+    dictionary: str | None = opt(None, "text dictionary: dimensions (centred, each embedding "
+                                 "dimension scaled to norm 100 over the texts) or texts "
+                                 "(centred, each text unit length); default from --protocol",
+                                 choices=["dimensions", "texts"])
     texts: str = opt("words20k", "text set for the decomposition: a file (one text per line), "
                      "words20k or imagenet; empty = no decomposition")
-    components: int = opt(16, "texts per neuron in the sparse decomposition (OMP)", low=1)
+    components: int | None = opt(None, "texts per neuron in the sparse decomposition (OMP); "
+                                 "default from --protocol", low=1)
     top_words: int = opt(5, "texts per neuron written into neurons.csv", low=0)
     sheets: int = opt(8, "contact sheets of top images for the N strongest neurons", low=0)
     sheet_images: int = opt(16, "images per contact sheet", low=1)
@@ -347,8 +366,18 @@ def layer_runs(target, layers, neurons, cfg) -> dict[int, LayerRun]:
     return runs
 
 
+def resolve(cfg: EffectsCFG) -> EffectsCFG:
+    """``cfg`` with every protocol-decided setting concrete: the protocol's value unless the
+    flag was given (not None)."""
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    values = {k: v for k, v in PROTOCOLS[cfg.protocol].items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **values)
+
+
 def run_effects(cfg: EffectsCFG, argv=None):
     """neuron_effects.py: returns (run folder, EffectsResult)."""
+    cfg = resolve(cfg)
     target, layers, neurons, files, texts = prepare(cfg)
     labelled = labelled_folder(cfg.ablate_dir or cfg.probe_dir) if cfg.ablate else None
     direction = None
@@ -365,7 +394,8 @@ def run_effects(cfg: EffectsCFG, argv=None):
                            target=target)
     atoms = None
     if texts is not None:
-        atoms = dictionary(text_embeddings(target, texts, progress=cfg.progress))
+        atoms = dictionary(text_embeddings(target, texts, progress=cfg.progress),
+                           cfg.dictionary)
     for layer, run in runs.items():
         result.summaries[layer] = summarise(run.maps.neurons.cpu(), run.top)
         if atoms is not None:

@@ -53,9 +53,19 @@ def text_embeddings(target, texts: list[str], progress: bool = True) -> torch.Te
     return vocabulary_embeddings(target, texts, progress=progress)
 
 
-def dictionary(embeddings: torch.Tensor) -> torch.Tensor:
-    """Mean-centred over the set, each row unit again: the atoms of the decomposition."""
-    return F.normalize(embeddings.float() - embeddings.float().mean(0, keepdim=True), dim=-1)
+DICTIONARY_SCALE = 100.0   # the official code's coefficient on the text set
+
+
+def dictionary(embeddings: torch.Tensor, kind: str = "texts") -> torch.Tensor:
+    """The atoms of the decomposition, mean-centred over the set; then ``texts``: each row
+    (text) unit length again, or ``dimensions`` (the official code): each column (embedding
+    dimension) scaled to norm 100 over the texts."""
+    centred = embeddings.float() - embeddings.float().mean(0, keepdim=True)
+    if kind == "texts":
+        return F.normalize(centred, dim=-1)
+    if kind == "dimensions":
+        return DICTIONARY_SCALE * centred / centred.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    raise ValueError(f"unknown dictionary {kind!r}; valid: texts, dimensions")
 
 
 @dataclass
