@@ -596,3 +596,73 @@ def test_a_planted_neuron_is_recovered_with_its_words(tmp_path):
     assert found == [i for i, _ in alone.terms[:3]]
     assert set(found) == set(planted)
     assert result.summaries[0][index].explained >= 0.99   # it writes nothing else
+
+
+# ---------------------------------------------------------------- stopped and resumed
+
+@pytest.mark.parametrize("stop_at", [("effects: means", 2), ("effects: top k", 1)])
+def test_a_stopped_run_saves_its_sums_and_resumes_to_the_same_result(
+        tiny_clip_file, tmp_path, monkeypatch, stop_at):
+    """Ctrl-C in pass 1 or pass 2 (after some batches): the checkpoint is written, the
+    status is "interrupted", and --resume finishes the same folder with the same numbers as
+    an uninterrupted run."""
+    import safetensors.torch as st
+    from vital.effects import run as run_mod
+    from vital.effects.run import EffectsCFG, run_effects
+    write_images(tmp_path / "probe", 9)
+    (tmp_path / "texts.txt").write_text("a dog\na cat\na car\nthe sea\nmusic\n")
+    base = dict(model=str(tiny_clip_file), layer=["0"], probe_dir=str(tmp_path / "probe"),
+                texts=str(tmp_path / "texts.txt"), batch_size=2, top_k=3, sheets=0,
+                device="cpu", progress=False, out_dir=str(tmp_path / "out"),
+                heatmap="a dog", heatmap_images=5)
+    whole_dir, _ = run_effects(EffectsCFG(**base, run_name="whole"))
+    real = run_mod._batches
+    seen = {}
+
+    def interrupting(target, files, layers, cfg, desc, *a, **k):
+        for item in real(target, files, layers, cfg, desc, *a, **k):
+            seen[desc] = seen.get(desc, 0) + 1
+            if (desc, seen[desc]) == (stop_at[0], stop_at[1] + 1):
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(run_mod, "_batches", interrupting)
+    cut_dir, cut = run_effects(EffectsCFG(**base, run_name="cut"))
+    assert cut.stopped == "interrupted" and (cut_dir / "checkpoint.json").is_file()
+    assert not (cut_dir / "neurons.csv").exists()
+    monkeypatch.setattr(run_mod, "_batches", real)
+    with pytest.raises(ConfigError, match="other settings"):
+        run_effects(EffectsCFG(**{**base, "top_k": 4}, resume=str(cut_dir)))
+    again_dir, again = run_effects(EffectsCFG(**base, resume=str(cut_dir)))
+    assert again_dir == cut_dir and again.stopped is None
+    assert not (cut_dir / "checkpoint.json").exists()
+    a = st.load_file(str(whole_dir / "components.safetensors"))
+    b = st.load_file(str(cut_dir / "components.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert (whole_dir / "neurons.csv").read_text() == (cut_dir / "neurons.csv").read_text()
+
+
+def test_resume_without_a_checkpoint_is_one_sentence(tiny_clip_file, tmp_path):
+    from vital.effects.run import EffectsCFG, run_effects
+    write_images(tmp_path / "probe", 3)
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        run_effects(EffectsCFG(model=str(tiny_clip_file), layer=["0"], probe_dir=str(
+            tmp_path / "probe"), texts="", device="cpu", progress=False,
+            resume=str(tmp_path)))
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_signals_wait_for_the_end_of_a_deferred_block(signum):
+    """A batch added to running sums is never cut in half: the signal is raised after it."""
+    import os
+    import signal
+    from vital.cli import Terminated, signals_deferred, sigterm_as_interrupt
+    done = []
+    with sigterm_as_interrupt():
+        with pytest.raises(Terminated if signum == "SIGTERM" else KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), getattr(signal, signum))
+                done.append("the whole batch")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert done == ["the whole batch"]

@@ -32,6 +32,29 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
+def signals_deferred():
+    """Inside the block Ctrl-C and SIGTERM are held; on leaving it, the first one held is
+    raised (KeyboardInterrupt or :class:`Terminated`), so a step that must not be cut in half
+    (a batch added to running sums) finishes first. Outside the main thread nothing changes."""
+    held: list[int] = []
+
+    def hold(signum, frame):
+        held.append(signum)
+    try:
+        previous = signal.signal(signal.SIGINT, hold), signal.signal(signal.SIGTERM, hold)
+    except ValueError:   # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    if held:
+        raise Terminated() if held[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
 def sigterm_as_interrupt():
     """Inside the block SIGTERM raises :class:`Terminated`; the old handler is restored after.
     Outside the main thread (where signals cannot be handled) nothing changes."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -19,9 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vital.cache import write_json
+from vital.cli import signals_deferred
 from vital.config import ConfigError, check_cfg, make_run_dir, opt, run_metadata
 from vital.effects import decompose as dec
 from vital.effects.ablation import AblationCounter, labelled_folder, zeroshot_classifier
@@ -90,6 +94,8 @@ class EffectsCFG:
                        "embedding, as a heatmap over each probe image")
     heatmap_images: int = opt(16, "probe images in the heatmap sheet", low=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    resume: str = opt("", "the folder of a run stopped by Ctrl-C or SIGTERM (it holds "
+                      "checkpoint.json): finish it with the same settings")
     out_dir: str = opt("out_effects", "folder for runs")
     run_name: str = opt("", "run folder name (empty = from model, layers and probe folder)")
     progress: bool = opt(True, "progress bars")
@@ -145,18 +151,25 @@ def prepare(cfg: EffectsCFG):
 
 # ---------------------------------------------------------------- streaming
 
-def _batches(target, files, layers, cfg, desc):
-    """(offset, files, Records, per-image scale (B,)) per image batch."""
+def _batches(target, files, layers, cfg, desc, start: int = 0, offset: int = 0):
+    """(files consumed so far, offset, files read, Records, per-image scale (B,)) per image
+    batch, from file ``start`` on (a resumed pass); ``offset`` numbers the images read."""
     total = math.ceil(len(files) / cfg.batch_size)
-    offset = 0
-    groups = iter_images(files, target.input_size, batch=cfg.batch_size)
-    for images, used in tqdm(groups, total=total, desc=desc, disable=not cfg.progress,
-                             leave=False):
+    for begin in tqdm(range(start, len(files), cfg.batch_size), total=total,
+                      initial=start // cfg.batch_size, desc=desc, disable=not cfg.progress,
+                      leave=False):
+        chunk = files[begin:begin + cfg.batch_size]
+        # own chunks (not iter_images' groups of readable images): a resumed pass restarts at
+        # a file position, whatever was unreadable before it
+        groups = list(iter_images(chunk, target.input_size, batch=len(chunk)))
+        if not groups:
+            continue
+        images, used = groups[0]
         rec = dec.record(target, images.to(target.device), layers)
         scale = torch.ones(len(used), device=rec.embedding.device)
         if cfg.normalise == "embedding":
             scale = _EMBED_SCALE / rec.embedding.norm(dim=-1)
-        yield offset, used, rec, scale
+        yield begin + len(chunk), offset, used, rec, scale
         offset += len(used)
 
 
@@ -164,51 +177,149 @@ def _chunks(n: int, size: int):
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def pass_means(target, files, runs: dict[int, LayerRun], cfg) -> list[Path]:
-    """Pass 1: every neuron's mean first- and second-order effect; returns the images read."""
-    used_all = []
-    for _, used, rec, scale in _batches(target, files, list(runs), cfg, "effects: means"):
-        used_all += used
-        for run in runs.values():
-            coef = dec.coefficients(rec, run.maps)
-            for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
-                run.means.update(part, dec.second_order(coef, run.maps, part)
-                                 * scale[:, None, None])
-                run.first_means.update(part, dec.first_order(rec, run.maps, part)
-                                       * scale[:, None, None])
-            run.means.step(len(used))
-            run.first_means.step(len(used))
-    if not used_all:
+@dataclass
+class Progress:
+    """Where a run is: pass 1 (means) or 2 (top k), files consumed in it, and the images read
+    in pass 1 (indices into the probe files), which pass 2 goes over."""
+    stage: int = 1
+    consumed: int = 0
+    read: list = field(default_factory=list)
+
+
+def pass_means(target, files, runs: dict[int, LayerRun], cfg,
+               progress: Progress | None = None) -> list[Path]:
+    """Pass 1: every neuron's mean first- and second-order effect; returns the images read.
+    Each batch is added whole (Ctrl-C / SIGTERM wait for its end), so ``progress`` always
+    describes sums that a resumed run can continue."""
+    progress = progress or Progress()
+    index = {Path(f): i for i, f in enumerate(files)}
+    for consumed, _, used, rec, scale in _batches(target, files, list(runs), cfg,
+                                                  "effects: means", progress.consumed):
+        with signals_deferred():
+            for run in runs.values():
+                coef = dec.coefficients(rec, run.maps)
+                for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
+                    run.means.update(part, dec.second_order(coef, run.maps, part)
+                                     * scale[:, None, None])
+                    run.first_means.update(part, dec.first_order(rec, run.maps, part)
+                                           * scale[:, None, None])
+                run.means.step(len(used))
+                run.first_means.step(len(used))
+            progress.read += [index[Path(f)] for f in used]
+            progress.consumed = consumed
+    if not progress.read:
         raise ConfigError(f"none of the {len(files)} probe images could be read")
-    return used_all
+    progress.stage, progress.consumed = 2, 0
+    return [files[i] for i in progress.read]
 
 
-def pass_top(target, files, runs: dict[int, LayerRun], cfg, direction) -> None:
-    """Pass 2: centred norms, the top k with their vectors, mean first-order norms, and the
-    per-token projections on ``direction`` (E,) for the heatmap (None: no heatmap)."""
+def _start_top(runs: dict[int, LayerRun], cfg) -> None:
     for run in runs.values():
         n = len(run.maps.neurons)
         run.top = TopTracker(n, cfg.top_k, run.maps.first.shape[1])
         run.first_norm_total = torch.zeros(n)
         run.mean, run.first_mean = run.means.mean(), run.first_means.mean()
-    for offset, used, rec, scale in _batches(target, files, list(runs), cfg, "effects: top k"):
-        for run in runs.values():
-            coef = dec.coefficients(rec, run.maps)
-            run.top.start_batch(len(used), len(run.maps.neurons))
-            for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
-                second = dec.second_order(coef, run.maps, part) * scale[:, None, None]
-                run.top.update(part, second - run.mean[part].to(second), offset)
-                first = dec.first_order(rec, run.maps, part) * scale[:, None, None]
-                centred = first - run.first_mean[part].to(first)
-                run.first_norm_total[part] += centred.norm(dim=-1).sum(0).cpu()
-            run.top.end_batch()
-            if direction is not None and offset < cfg.heatmap_images:
-                heat = dec.token_projection(rec, run.maps, direction) * scale[:, None]
-                for i in range(min(len(used), cfg.heatmap_images - offset)):
-                    run.heat.append((offset + i, heat[i].cpu()))
 
 
-# ---------------------------------------------------------------- outputs
+def pass_top(target, files, runs: dict[int, LayerRun], cfg, direction,
+             progress: Progress | None = None) -> None:
+    """Pass 2: centred norms, the top k with their vectors, mean first-order norms, and the
+    per-token projections on ``direction`` (E,) for the heatmap (None: no heatmap). A batch
+    is added whole, as in pass 1."""
+    progress = progress or Progress(stage=2)
+    if progress.consumed == 0:
+        _start_top(runs, cfg)
+    done = sum(len(part) for part in next(iter(runs.values())).top.norm_parts)
+    for consumed, offset, used, rec, scale in _batches(target, files, list(runs), cfg,
+                                                       "effects: top k", progress.consumed,
+                                                       done):
+        with signals_deferred():
+            for run in runs.values():
+                coef = dec.coefficients(rec, run.maps)
+                run.top.start_batch(len(used), len(run.maps.neurons))
+                for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
+                    second = dec.second_order(coef, run.maps, part) * scale[:, None, None]
+                    run.top.update(part, second - run.mean[part].to(second), offset)
+                    first = dec.first_order(rec, run.maps, part) * scale[:, None, None]
+                    centred = first - run.first_mean[part].to(first)
+                    run.first_norm_total[part] += centred.norm(dim=-1).sum(0).cpu()
+                run.top.end_batch()
+                if direction is not None and offset < cfg.heatmap_images:
+                    heat = dec.token_projection(rec, run.maps, direction) * scale[:, None]
+                    for i in range(min(len(used), cfg.heatmap_images - offset)):
+                        run.heat.append((offset + i, heat[i].cpu()))
+            progress.consumed = consumed
+    progress.stage = 3
+
+
+# ---------------------------------------------------------------- checkpoints
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+_NOT_SETTINGS = ("resume", "progress", "device", "out_dir", "run_name")
+
+
+def _settings(cfg: EffectsCFG) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
+
+
+def save_checkpoint(run_dir: Path, cfg: EffectsCFG, files: list[Path],
+                    runs: dict[int, LayerRun], progress: Progress) -> None:
+    """The sums of a stopped run (safetensors) and where it stopped (JSON, written last)."""
+    tensors = {}
+    for layer, run in runs.items():
+        tensors[f"{layer}.means"] = run.means.total
+        tensors[f"{layer}.first_means"] = run.first_means.total
+        if progress.stage == 2 and run.top is not None:
+            tensors[f"{layer}.top_values"] = run.top.values
+            tensors[f"{layer}.top_index"] = run.top.index
+            tensors[f"{layer}.top_vectors"] = run.top.vectors
+            tensors[f"{layer}.norms"] = run.top.norms()
+            tensors[f"{layer}.first_norm_total"] = run.first_norm_total
+            if run.heat:
+                tensors[f"{layer}.heat"] = torch.stack([h for _, h in run.heat])
+                tensors[f"{layer}.heat_index"] = torch.tensor([i for i, _ in run.heat])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(run_dir / CHECKPOINT))
+    counts = {str(layer): run.means.count for layer, run in runs.items()}
+    write_json(run_dir / CHECKPOINT_JSON, {
+        "stage": progress.stage, "consumed": progress.consumed, "read": progress.read,
+        "counts": counts, "files": [str(f) for f in files], "settings": _settings(cfg)})
+
+
+def _load_checkpoint(cfg: EffectsCFG, files: list[Path], runs: dict[int, LayerRun]
+                     ) -> tuple[Path, Progress]:
+    run_dir = Path(cfg.resume)
+    try:
+        state = json.loads((run_dir / CHECKPOINT_JSON).read_text())
+        tensors = load_file(str(run_dir / CHECKPOINT))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
+        raise ConfigError(f"--resume {run_dir}: no readable checkpoint there (a run stopped by "
+                          f"Ctrl-C or SIGTERM leaves checkpoint.json and "
+                          f"checkpoint.safetensors): {err}") from None
+    diff = sorted(k for k in set(state["settings"]) | set(_settings(cfg))
+                  if state["settings"].get(k) != _settings(cfg).get(k))
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: the run was started with other settings "
+                          f"({', '.join(diff)}); resume it with the same ones")
+    if state["files"] != [str(f) for f in files]:
+        raise ConfigError(f"--resume {run_dir}: the probe folder changed since the run "
+                          f"started; resume with the same images or start a new run")
+    for layer, run in runs.items():
+        run.means.total = tensors[f"{layer}.means"]
+        run.first_means.total = tensors[f"{layer}.first_means"]
+        run.means.count = run.first_means.count = state["counts"][str(layer)]
+        if state["stage"] == 2 and state["consumed"] > 0:
+            _start_top({layer: run}, cfg)
+            run.top.values = tensors[f"{layer}.top_values"]
+            run.top.index = tensors[f"{layer}.top_index"]
+            run.top.vectors = tensors[f"{layer}.top_vectors"]
+            run.top.norm_parts = [tensors[f"{layer}.norms"]]
+            run.first_norm_total = tensors[f"{layer}.first_norm_total"]
+            if f"{layer}.heat" in tensors:
+                run.heat = list(zip(tensors[f"{layer}.heat_index"].tolist(),
+                                    tensors[f"{layer}.heat"]))
+    return run_dir, Progress(state["stage"], state["consumed"], state["read"])
+
 
 def _sheet(files, indices, labels, path: Path, size: int) -> None:
     tiles = [to_pil(load_image(files[i], size)).resize((_TILE, _TILE), Image.BICUBIC)
@@ -276,7 +387,6 @@ def _write_tables(run_dir, result: EffectsResult, runs, texts, files, cfg) -> No
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    from safetensors.torch import save_file
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
               str(run_dir / "components.safetensors"))
     write_json(run_dir / "words.json", words_json)
@@ -307,7 +417,7 @@ def _ablate(target, runs, cfg, result: EffectsResult, labelled) -> None:
     label_of = dict(zip(files, labels))
     counters = {layer: AblationCounter(classifier.cpu(), classes, cfg.ablate_keep)
                 for layer in runs}
-    for _, used, rec, scale in _batches(target, files, list(runs), cfg, "ablation"):
+    for _, _, used, rec, scale in _batches(target, files, list(runs), cfg, "ablation"):
         truth = torch.tensor([label_of[p] for p in used])
         emb = rec.embedding * scale[:, None]
         for layer, run in runs.items():
@@ -383,13 +493,30 @@ def run_effects(cfg: EffectsCFG, argv=None):
     direction = None
     if cfg.heatmap:
         direction = encode_texts(target.clip, [cfg.heatmap], target.device)[0].to(target.device)
-    run_dir = make_run_dir(cfg.out_dir, _run_name(cfg, layers))
-    write_json(run_dir / "config.json", run_metadata(
-        cfg, argv, model=str(target.spec), weight_hash=target.weight_hash, layers=layers,
-        probe_images=len(files)))
     runs = layer_runs(target, layers, neurons, cfg)
-    files = pass_means(target, files, runs, cfg)
-    pass_top(target, files, runs, cfg, direction)
+    if cfg.resume:
+        run_dir, progress = _load_checkpoint(cfg, files, runs)
+        print(f"resuming {run_dir} at pass {progress.stage}, file {progress.consumed}")
+    else:
+        run_dir, progress = make_run_dir(cfg.out_dir, _run_name(cfg, layers)), Progress()
+        write_json(run_dir / "config.json", run_metadata(
+            cfg, argv, model=str(target.spec), weight_hash=target.weight_hash, layers=layers,
+            probe_images=len(files)))
+    probe = files
+    try:
+        if progress.stage == 1:
+            files = pass_means(target, probe, runs, cfg, progress)
+        else:
+            files = [probe[i] for i in progress.read]
+        pass_top(target, files, runs, cfg, direction, progress)
+    except KeyboardInterrupt as err:   # Ctrl-C, or SIGTERM (vital.cli.Terminated)
+        save_checkpoint(run_dir, cfg, probe, runs, progress)
+        stopped = getattr(err, "stopped_as", "interrupted")
+        print(f"{stopped}: the sums so far are saved in {run_dir / CHECKPOINT}; finish the "
+              f"run with the same command and --resume {run_dir}", file=sys.stderr)
+        return run_dir, EffectsResult(run_dir=run_dir, stopped=stopped)
+    for name in (CHECKPOINT, CHECKPOINT_JSON):
+        (run_dir / name).unlink(missing_ok=True)
     result = EffectsResult(run_dir=run_dir, images=len(files), files=files, texts=texts,
                            target=target)
     atoms = None

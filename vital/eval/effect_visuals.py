@@ -119,7 +119,7 @@ def visualise(cfg: NeuronEffectsCFG, run_dir: Path, result, argv=None) -> list[P
 def run_neuron_effects(cfg: NeuronEffectsCFG, argv=None):
     """neuron_effects.py: the effects run, then ``--visualise`` renders; (run_dir, result)."""
     run_dir, result = run_effects(cfg, argv)
-    if cfg.visualise:
+    if cfg.visualise and not result.stopped:
         result.visuals = visualise(cfg, run_dir, result, argv)
         print(f"wrote {len(result.visuals)} visualisations to {run_dir / 'visuals'}")
     return run_dir, result
