@@ -47,6 +47,8 @@ def methods(budget: int) -> dict[str, tuple[str, dict]]:
     return {
         "paper": ("paper", {"steps": budget}),
         "toolkit": ("toolkit", {"steps_multires": multires}),
+        # issue 27: the last stage ends when a 40-step window improves the loss by < 1 %
+        "toolkit_early": ("toolkit", {"steps_multires": multires, "early_stop": 0.01}),
         "toolkit_pure": ("toolkit", {"steps_multires": multires, "class_weight": 0.0}),
         # issue 18: sort matching on a random quarter of the 112 x 112 layers' positions
         "toolkit_sub3136": ("toolkit", {"steps_multires": multires, "sort_positions": 3136}),
