@@ -104,3 +104,17 @@ def test_warnings_are_one_line_naming_no_library_frame(capsys):
                       stacklevel=2)
     err = capsys.readouterr().err
     assert err == "warning: skipping unreadable image x.png: cannot identify image file\n"
+
+
+def test_an_unreachable_ray_address_is_one_sentence_within_seconds():
+    import socket
+    import time
+    from vital.eval.launchers import check_reachable
+    with socket.socket() as probe:       # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot reach the Ray cluster"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    check_reachable("auto")   # left to Ray
