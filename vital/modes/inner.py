@@ -58,7 +58,6 @@ class InnerCFG(setup.RenderCFG):
     CONFLICTS: ClassVar[tuple] = (
         ("neuron", "neurons", "--neurons lists every neuron to visualise"),
         ("auto", "neurons", "--auto N picks the top N neurons itself, --neurons names them"),
-        ("auto", "neuron", "--auto N picks the top N neurons itself, --neuron names one"),
         ("direction", "neurons", "--direction visualises one direction, --neurons channels"),
         ("direction", "auto", "--direction visualises one direction, --auto ranks channels"))
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
