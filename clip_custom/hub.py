@@ -4,7 +4,10 @@ huggingface_hub decides where files live and whether the network may be used (HF
 HF_HUB_CACHE, HF_HUB_OFFLINE). An open_clip-layout file is preferred (no conversion), then a
 transformers one.
 """
+import functools
 import json
+import socket
+from urllib.parse import urlparse
 
 from .convert import from_transformers, is_transformers_layout, open_clip_arch, transformers_arch
 from .download import DownloadError, sha256_file
@@ -26,9 +29,31 @@ def _hub():
     return huggingface_hub.hf_hub_download, EntryNotFoundError, constants
 
 
+@functools.lru_cache(maxsize=None)
+def unreachable(endpoint: str, timeout: float = 5.0) -> str:
+    """'' when the hub's host answers a TCP connection within ``timeout`` s, else why not.
+    Checked once per process: without it an offline machine waits for every file's download
+    retries (about 100 s) before it fails."""
+    url = urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return ""
+    except OSError as err:
+        return f"{host}:{port} does not answer ({err.strerror or err})"
+
+
+def _offline_reason(constants) -> str:
+    return "" if constants.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
+
+
 def _where(constants) -> str:
     if constants.HF_HUB_OFFLINE:
         return f"the local cache {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE is set)"
+    reason = _offline_reason(constants)
+    if reason:
+        return (f"the local cache {constants.HF_HUB_CACHE} (the hub cannot be reached: "
+                f"{reason}; connect to the network or copy the files into that cache)")
     return f"the hub and the local cache {constants.HF_HUB_CACHE}"
 
 
@@ -36,7 +61,8 @@ def _fetch(repo_id: str, filename: str):
     """Local path of repo_id/filename, or None when the repo has no such file."""
     download, not_found, constants = _hub()
     try:
-        return download(repo_id=repo_id, filename=filename)
+        return download(repo_id=repo_id, filename=filename,
+                        local_files_only=bool(_offline_reason(constants)))
     except not_found:
         return None
     except Exception as err:

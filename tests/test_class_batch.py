@@ -46,5 +46,12 @@ def test_targets_name_their_reference_folders_and_refuse_duplicates(tmp_path):
     cfg = ClassBatchCFG(targets=["a", "b=elsewhere/b"], ref_root="root")
     assert [(c.target, c.ref_dir) for c in target_cfgs(cfg)] == [("a", "root/a"),
                                                                  ("b", "elsewhere/b")]
-    with pytest.raises(ConfigError, match="appears twice"):
-        target_cfgs(ClassBatchCFG(targets=["a", "a"]))
+    for twice in (["a", "a"], ["espresso", "Espresso=elsewhere/e"], ["tabby cat", "Tabby  cat"]):
+        with pytest.raises(ConfigError, match="more than once"):
+            target_cfgs(ClassBatchCFG(targets=twice))
+    # a CLIP prompt with "=" in it (no folder after it) is one target, not NAME=DIR
+    (tmp_path / "refs").mkdir()
+    cfgs = target_cfgs(ClassBatchCFG(targets=["a photo of x=y", f"c={tmp_path / 'refs'}"],
+                                     ref_root="root"))
+    assert [(c.target, c.ref_dir) for c in cfgs] == [("a photo of x=y", "root/a photo of x=y"),
+                                                     ("c", str(tmp_path / "refs"))]

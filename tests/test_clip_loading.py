@@ -312,3 +312,40 @@ def test_hub_repo_missing_offline(hub_cache):
 def test_bad_hub_spec():
     with pytest.raises(ValueError, match="hf-hub:ORG/REPO"):
         load("hf-hub:no-slash")
+
+
+def test_hub_without_network_uses_the_cache_and_says_why_it_fails(hub_cache, monkeypatch, peer,
+                                                                  reference):
+    """HF_HUB_OFFLINE unset and the hub unreachable: a cached repo loads (no download
+    retries), a missing one fails at once with a sentence that names the network."""
+    import time
+    from clip_custom import hub
+    from clip_custom.download import DownloadError
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "unreachable",
+                        lambda endpoint: "huggingface.co:443 does not answer (test)")
+    snapshot = hub_cache("tiny-org/cached")
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()},
+              str(snapshot / "open_clip_model.safetensors"))
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": PEER_CFG}))
+    model, _ = load("hf-hub:tiny-org/cached")
+    _assert_same_model(model, reference)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="the hub cannot be reached: huggingface.co:443"):
+        load("hf-hub:nonexistent/repo")
+    assert time.monotonic() - started < 5
+
+
+def test_hub_reachability_is_a_quick_tcp_check(monkeypatch):
+    import socket
+    from clip_custom import hub
+    hub.unreachable.cache_clear()
+
+    def refuse(address, timeout):
+        assert address == ("hub.example", 443) and timeout <= 5
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert hub.unreachable("https://hub.example") == \
+        "hub.example:443 does not answer (Connection refused)"
+    hub.unreachable.cache_clear()

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import signal
 import sys
+import warnings
 
 from vital.config import ConfigError, parse_cfg
 
@@ -82,6 +83,22 @@ def os_error_text(err: OSError) -> str:
     return f"{err.strerror or err}{where}"
 
 
+@contextlib.contextmanager
+def warnings_as_lines():
+    """Inside the block a warning prints as one line, ``warning: <message>``, instead of
+    Python's ``file:line: Category: message`` (which names whatever frame was above the
+    warning, often tqdm's iterator rather than our code)."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(cfg_cls, run_fn, argv: list[str] | None = None, description: str | None = None) -> int:
     """Parse ``argv`` into ``cfg_cls``, call ``run_fn(cfg, argv)``; return the exit status.
 
@@ -89,15 +106,15 @@ def main(cfg_cls, run_fn, argv: list[str] | None = None, description: str | None
     (else the reason: "interrupted", "terminated ...", any other text is a failure, status 1).
     ``description`` heads ``--help`` (default: the CFG's docstring)."""
     cfg = parse_cfg(cfg_cls, argv, description)
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), warnings_as_lines():
         try:
             _, result = run_fn(cfg, argv)
         except Terminated:
-            print("terminated (SIGTERM) before the optimisation started; nothing to save",
+            print("terminated (SIGTERM) before the run had anything to save",
                   file=sys.stderr)
             return EXIT_TERMINATED
         except KeyboardInterrupt:
-            print("interrupted before the optimisation started; nothing to save",
+            print("interrupted (Ctrl-C) before the run had anything to save",
                   file=sys.stderr)
             return EXIT_INTERRUPTED
         except OSError as err:   # FileNotFoundError (bad input) too

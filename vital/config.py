@@ -149,6 +149,9 @@ def coerce(cfg_cls, values: dict) -> dict:
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     for key, value in values.items():
         base, seq = _field_kind(cfg_cls, fields[key])
+        items = value if seq and isinstance(value, (list, tuple)) else [value]
+        if base in (int, float) and any(isinstance(v, bool) for v in items):
+            raise ConfigError(f"bad value for {key!r}: {value!r} is true/false, not a number")
         try:
             if seq and value is not None:   # None stays None: check_cfg says what is valid
                 value = [base(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
@@ -233,11 +236,27 @@ def _range_problem(value, meta: dict) -> str | None:
     return None
 
 
+def _declared_default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+
+
+def _check_conflicts(cfg) -> None:
+    """``CONFLICTS`` of a CFG class: pairs of options that ask for different things; both away
+    from their defaults is one sentence instead of one of them silently ignored."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for first, second, why in getattr(type(cfg), "CONFLICTS", ()):
+        if all(getattr(cfg, n) != _declared_default(fields[n]) for n in (first, second)):
+            raise ConfigError(f"--{first} and --{second} both given: {why}; give one of them")
+
+
 def check_cfg(cfg) -> None:
     """Check every field of a CFG against its declared type and range (``opt(low=, high=,
     positive=)``); the first problem raises :class:`ConfigError` naming the option, the value and
     what is valid. ``parse_cfg`` calls it; so does the runner for CFGs built in Python."""
     cls = type(cfg)
+    _check_conflicts(cfg)
     for field in dataclasses.fields(cls):
         value, meta = getattr(cfg, field.name), field.metadata
         base, seq = _field_kind(cls, field)

@@ -81,6 +81,9 @@ def check_neurons(neurons, width: int) -> torch.Tensor:
     if bad:
         raise ConfigError(f"neuron(s) {bad} out of range: this MLP layer has {width} neurons "
                           f"(0..{width - 1})")
+    twice = sorted({int(n) for n in neurons if list(map(int, neurons)).count(int(n)) > 1})
+    if twice:
+        raise ConfigError(f"neuron(s) {twice} given more than once; give each neuron once")
     return torch.tensor([int(n) for n in neurons])
 
 

@@ -41,7 +41,12 @@ def text_set(spec: str) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"text set {spec!r} is neither a file nor a bundled set "
                           f"({', '.join(BUNDLED)})")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"text file {path} is not UTF-8 text (byte {err.start}); save it as "
+                          f"UTF-8, one text a line") from None
+    lines = [line.strip() for line in text.splitlines()]
     texts = [line for line in lines if line]
     if not texts:
         raise ConfigError(f"text file {path} has no lines; give one text per line")

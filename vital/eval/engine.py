@@ -193,6 +193,13 @@ def lines(kind: SweepKind, records: list[dict], skipped: list[bool]) -> str:
     return "; ".join(f"{kind.short(r)}: {line(kind, r, s)}" for r, s in zip(records, skipped))
 
 
+def say_empty_shard(shard: str, batches: list[list], total: int, what: str = "") -> None:
+    """A shard that got no batch says so (instead of printing nothing)."""
+    if shard and not batches:
+        print(f"shard {shard}{what}: no runs to do (the sweep has {total} batch(es); shard "
+              f"i/n takes every n-th batch from the i-th)", flush=True)
+
+
 def list_runs(batches: list[list]) -> None:
     for run in sorted((run for batch in batches for run in batch), key=lambda r: r.index):
         print(f"{run.index:4d}  {run.key}")

@@ -171,7 +171,9 @@ def run_sweep(cfg: EvalCFG) -> list[dict]:
     from vital.config import resolve_device
     from vital.eval.scoring import Scorer
     runs = expand(cfg)
-    batches = select_shard(batch_runs(runs, cfg.batch_size), parse_shard(cfg.shard))
+    every = batch_runs(runs, cfg.batch_size)
+    batches = select_shard(every, parse_shard(cfg.shard))
+    engine.say_empty_shard(cfg.shard, batches, len(every))
     if cfg.list_runs:
         engine.list_runs(batches)
         return []

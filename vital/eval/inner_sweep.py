@@ -256,7 +256,9 @@ def run_inner_sweep(cfg) -> list[dict]:
     records, launched = [], []
     for model in cfg.models:
         target, probe, runs, size = _model_runs(cfg, model, device)
-        batches = select_shard(batch_runs(runs, cfg.batch_size), shard)
+        every = batch_runs(runs, cfg.batch_size)
+        batches = select_shard(every, shard)
+        engine.say_empty_shard(cfg.shard, batches, len(every), f" of {model}")
         if cfg.list_runs:
             engine.list_runs(batches)
             continue

@@ -92,12 +92,30 @@ def call(fn: Callable, args: tuple):
 
 # ---------------------------------------------------------------- Ray
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """``host:port`` or ``ray://host:port`` answers within ``timeout`` s, else one sentence
+    (Ray itself retries an unreachable address for minutes, printing its own logs)."""
+    import socket
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"cannot reach the Ray cluster at --ray_address {address} "
+                          f"({err.strerror or err}); check the address, or leave it empty "
+                          f"to start a local Ray") from None
+
+
 def _ray(cfg, tasks: list[Task]):
     """Yield (task index, outcome) as Ray tasks end; one task per run, one GPU per task when
     the cluster has GPUs. Uses a Ray already initialised in this process, else connects to
     ``cfg.ray_address`` or starts a local Ray (shut down afterwards)."""
     ray = _require("ray", "ray")
     started = not ray.is_initialized()
+    if started and cfg.ray_address:
+        check_reachable(cfg.ray_address)
     if started:
         ray.init(address=cfg.ray_address or None, include_dashboard=False,
                  log_to_driver=bool(cfg.progress))

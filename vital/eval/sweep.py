@@ -176,13 +176,14 @@ class EvalCFG:
                         "ray and slurm need pip install -e .[cluster]",
                         choices=["local", "ray", "slurm"])
     ray_address: str = opt("", "ray: address of an existing cluster (empty = a local Ray)")
-    retries: int = opt(2, "ray: times a failed task is retried (lost worker, runtime error)")
+    retries: int = opt(2, "ray: times a failed task is retried (lost worker, runtime error)",
+                       low=0)
     slurm_partition: str = opt("", "slurm: partition (empty = the cluster's default)")
     slurm_time: int = opt(240, "slurm: time limit per batch of runs in minutes; at the limit "
-                          "the job is requeued and skips the runs that finished")
-    slurm_gpus: int = opt(1, "slurm: GPUs per run (0 on CPU nodes)")
-    slurm_cpus: int = opt(4, "slurm: CPUs per run")
-    slurm_parallel: int = opt(16, "slurm: array jobs running at once")
+                          "the job is requeued and skips the runs that finished", low=1)
+    slurm_gpus: int = opt(1, "slurm: GPUs per run (0 on CPU nodes)", low=0)
+    slurm_cpus: int = opt(4, "slurm: CPUs per run", low=1)
+    slurm_parallel: int = opt(16, "slurm: array jobs running at once", low=1)
     slurm_folder: str = opt("", "slurm: submitit's folder of job files and logs "
                             "(empty = OUT/submitit)")
     slurm_cluster: str = opt("", "slurm: submitit's cluster: empty = SLURM; local = local "

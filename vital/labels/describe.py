@@ -251,6 +251,9 @@ def run_labels(cfg: LabelCFG, argv=None, checks=None) -> tuple[Path, LabelRun]:
     pm = probe_matrix(cm, probe, batch=cfg.batch_size, use_cache=cfg.cache, progress=cfg.progress)
     p_seconds = time.perf_counter() - p_start
     used = _common(acts, pm.used)
+    if len(used) < 2:
+        raise ConfigError(f"labels compare a neuron's activations across probe images, so they "
+                          f"need at least 2 readable images; {cfg.probe_dir} has {len(used)}")
     P = _rows(pm.P, pm.used, used)
     layers, constants = {}, {}
     for spec in specs:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vital.config import ConfigError
 from vital.models.classnames import clip_classnames, encode_texts, imagenet_classes
 from vital.labels.probe import ProbeSet, cached_tensors, image_batches
 from vital.refs.images import PREPROCESS_TAG
@@ -75,7 +76,13 @@ def concepts_digest(concepts: list[str]) -> str:
 
 def read_concept_file(path: Path) -> list[str]:
     """One concept a line; blanks and ``#`` comments skipped; duplicates dropped."""
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"concept file {path} is not UTF-8 text (byte {err.start}: "
+                          f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8, one "
+                          f"concept a line") from None
+    lines = (line.strip() for line in text.splitlines())
     concepts = list(dict.fromkeys(c for c in lines if c and not c.startswith("#")))
     if not concepts:
         raise ValueError(f"concept file {path} holds no concepts (one concept a line)")

@@ -83,6 +83,11 @@ def main(argv=None) -> int:
     except Exception as err:  # a one-line message, no traceback (the CLI contract)
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    if cfg.filter and not desc["layers"]:
+        print(f"error: no layer of {cfg.model} matches --filter {cfg.filter!r} (a regex or a "
+              f"plain substring of the names); run without --filter to list them all",
+              file=sys.stderr)
+        return 2
     if cfg.json:
         print(json.dumps(desc, indent=2))
         return 0

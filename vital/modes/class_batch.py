@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from vital.config import ConfigError, opt
 from vital.modes.batch import batch_plans, run_in_batches
@@ -22,6 +23,8 @@ from vital.optvis.render import RenderResult
 @dataclass
 class ClassBatchCFG(ClassCFG):
     """Class visualisation of one target (``--target``) or of several (``--targets``)."""
+    CONFLICTS: ClassVar[tuple] = (
+        ("target", "targets", "--targets renders each class it lists, --target one class"),)
     targets: list[str] = opt([], "several classes, optimised together in batches: NAME "
                              "(references in --ref_root/NAME) or NAME=REF_DIR")
     ref_root: str = opt("references", "with --targets: parent folder of the per-class "
@@ -35,15 +38,21 @@ def target_cfgs(cfg: ClassBatchCFG) -> list[ClassCFG]:
     """One ClassCFG per ``--targets`` entry: its target and reference folder."""
     out = []
     for entry in cfg.targets:
-        name, _, ref_dir = str(entry).partition("=")
+        name, sep, ref_dir = str(entry).partition("=")
+        if sep and not Path(ref_dir.strip()).is_dir() and not any(
+                c in ref_dir for c in ("/", "\\")):
+            name, ref_dir = str(entry), ""   # a CLIP prompt with "=" in it, not NAME=DIR
         if not name.strip():
             raise ConfigError(f"empty target in --targets entry {entry!r}")
         ref_dir = ref_dir.strip() or str(Path(cfg.ref_root) / name.strip())
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ClassCFG)}
         out.append(ClassCFG(**{**values, "target": name.strip(), "ref_dir": ref_dir}))
     names = [c.target for c in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"a target appears twice in --targets {names}")
+    folded = [" ".join(n.casefold().split()) for n in names]
+    twice = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+    if twice:
+        raise ConfigError(f"--targets names the same class more than once ({', '.join(twice)}; "
+                          f"names are compared without case and extra spaces); give each once")
     return out
 
 

@@ -55,6 +55,11 @@ _POSITION_LAYOUTS = ("BCHW", "BND")
 class InnerCFG(setup.RenderCFG):
     """Inner neuron visualisation (VITAL)."""
     RECIPES: ClassVar[dict] = recipes.INNER_RECIPES
+    CONFLICTS: ClassVar[tuple] = (
+        ("neuron", "neurons", "--neurons lists every neuron to visualise"),
+        ("auto", "neurons", "--auto N picks the top N neurons itself, --neurons names them"),
+        ("direction", "neurons", "--direction visualises one direction, --neurons channels"),
+        ("direction", "auto", "--direction visualises one direction, --auto ranks channels"))
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
                       "vital/modes/recipes.py) or toolkit; flags and --json_cfg override it",
                       choices=list(recipes.INNER_RECIPES))
@@ -441,6 +446,9 @@ def rank_neurons(target, neuron: NeuronTarget, files, size: int, prompt: str = "
 def run_auto(cfg: InnerCFG, target, argv=None, callbacks: Callbacks | None = None):
     """Rank the layer's neurons, visualise the top ``cfg.auto``; returns (run_dirs, result)."""
     probe = resolve_target(target, cfg.layer, 0)
+    if cfg.auto > probe.channels:
+        raise ConfigError(f"--auto {cfg.auto} asks for more neurons than {cfg.layer} has "
+                          f"({probe.channels}); valid: 1..{probe.channels} (or --neurons all)")
     size = cfg.data_size or target.input_size
     scores = rank_neurons(target, probe, data_files(cfg.data_dir), size, cfg.auto_prompt,
                           cfg.ref_crop)
