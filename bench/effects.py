@@ -12,6 +12,11 @@ text tower runs; once per layer). Peak memory is the process's maximum resident 
 
   nice -n 10 python bench/effects.py                         # 64 images, layer 9, 2 threads
   nice -n 10 python bench/effects.py --images 32 --layer 0 --texts 20000
+  python bench/effects.py --images 32 --layer 10 --texts 2000 --plant 7   # issue 28
+
+``--plant N`` (with ``--texts``, layer <= 10) writes a combination (1.0, 0.6, 0.35) of three
+random texts of the official dictionary into neuron N (``vital.effects.planted``) and reports
+whether the pipeline recovers it: the first PC's cosine with it and precision@3 of the words.
 """
 from __future__ import annotations
 
@@ -80,12 +85,27 @@ def main() -> None:
     parser.add_argument("--top_k", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--texts", type=int, default=0, help="random text set size for OMP")
+    parser.add_argument("--plant", type=int, default=-1, help="neuron to plant a direction in")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         os.environ["VITAL_CACHE"] = str(work / "cache")
-        target = load_target(str(random_vit_b32(work / "vit_b32.safetensors")))
+        model = random_vit_b32(work / "vit_b32.safetensors")
+        atoms = None
+        if args.texts:
+            gen = torch.Generator().manual_seed(1)
+            atoms = dictionary(torch.nn.functional.normalize(
+                torch.randn(args.texts, 512, generator=gen), dim=-1), "dimensions")
+        if args.plant >= 0:
+            from safetensors.torch import load_file, save_file
+            from vital.effects.planted import plant_direction
+            planted = {3: 1.0, args.texts // 2: 0.6, args.texts - 5: 0.35}
+            goal = torch.nn.functional.normalize(
+                sum(c * atoms[i] for i, c in planted.items()), dim=0)
+            save_file(plant_direction(load_file(str(model)), args.layer, args.plant, goal, 12),
+                      str(model))
+        target = load_target(str(model))
         files = probe_images(work / "probe", args.images)
         cfg = EffectsCFG(batch_size=args.batch, neuron_chunk=args.chunk, top_k=args.top_k,
                          progress=False)
@@ -100,9 +120,16 @@ def main() -> None:
         summaries, t_pca = timed(summarise, run.maps.neurons, run.top)
         t_omp = (0.0, 0.0)
         if args.texts:
-            atoms = dictionary(torch.nn.functional.normalize(torch.randn(args.texts, 512), dim=-1))
             comps = torch.stack([s.component for s in summaries])
-            _, t_omp = timed(sparse_decompose, comps, atoms, 16)
+            words, t_omp = timed(sparse_decompose, comps, atoms, 32)
+        if args.plant >= 0:
+            at = run.maps.neurons.tolist().index(args.plant)
+            cos = torch.nn.functional.cosine_similarity(summaries[at].component.double(),
+                                                        goal.double(), dim=0)
+            top3 = {i for i, _ in words[at].terms[:3]}
+            recovered = (f"planted neuron {args.plant}: first PC cosine {abs(float(cos)):.4f}, "
+                         f"explained {summaries[at].explained:.4f}, precision@3 "
+                         f"{len(top3 & set(planted)) / 3:.2f}")
         per_1000 = 1000 / len(used)
         maps_mb = run.maps.second.numel() * 4 / 2**20
         top_mb = run.top.vectors.numel() * 4 / 2**20
@@ -121,6 +148,8 @@ def main() -> None:
     print(f"per 1000 images (2 passes): {both[0]:.0f} s wall, {both[1]:.0f} s CPU; "
           f"plus once per layer {once[0]:.0f} s wall, {once[1]:.0f} s CPU")
     print(f"peak RSS: {peak_mb():.0f} MB (after loading the model: {before:.0f} MB)")
+    if args.plant >= 0:
+        print(recovered)
 
 
 if __name__ == "__main__":

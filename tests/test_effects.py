@@ -533,29 +533,10 @@ def test_a_classifier_is_refused_by_the_script(tmp_path, capsys):
 # ---------------------------------------------------------------- a planted neuron
 
 def _plant(src: Path, dest: Path, neuron: int, direction: torch.Tensor, heads: int) -> Path:
-    """Rewrite block 1's attention so that block-0 neuron ``neuron`` writes ``direction`` (E)
-    into the embedding through every head: its value input x = g_1 * centred(c_proj column)
-    is one value dimension of each head (every other value row made orthogonal to x), and
-    that dimension's out-projection column is y with proj^T (g_post * centred(y)) = direction.
-    Its second-order effect on any image is then a multiple of ``direction``."""
+    """``vital.effects.planted.plant_direction`` on a saved model, into ``dest``."""
     from safetensors.torch import load_file, save_file
-    sd = {k: v.clone().double() for k, v in load_file(str(src)).items()}
-    pre = "visual.transformer.resblocks."
-    width = sd[pre + "1.ln_1.weight"].shape[0]
-    centre = torch.eye(width, dtype=torch.float64) - 1.0 / width
-    x = sd[pre + "1.ln_1.weight"] * (centre @ sd[pre + "0.mlp.c_proj.weight"][:, neuron])
-    unit = x / x.norm()
-    readout = sd["visual.proj"].t() @ torch.diag(sd["visual.ln_post.weight"]) @ centre  # (E, D)
-    y = torch.linalg.lstsq(readout, direction.double()[:, None]).solution[:, 0]
-    in_proj = sd[pre + "1.attn.in_proj_weight"]
-    value = in_proj[2 * width:]
-    value -= (value @ unit)[:, None] * unit[None]
-    out = sd[pre + "1.attn.out_proj.weight"]
-    for h in range(heads):
-        row = h * (width // heads)
-        value[row] = unit
-        out[:, row] = 4.0 * y / y.norm()
-    save_file({k: v.float().contiguous() for k, v in sd.items()}, str(dest))
+    from vital.effects.planted import plant_direction
+    save_file(plant_direction(load_file(str(src)), 0, neuron, direction, heads), str(dest))
     return dest
 
 
