@@ -647,3 +647,24 @@ def test_signals_wait_for_the_end_of_a_deferred_block(signum):
                 done.append("the whole batch")
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert done == ["the whole batch"]
+
+
+def test_official_units_scale_each_effect_by_100_over_its_embedding_norm(clip2, tmp_path):
+    """--normalise embedding (the official default): every image's effects times
+    100 / |embedding| of that image, against the same sums in embedding units."""
+    from vital.effects.run import EffectsCFG, layer_runs, pass_means, resolve
+    from vital.refs.patches import iter_images
+    files = sorted(write_images(tmp_path / "probe", 3).iterdir())
+    neurons = torch.arange(6)
+    totals = {}
+    for units in ("none", "embedding"):
+        for f in files:
+            cfg = resolve(EffectsCFG(normalise=units, batch_size=1, progress=False))
+            runs = layer_runs(clip2, [0], neurons, cfg)
+            pass_means(clip2, [f], runs, cfg)
+            totals[units, f] = runs[0].means.total
+    for f in files:
+        (images, _), = iter_images([f], clip2.input_size, batch=1)
+        norm = float(dec.record(clip2, images, [0]).embedding.norm())
+        torch.testing.assert_close(totals["embedding", f], totals["none", f] * 100.0 / norm,
+                                   rtol=1e-4, atol=1e-6)
