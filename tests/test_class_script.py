@@ -118,7 +118,10 @@ def test_ctrl_c_saves_what_exists(tmp_path, ref_folder):
            TINY_CNN, "--target", "1", "--ref_dir", str(ref_folder),
            "--size", "32", "--steps", "100000", "--save_steps", "5", "--out_dir", str(out),
            "--run_name", "sigint", "--no-progress", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIG_DFL in the child: Python then installs its Ctrl-C handler even when this test runs
+    # as a shell's background job (which starts with SIGINT ignored)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     steps = out / "sigint" / "steps"
     deadline = time.time() + 60
     while time.time() < deadline and not (steps.is_dir() and any(steps.iterdir())):

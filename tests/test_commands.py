@@ -108,7 +108,7 @@ def installed(tmp_path_factory) -> Path:
     # and is not seen: a path line in a .pth adds the folder, not that folder's .pth files
     (site / "_deps_from_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
-         "--no-deps", "--no-index", wheel, cwd=work)
+         "--no-deps", "--no-index", "--ignore-installed", wheel, cwd=work)
     return venv / "bin"
 
 

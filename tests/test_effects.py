@@ -640,12 +640,17 @@ def test_signals_wait_for_the_end_of_a_deferred_block(signum):
     import signal
     from vital.cli import Terminated, signals_deferred, sigterm_as_interrupt
     done = []
-    with sigterm_as_interrupt():
-        with pytest.raises(Terminated if signum == "SIGTERM" else KeyboardInterrupt):
-            with signals_deferred():
-                os.kill(os.getpid(), getattr(signal, signum))
-                done.append("the whole batch")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a shell's background job starts with SIGINT ignored; the test wants Python's usual handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with sigterm_as_interrupt():
+            with pytest.raises(Terminated if signum == "SIGTERM" else KeyboardInterrupt):
+                with signals_deferred():
+                    os.kill(os.getpid(), getattr(signal, signum))
+                    done.append("the whole batch")
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert done == ["the whole batch"]
 
 
