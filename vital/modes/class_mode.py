@@ -29,6 +29,10 @@ class ClassCFG(vit_extras.ViTExtrasCFG, setup.RenderCFG):
     recipe: str = opt("toolkit", "named defaults: paper (the official VITAL code's settings, "
                       "vital/modes/recipes.py) or toolkit; flags and --json_cfg override it",
                       choices=list(recipes.CLASS_RECIPES))
+    # issue 27: 240 steps scored best of 60-600 on held-out photos (docs/budget.md)
+    steps_multires: list[int] = opt([80, 160], "steps per resolution stage, low to high "
+                                    "(each stage doubles the size, the last is full size)",
+                                    low=1)
     pyramid_gain: float = opt(1.5, "Laplacian pyramid: level k (k = 0 finest) is scaled by "
                               "gain^k; 1.5 halved the held-out KID of class images against "
                               "1.0 (docs/recipes.md); < 1 makes coarse levels move slower",

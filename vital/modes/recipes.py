@@ -16,7 +16,8 @@ that the top-50 patches come from (``--ref_kind images``; the paper text's top-k
 ViT-L/32) are not set by the recipe: give them with ``--tv_weight`` / ``--l2_weight``.
 
 ``toolkit`` is the fork-derived recipe this toolkit used before (Laplacian pyramid + tanh at
-lr 0.05, 200 + 400 steps over two resolutions (inner neurons: 80 + 160, measured), jitter 8, scales and flips, a class or neuron
+lr 0.05, 80 + 160 steps over two resolutions (measured on held-out photos, docs/budget.md;
+200 + 400 before), jitter 8, scales and flips, a class or neuron
 term, gradient x activation relevance lifted to [0.5, 1]); for classes the pyramid's level k is
 scaled by 1.5^k (``--pyramid_gain``, measured on held-out photos).
 """
@@ -38,7 +39,8 @@ PAPER_INNER = {**_PAPER_OPTIMISATION, "tv_weight": 3e-7, "l2_weight": 3e-7,
 
 TOOLKIT_CLASS = {
     "param": "laplacian", "lr": 0.05, "adam_betas": [0.5, 0.99], "warmup": 20, "lr_final": 0.05,
-    "steps": 0, "steps_multires": [200, 400], "jitter": 8, "scales": [0.95, 1.0, 1.05],
+    # issue 27: 80 + 160 steps scored best on held-out photos (docs/budget.md); 200 + 400 before
+    "steps": 0, "steps_multires": [80, 160], "jitter": 8, "scales": [0.95, 1.0, 1.05],
     "flip": True, "prior_form": "mean", "tv_weight": 0.05, "l2_weight": 0.0, "layers": [],
     "layer_weights": [], "ref_crop": 1.0, "class_weight": 0.1, "relevance": "none",
     "attn_steering": True,
