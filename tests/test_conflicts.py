@@ -77,7 +77,7 @@ def test_latin1_concept_file_names_the_file(tmp_path):
 
 
 def test_one_probe_image_is_refused(tmp_path, capsys):
-    from vital.eval.label_visuals import DescribeCFG, run_describe
+    from vital.modes.label_visuals import DescribeCFG, run_describe
     write_images(tmp_path / "probe", 1)
     status = main(DescribeCFG, run_describe, [
         "--model", TINY_CNN, "--layers", "stage2", "--probe_dir", str(tmp_path / "probe"),

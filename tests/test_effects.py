@@ -515,7 +515,7 @@ def test_bad_input_is_one_sentence(tiny_clip_file, tmp_path, capsys, args, says)
 def assert_one_sentence(argv, says, capsys):
     """What neuron_effects.py does with ``argv``, in-process (the script is these two calls)."""
     from vital.cli import main
-    from vital.eval.effect_visuals import NeuronEffectsCFG, run_neuron_effects
+    from vital.modes.effect_visuals import NeuronEffectsCFG, run_neuron_effects
     assert main(NeuronEffectsCFG, run_neuron_effects, argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines

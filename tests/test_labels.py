@@ -23,7 +23,7 @@ from vital.config import ConfigError
 from vital.labels import similarity as S
 from vital.labels.vocabulary import concept_model, words20k
 from vital.labels.describe import LabelCFG, run_labels
-from vital.eval.label_visuals import DescribeCFG, run_describe
+from vital.modes.label_visuals import DescribeCFG, run_describe
 from vital.models import load_target
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from vital.labels import similarity as S
 from vital.labels.vocabulary import classifier_scores, concept_model
 from vital.labels.describe import LabelCFG, run_labels
 from vital.labels.heldout import cross_fit, halves, score_labels
-from vital.eval.label_visuals import DescribeCFG, run_describe
+from vital.modes.label_visuals import DescribeCFG, run_describe
 from vital.models import load_target
 
 PLANTED_NET = "module:tests.test_labels_explain:PlantedNet"

@@ -13,8 +13,8 @@ vital-arithmetic   class_neurons_fvis_arithmetic.py      ``modes.arithmetic.run_
 vital-concepts     concept_neurons_fvis.py               ``modes.concepts.run_concepts``
 vital-facets       faceted_fvis.py                       ``modes.facets.run_facets``
 vital-eval         evaluate_fvis.py                      ``eval.harness.run_eval``
-vital-describe     describe_neurons.py                   ``eval.label_visuals.run_describe``
-vital-effects      neuron_effects.py                     ``eval.effect_visuals.run_neuron_effects``
+vital-describe     describe_neurons.py                   ``modes.label_visuals.run_describe``
+vital-effects      neuron_effects.py                     ``modes.effect_visuals.run_neuron_effects``
 vital-atlas        atlas.py                              ``atlas.build.run_atlas``
 vital-layers       query_model_layers.py                 ``models.layer_table.main``
 vital-gui          vital_gui.py                          ``app.gui.main``
@@ -81,11 +81,11 @@ COMMANDS = {c.name: c for c in [
             "Evaluation sweeps of visualisation methods: models x targets x methods x seeds, "
             "scored, resumable, sharded, reported. Precedence: defaults < --json_cfg SWEEP.json "
             "< command line."),
-    Command("vital-describe", "describe_neurons.py", "vital.eval.label_visuals:DescribeCFG",
-            "vital.eval.label_visuals:run_describe",
+    Command("vital-describe", "describe_neurons.py", "vital.modes.label_visuals:DescribeCFG",
+            "vital.modes.label_visuals:run_describe",
             f"Neuron labels and linear explanations. {_ABOUT}"),
-    Command("vital-effects", "neuron_effects.py", "vital.eval.effect_visuals:NeuronEffectsCFG",
-            "vital.eval.effect_visuals:run_neuron_effects",
+    Command("vital-effects", "neuron_effects.py", "vital.modes.effect_visuals:NeuronEffectsCFG",
+            "vital.modes.effect_visuals:run_neuron_effects",
             f"Second-order effects of CLIP neurons. {_ABOUT}"),
     Command("vital-atlas", "atlas.py", "vital.atlas.build:AtlasCFG", "vital.atlas.build:run_atlas",
             f"A layer atlas: labels, pictures and top probe images of every unit as an offline "

@@ -3,7 +3,7 @@ site, built from what the toolkit already computes.
 
 1. Labels (``vital.labels.describe.run_labels``, CLIP-Dissect-style, cached activations) for
    every unit of ``--layers``, into ``<site>/labels/run/`` (rebuilt on each run: cheap).
-2. One inner-mode picture per unit of ``--units`` (``vital.eval.label_visuals.render_units``,
+2. One inner-mode picture per unit of ``--units`` (``vital.modes.label_visuals.render_units``,
    the ``--vis_*`` settings, ``--vis_batch_size`` units per batched optimisation) into
    ``<site>/units/<layer>_<unit>/``, each with ``atlas_picture.json`` (the settings' hash):
    a rerun renders only units whose picture is missing or was made with other settings.
@@ -27,7 +27,7 @@ from PIL import Image
 
 from vital.cache import write_json
 from vital.config import ConfigError, opt, parse_units
-from vital.eval.label_visuals import DescribeCFG, check_agreement, render_units, \
+from vital.modes.label_visuals import DescribeCFG, check_agreement, render_units, \
     visualise_settings
 from vital.labels.describe import LabelRun, run_labels, top_probe_files
 from vital.atlas import site as site_mod

@@ -12,7 +12,7 @@ similarity -> a label per neuron, written to ``out_labels/<run>/``:
   would be more files than anyone looks at; ``--sheets -1`` writes them all);
 - ``summary.json`` (settings, cache hits, timings, label statistics) and ``config.json``.
 
-``run_labels`` returns a :class:`LabelRun` that ``vital.eval.label_visuals`` extends with inner-mode
+``run_labels`` returns a :class:`LabelRun` that ``vital.modes.label_visuals`` extends with inner-mode
 visualisations of the best neurons (``--visualise``, ``--check``).
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ label. With ``--check`` the concept model scores each visualisation exactly as i
 image (one row of P); the picture's label is its best concept, and the report counts the neurons
 whose label is the picture's best concept (top-1) or among its five best (top-5).
 
-This lives on the eval floor (above the modes) because it runs a mode; the labels themselves are
-on the floor below the modes.
+This is a run of a mode (inner mode over labelled neurons), so it lives with the modes; the
+labels themselves are on the floor below.
 """
 from __future__ import annotations
 

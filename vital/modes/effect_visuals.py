@@ -10,8 +10,8 @@ arithmetic mode (``vital.modes.arithmetic``): the goal is
 (``target_embedding`` with the component as the one added term), the image starts from the
 neuron's top image and is optimised toward ``t`` (1 - cosine, ``steering_objective``), while
 sort matching against the top images' features at the shallow layers keeps it natural. This
-module sits on the eval floor (above the modes) because it needs a mode; the effects themselves
-stay on the floor below the modes.
+module is a run of a mode, so it lives with the modes; the effects themselves stay on the floor
+below.
 """
 from __future__ import annotations
 
