@@ -58,7 +58,8 @@ def fetch_openai(name: str) -> tuple[Path, str]:
     if target.is_file():
         if sha256_file(target) == expected:
             return target, expected
-        warnings.warn(f"{target} does not have the SHA-256 {expected}; downloading it again")
+        warnings.warn(f"{target} does not have the SHA-256 {expected}; downloading it again",
+                      stacklevel=2)
     _download(name, url, target, expected)
     return target, expected
 

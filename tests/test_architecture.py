@@ -1,6 +1,6 @@
 """The house plan, checked: import-linter's contracts in pyproject.toml (floors, no circles, no
 library module importing a mode; clip_custom never imports the toolkit), and no module using
-another module's private names."""
+another module's private names; ruff ([tool.ruff]) finds no error."""
 import ast
 import subprocess
 import sys
@@ -21,6 +21,28 @@ def test_import_contracts_hold():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 broken" in out.stdout
+
+
+def _ruff(*paths) -> subprocess.CompletedProcess:
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.skip("ruff is not installed (pip install -e .[dev])")
+    return subprocess.run([str(ruff), "check", "--no-cache", "--config",
+                           str(ROOT / "pyproject.toml"), *map(str, paths)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_finds_nothing():
+    out = _ruff(".")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_sees_an_unused_import_and_an_undefined_name(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n\n\ndef f():\n    return undefined_name\n")
+    out = _ruff(bad)
+    assert out.returncode == 1
+    assert "F401" in out.stdout and "F821" in out.stdout
 
 
 def _module_name(path: Path) -> str:
@@ -70,7 +92,7 @@ def test_public_api_resolves_every_name():
     for name in vital.__all__:
         assert getattr(vital, name) is not None, name
     with pytest.raises(AttributeError, match="public names"):
-        vital.no_such_name
+        _ = vital.no_such_name
 
 
 def test_import_vital_from_another_folder_is_light(tmp_path):

@@ -88,7 +88,7 @@ def test_class_targets_with_relevance_equal_one_by_one(tmp_path, monkeypatch):
                                             ref_root=str(tmp_path / "refs"),
                                             out_dir=str(tmp_path / "b"), **settings))
     assert calls == [2] * 5
-    for (run_dir, result), name in zip(batched, ("class3", "class5")):
+    for (_, result), name in zip(batched, ("class3", "class5")):
         _, single = run_class(ClassCFG(target=name, ref_dir=str(tmp_path / "refs" / name),
                                        out_dir=str(tmp_path / "s"), **settings))
         torch.testing.assert_close(result.image, single.image, rtol=0, atol=1e-4)

@@ -11,7 +11,7 @@ from vital.concepts import extract as C
 from vital.concepts import sobol
 from vital.concepts.bank import BankError, ConceptBank, bank_paths, load_bank, save_bank
 from vital.models import load_target
-from vital.modes import concepts as concept_mode, runner
+from vital.modes import runner
 from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.refs.images import load_images
 

@@ -424,7 +424,7 @@ def labelled(tmp_path):
 
 
 def test_script_runs_end_to_end(tiny_clip_file, tmp_path):
-    probe = write_images(tmp_path / "probe" / "sub", 7)
+    write_images(tmp_path / "probe" / "sub", 7)
     (tmp_path / "texts.txt").write_text("a dog\na cat\na car\nthe sea\na red apple\nmusic\n")
     folder = labelled(tmp_path)
     out = run_script(["--model", str(tiny_clip_file), "--layer", "0", "block.1.mlp",

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from helpers import TINY_CNN, assert_png_equals, assert_png_shows, write_images
 from vital.cli import main
 from vital.concepts.bank import BankError, BankMismatch, load_bank
-from vital.modes import concepts as concept_mode, runner
+from vital.modes import runner
 from vital.modes.concepts import ConceptCFG, run_concepts
 from vital.modes.facets import FacetCFG, facet_rows, run_facets
 

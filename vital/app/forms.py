@@ -13,7 +13,10 @@ import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:   # annotations only: PIL loads with the window
+    from PIL import Image
 
 # One lock for all torch work the GUI starts. A model being loaded for completion draws from
 # torch's global random generator (the module's initial weights); a run holds the lock so that
@@ -259,7 +262,7 @@ def load_info_into(spec: str, out: queue.Queue) -> None:
                  f"{plain_error(err)}"))
 
 
-def preview(image) -> "PIL.Image.Image":
+def preview(image) -> "Image.Image":
     """(B, 3, H, W) in [0, 1] -> one PIL image (a row of the batch when B > 1)."""
     from vital.imaging import grid, to_pil
     if image.shape[0] == 1:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 
 from vital.config import ConfigError, opt

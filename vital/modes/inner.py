@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from vital.optvis import losses
-from vital.optvis.losses import staged_sort_matching
 from vital.modes import setup, recipes
 from vital.modes.batch import run_in_batches
 from vital.modes.runner import Callbacks, Plan, prepare, run_plan
@@ -46,7 +45,6 @@ from vital.refs.patches import PatchScores, channel_means, contact_sheet, data_f
     iter_images, layer_scores, reference_patches
 from vital.models import channels_positions
 from vital.refs.images import load_images, resize_images
-from vital.refs.references import sorted_features
 
 _POSITION_LAYOUTS = ("BCHW", "BND")
 
