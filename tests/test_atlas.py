@@ -95,3 +95,28 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, argv, words):
                                         "--device", "cpu", "--no-progress", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and words in err[-1] and err[-1].startswith("error:")
+
+
+def test_peak_boxes_equal_a_loop_over_images_and_units(tmp_path):
+    """Each top image's outline is the cell of the unit's largest activation, computed the slow
+    way: one image, one unit at a time from the layer's (C, H, W) map."""
+    import torch
+    from vital.refs.images import load_image
+    site, run = run_atlas(atlas_cfg(tmp_path, pictures=False))
+    data = json.loads((site / "atlas.json").read_text())
+    target, files = run.target, {f.name: f for f in run.probe.files}
+    seen = 0
+    for u in data["layers"]["stage2"]["units"]:
+        for t in u["top_images"]:
+            with torch.no_grad(), target.hooks(["stage2"]) as feats:
+                target(load_image(files[t["file"]], target.input_size)[None])
+                fmap = feats["stage2"][0, u["unit"]]
+            rows, cols = fmap.shape
+            i, j = divmod(int(fmap.flatten().argmax()), cols)
+            assert t["peak"] == pytest.approx([j / cols, i / rows, 1 / cols, 1 / rows], abs=1e-4)
+            seen += 1
+    assert seen == 16
+    # the thumbnails are the square crop the model saw, so the outline lands where it looked
+    from PIL import Image
+    with Image.open(site / data["layers"]["stage2"]["units"][0]["top_images"][0]["thumb"]) as im:
+        assert im.width == im.height

@@ -94,6 +94,14 @@ def test_unit_pages_link_and_show_their_unit(browser, site):
     rows = browser.find_elements(By.CSS_SELECTOR, "#candidates tr")
     assert len(rows) == 1 + 5
     assert browser.find_elements(By.CSS_SELECTOR, "svg.hist rect")
+    # every top image carries an outline of its peak cell, drawn inside the image
+    inside = browser.execute_script(
+        "return Array.prototype.map.call(document.querySelectorAll('.tops .probe'), function (p) {"
+        " var i = p.querySelector('img').getBoundingClientRect(),"
+        "     b = p.querySelector('.peak').getBoundingClientRect();"
+        " return b.width > 0 && b.left >= i.left - 0.5 && b.right <= i.right + 0.5"
+        "     && b.top >= i.top - 0.5 && b.bottom <= i.bottom + 0.5; })")
+    assert inside and all(inside)
     browser.find_element(By.ID, "prev").click()
     assert "unit 0" in browser.find_element(By.TAG_NAME, "h1").text
     browser.find_element(By.ID, "back").click()

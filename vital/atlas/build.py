@@ -30,6 +30,9 @@ from vital.config import ConfigError, opt, parse_units
 from vital.modes.label_visuals import DescribeCFG, check_agreement, render_units, \
     visualise_settings
 from vital.labels.describe import LabelRun, run_labels, top_probe_files
+from vital.models.target import channels_positions
+from vital.refs.images import load_image
+from vital.refs.patches import iter_images
 from vital.atlas import site as site_mod
 
 __all__ = ["AtlasCFG", "run_atlas", "SCHEMA"]
@@ -111,6 +114,54 @@ def _thumb(src: Path, dest: Path, size: int) -> None:
         tmp.replace(dest)
 
 
+def _probe_thumb(src: Path, dest: Path, size: int) -> None:
+    """A top probe image as the model saw it (the probe pass's square centre crop, so that a
+    peak's box lands where the model looked), as a small JPEG; written once."""
+    if dest.is_file():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (load_image(src, size) * 255).round().byte().permute(1, 2, 0).numpy()
+    tmp = dest.with_suffix(".tmp.jpg")
+    Image.fromarray(pixels).save(tmp, format="JPEG", quality=85)
+    tmp.replace(dest)
+
+
+def _grid(n_positions: int, shape) -> tuple[int, int] | None:
+    """(rows, columns) of a layer's positions: a CNN's H x W, a ViT's square token grid; None
+    when the tokens do not form a square."""
+    if len(shape) == 4:
+        return int(shape[2]), int(shape[3])
+    side = round(n_positions ** 0.5)
+    return (side, side) if side * side == n_positions else None
+
+
+@torch.no_grad()
+def peak_boxes(run: LabelRun, layer: str, files: list[Path]) -> dict[Path, torch.Tensor]:
+    """file -> (C, 4) box [left, top, width, height] (fractions of the image) of the position
+    where each unit of ``layer`` is most active on that image: one cell of the layer's grid.
+    One forward per batch of images gives every unit's box (the atlas needs them only for each
+    unit's top images). Layers without a grid of positions give no boxes."""
+    target, spec = run.target, run.layers[layer].spec
+    out: dict[Path, torch.Tensor] = {}
+    if spec.layout not in ("BCHW", "BND"):
+        return out
+    for images, used in iter_images(sorted(set(files)), target.input_size, 16):
+        with target.hooks([layer]) as feats:
+            target(images.to(target.device))
+            raw = feats[layer]   # the hooks' dict is emptied on leaving
+        maps = channels_positions(raw, spec.layout)[..., spec.skip:].float().cpu()  # (B, C, P)
+        grid = _grid(maps.shape[-1], raw.shape)
+        if grid is None:
+            return out
+        rows, cols = grid
+        peak = maps.argmax(-1)                                                      # (B, C)
+        boxes = torch.stack([(peak % cols) / cols, (peak // cols) / rows,
+                             torch.full_like(peak, 1, dtype=torch.float) / cols,
+                             torch.full_like(peak, 1, dtype=torch.float) / rows], -1)
+        out.update(zip(used, boxes))
+    return out
+
+
 def _histogram(values: torch.Tensor) -> dict:
     low, high = float(values.min()), float(values.max())
     if high <= low:
@@ -126,7 +177,8 @@ def _selectivity(values: torch.Tensor, k: int) -> float:
     return float((top - values.mean()) / std) if std > 0 else 0.0
 
 
-def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int) -> dict:
+def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int,
+                 boxes: dict[Path, torch.Tensor]) -> dict:
     res = run.layers[layer]
     sims = res.similarity[unit]
     best = sims.topk(min(_CANDIDATES, len(sims)))
@@ -134,9 +186,11 @@ def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int) -> di
     top = []
     for path, act in zip(files, acts):
         index = run.probe.files.index(path)
-        thumb = Path("probe") / f"{index:05d}.jpg"
-        _thumb(path, site / thumb, _PROBE_THUMB)
+        thumb = Path("probe") / f"{index:05d}-crop.jpg"
+        _probe_thumb(path, site / thumb, _PROBE_THUMB)
         top.append({"file": path.name, "thumb": thumb.as_posix(), "activation": float(act)})
+        if Path(path) in boxes:
+            top[-1]["peak"] = [round(float(v), 4) for v in boxes[Path(path)][unit]]
     values = res.acts.values[:, unit]
     return {"unit": unit, "label": run.concept.concepts[int(best.indices[0])],
             "similarity": float(best.values[0]),
@@ -192,7 +246,10 @@ def run_atlas(cfg: AtlasCFG, argv=None):
             "picture_settings": settings if cfg.pictures else None, "layers": {}}
     try:
         for layer, units in chosen.items():
-            records = {u: _unit_record(run, site, layer, u, cfg.top_images) for u in units}
+            tops = [f for u in units for f in top_probe_files(run, layer, u, cfg.top_images)[0]]
+            boxes = peak_boxes(run, layer, tops)
+            records = {u: _unit_record(run, site, layer, u, cfg.top_images, boxes)
+                       for u in units}
             data["layers"][layer] = {"units": [records[u] for u in units],
                                      "channels": int(run.layers[layer].similarity.shape[0])}
             if cfg.pictures:

@@ -47,6 +47,16 @@ def _page(title: str, body: str, up: str) -> str:
             f"<script src=\"{up}static/atlas.js\"></script>\n</body></html>\n")
 
 
+def _peak(top: dict) -> str:
+    """An outline over a top probe image: the cell of the layer's grid where the unit is most
+    active (``peak`` = [left, top, width, height] as fractions)."""
+    if not top.get("peak"):
+        return ""
+    left, up, width, height = (100 * v for v in top["peak"])
+    return (f"<span class=\"peak\" title=\"where the unit is most active\" style=\"left:"
+            f"{left:.2f}%;top:{up:.2f}%;width:{width:.2f}%;height:{height:.2f}%\"></span>")
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -151,7 +161,8 @@ def _unit_page(data: dict, layer: str, units: list[dict], k: int) -> str:
                     f" — {word} with the label</p>")
     else:
         pic = "<p class=\"nopic\">no picture (built with --no-pictures, or not rendered yet)</p>"
-    tops = "".join(f"<figure><img loading=\"lazy\" src=\"../{_e(t['thumb'])}\" alt=\"\">"
+    tops = "".join(f"<figure><span class=\"probe\"><img loading=\"lazy\" "
+                   f"src=\"../{_e(t['thumb'])}\" alt=\"\">{_peak(t)}</span>"
                    f"<figcaption>{t['activation']:.3g}</figcaption></figure>"
                    for t in unit["top_images"])
     cands = "".join(f"<tr><td>{_e(c['label'])}</td><td>{c['similarity']:.3f}</td></tr>"
@@ -163,7 +174,7 @@ def _unit_page(data: dict, layer: str, units: list[dict], k: int) -> str:
             f"{_histogram_svg(unit['histogram'], picture['activation'] if picture else None)}"
             f"<p>selectivity {unit['selectivity']:.2f} (top-{len(unit['top_images'])} mean "
             f"minus mean, in standard deviations)</p></div></div>"
-            f"<h2>top probe images (mean activation)</h2><div class=\"tops\">{tops}</div>")
+            f"<h2>top probe images (mean activation; outlined: the position of the largest)</h2><div class=\"tops\">{tops}</div>")
     return _page(f"{layer} {unit['unit']} · {data['model']}", body, "../")
 
 

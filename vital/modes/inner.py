@@ -88,6 +88,9 @@ class InnerCFG(setup.RenderCFG):
                        choices=["stage", "native"])
     neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
+    match_own_layer: bool = opt(False, "also sort-match the neuron's own layer (relevance-"
+                                "weighted like the others; the official code matches only "
+                                "layers below it; docs/inner.md measures both)")
     neuron_cap: float = opt(0.0, "the neuron term stops when the score reaches CAP x the mean "
                             "score of the references as matched (whole images or patches at "
                             "the run's size); 0 = no cap", low=0.0)
@@ -257,11 +260,14 @@ def forward_order(target, names: list[str]) -> list[str]:
 
 
 def lower_layers(cfg: InnerCFG, target, neuron: NeuronTarget) -> tuple[list[str], list[float]]:
-    """Sort-matching layers computed before the target (``--layers`` or the model's defaults)."""
+    """Sort-matching layers computed before the target (``--layers`` or the model's defaults);
+    with ``--match_own_layer`` the target's layer too (added with weight 1 if not listed)."""
     layers, weights = setup.resolve_layers(cfg, target, mode="inner")
+    if cfg.match_own_layer and neuron.layer not in layers:
+        layers, weights = layers + [neuron.layer], weights + [1.0]
     order = forward_order(target, list(dict.fromkeys(layers + [neuron.layer])))
     layouts = {info.name: info.layout for info in target.layers()}
-    below = order[:order.index(neuron.layer)]
+    below = order[:order.index(neuron.layer) + int(cfg.match_own_layer)]
     kept = [(n, w) for n, w in zip(layers, weights)
             if n in below and layouts[n] in _POSITION_LAYOUTS]
     dropped = [n for n in layers if n not in dict(kept)]
