@@ -14,6 +14,15 @@ text tower runs; once per layer). Peak memory is the process's maximum resident 
   nice -n 10 python bench/effects.py --images 32 --layer 0 --texts 20000
   python bench/effects.py --images 32 --layer 10 --texts 2000 --plant 7   # issue 28
 
+``--conventions K`` (issue 28) measures, on ``K`` neurons of the layer (with ``--plant``, the
+planted one among them), how far the official code's share of layer-norm means and biases
+(``vital.effects.official``) moves each second-order effect from ours (exact centring, biases
+in the remainder), both in the official units: the relative difference, the part of it that is
+the same for every neuron (the shares; the official effect of a neuron that never fires), the
+overlap of the top images by centred norm, and the first PCs' cosine.
+
+  python bench/effects.py --images 64 --layer 9 --conventions 64
+
 ``--plant N`` (with ``--texts``, layer <= 10) writes a combination (1.0, 0.6, 0.35) of three
 random texts of the official dictionary into neuron N (``vital.effects.planted``) and reports
 whether the pipeline recovers it: the first PC's cosine with it and precision@3 of the words.
@@ -76,6 +85,62 @@ def line(name: str, t, per_1000: float | None = None) -> str:
     return text
 
 
+@torch.no_grad()
+def compare_conventions(target, files, args) -> None:
+    """Our second-order effects against the official share convention on the same neurons."""
+    from vital.effects.decompose import (clip_vit, coefficients, effect_maps, record,
+                                         second_order)
+    from vital.effects.official import official_second_order, record_official
+    from vital.effects.stats import first_component
+    keep = list(range(args.conventions))
+    if args.plant >= 0 and args.plant not in keep:
+        keep[-1] = args.plant
+    neurons = torch.tensor(keep)
+    maps = effect_maps(clip_vit(target), args.layer, neurons)
+    ours, official, common = [], [], []
+    start = time.perf_counter()
+    for images, _ in iter_images(files, target.input_size, batch=8):
+        rec = record(target, images, [args.layer])
+        scale = 100 / rec.embedding.norm(dim=-1)[:, None, None]
+        ours.append(second_order(coefficients(rec, maps), maps, slice(None)).double() * scale)
+        rec_o = record_official(target, images, args.layer)
+        official.append(official_second_order(target, rec_o, args.layer, neurons))
+        rec_o.acts = torch.zeros_like(rec_o.acts)   # a neuron that never fires: the shares
+        common.append(official_second_order(target, rec_o, args.layer, neurons[:1]))
+    ours, official, common = torch.cat(ours), torch.cat(official), torch.cat(common)
+    diff = official - ours                                              # (B, n, E)
+    size = ours.norm(dim=-1)
+    rel = (diff.norm(dim=-1) / size).flatten()
+    own = ((diff - common).norm(dim=-1) / size).flatten()
+    k = max(1, len(files) // 8)
+    overlaps, cosines = [], []
+    for j in range(len(keep)):
+        a, b = ours[:, j], official[:, j]
+        a, b = a - a.mean(0), b - b.mean(0)                              # per-neuron centring
+        top_a, top_b = set(a.norm(dim=-1).topk(k).indices.tolist()), \
+            set(b.norm(dim=-1).topk(k).indices.tolist())
+        overlaps.append(len(top_a & top_b) / k)
+        pa, _ = first_component(a.float())
+        pb, _ = first_component(b.float())
+        cosines.append(abs(float(torch.nn.functional.cosine_similarity(pa, pb, dim=0))))
+    q = lambda t, p: float(t.quantile(p))   # noqa: E731
+    print(f"ViT-B/32 (random weights), layer {args.layer}, {len(keep)} neurons, "
+          f"{len(files)} images, {time.perf_counter() - start:.0f} s, {args.threads} threads")
+    print(f"|official - ours| / |ours|: median {q(rel, 0.5):.3f}, 90th percentile "
+          f"{q(rel, 0.9):.3f}")
+    print(f"  of which the same for every neuron (the shares): median |shares| / |ours| "
+          f"{q((common.norm(dim=-1) / size).flatten(), 0.5):.3f}; the rest (each neuron's own "
+          f"mean): median {q(own, 0.5):.3f}, 90th percentile {q(own, 0.9):.3f}")
+    cos = torch.tensor(cosines)
+    print(f"top-{k} images by centred norm shared by both: mean {np.mean(overlaps):.2f}, "
+          f"min {min(overlaps):.2f}; first PC cosine: median {q(cos, 0.5):.4f}, min "
+          f"{float(cos.min()):.4f}")
+    if args.plant >= 0:
+        j = keep.index(args.plant)
+        print(f"planted neuron {args.plant}: top-{k} overlap {overlaps[j]:.2f}, first PC "
+              f"cosine {cosines[j]:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64)
@@ -86,6 +151,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--texts", type=int, default=0, help="random text set size for OMP")
     parser.add_argument("--plant", type=int, default=-1, help="neuron to plant a direction in")
+    parser.add_argument("--conventions", type=int, default=0,
+                        help="K > 0: compare the two mean/bias conventions on K neurons")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
@@ -107,6 +174,9 @@ def main() -> None:
                       str(model))
         target = load_target(str(model))
         files = probe_images(work / "probe", args.images)
+        if args.conventions:
+            compare_conventions(target, files, args)
+            return
         cfg = EffectsCFG(batch_size=args.batch, neuron_chunk=args.chunk, top_k=args.top_k,
                          progress=False)
         mlp = target.module.transformer.resblocks[args.layer].mlp

@@ -673,3 +673,74 @@ def test_official_units_scale_each_effect_by_100_over_its_embedding_norm(clip2, 
         norm = float(dec.record(clip2, images, [0]).embedding.norm())
         torch.testing.assert_close(totals["embedding", f], totals["none", f] * 100.0 / norm,
                                    rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the official mean/bias shares
+
+def test_official_shares_equal_a_loop_of_the_official_formulas(clip3):
+    """vital.effects.official against the official code's steps written out one image, neuron,
+    later block, head and token at a time (prs_second_order_neurons_hook.py): each part is
+    centred by mean / ((1 + 2L) N) and gets every bias's equal share."""
+    visual = dec.clip_vit(clip3)
+    blocks, layer, neurons = visual.transformer.resblocks, 0, torch.tensor([3, 17])
+    saved = {name: p.detach().clone() for name, p in visual.named_parameters() if p.ndim == 1}
+    try:
+        for p in visual.parameters():   # random biases: every share is exercised
+            if p.ndim == 1:
+                p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+        _check_official_shares(clip3, visual, blocks, layer, neurons)
+    finally:
+        for name, p in visual.named_parameters():
+            if name in saved:
+                p.data.copy_(saved[name])
+
+
+def _check_official_shares(clip3, visual, blocks, layer, neurons):
+    from vital.effects.official import official_second_order, record_official
+    x01 = images(2, clip3.input_size, seed=4)
+    fast = official_second_order(clip3, record_official(clip3, x01, layer), layer, neurons)
+    stream, rows, acts = {}, {}, {}
+    hooks = [blocks[layer].mlp.gelu.register_forward_hook(
+        lambda m, a, out: acts.update(x=out.double()))]
+    for b in range(layer + 1, len(blocks)):
+        hooks.append(blocks[b].ln_1.register_forward_pre_hook(
+            lambda m, a, b=b: stream.__setitem__(b, a[0].double())))
+        hooks.append(blocks[b].attn.probs.register_forward_hook(
+            lambda m, a, out, b=b: rows.__setitem__(b, out.double())))
+    hooks.append(visual.ln_post.register_forward_pre_hook(
+        lambda m, a: stream.__setitem__("post", (a[0] if a[0].ndim == 2 else a[0][:, 0])
+                                        .double())))
+    with torch.no_grad():
+        emb = clip3.output(x01).double()
+    for h in hooks:
+        h.remove()
+    width, n_all = visual.ln_post.weight.shape[0], blocks[layer].mlp.c_proj.weight.shape[1]
+    d = lambda t: t.detach().double()   # noqa: E731
+    for i in range(2):
+        post = stream["post"][i]
+        m_post, s_post = post.mean(), (post.var(unbiased=False) + visual.ln_post.eps).sqrt()
+        for j, n in enumerate(neurons.tolist()):
+            total = torch.zeros(visual.proj.shape[1], dtype=torch.float64)
+            for L in range(layer + 1, len(blocks)):
+                blk, attn = blocks[L], blocks[L].attn
+                heads, dh, share = attn.heads, width // attn.heads, (1 + 2 * L) * n_all
+                post_share = (1 + 2 * L) * (1 + 2 * len(blocks)) * heads * n_all
+                for h in range(heads):
+                    wv = d(attn.in_proj_weight)[2 * width:][h * dh:(h + 1) * dh]
+                    bv = d(attn.in_proj_bias)[2 * width:][h * dh:(h + 1) * dh]
+                    wo = d(attn.out_proj.weight)[:, h * dh:(h + 1) * dh]
+                    o = torch.zeros(dh, dtype=torch.float64)
+                    for t in range(stream[L].shape[1]):
+                        s = stream[L][i, t]
+                        mean, std = s.mean(), (s.var(unbiased=False) + blk.ln_1.eps).sqrt()
+                        x = acts["x"][i, t, n] * d(blocks[layer].mlp.c_proj.weight)[:, n] \
+                            + d(blocks[layer].mlp.c_proj.bias) / n_all
+                        y = d(blk.ln_1.weight) * (x - mean / share) / std \
+                            + d(blk.ln_1.bias) / share
+                        o += rows[L][i, h, 0, t] * (wv @ y + bv / share)
+                    r = wo @ o + d(attn.out_proj.bias) / (share * heads)
+                    z = d(visual.ln_post.weight) * (r - m_post / post_share) / s_post \
+                        + d(visual.ln_post.bias) / post_share
+                    total += z @ d(visual.proj)
+            torch.testing.assert_close(fast[i, j], 100 * total / emb[i].norm(),
+                                       rtol=1e-9, atol=1e-9)
