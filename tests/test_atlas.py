@@ -120,3 +120,39 @@ def test_peak_boxes_equal_a_loop_over_images_and_units(tmp_path):
     from PIL import Image
     with Image.open(site / data["layers"]["stage2"]["units"][0]["top_images"][0]["thumb"]) as im:
         assert im.width == im.height
+
+
+def test_clip_mlp_units_show_their_second_order_words(tmp_path, tiny_clip_file):
+    """A CLIP ViT's block.N.mlp units carry what neuron_effects.py finds for the same neurons
+    on the same probe folder: the first PC's explained variance and its texts, on the unit page
+    and in the search data of the layer page."""
+    from vital.effects.run import EffectsCFG, run_effects
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a dog\na cat\na car\nthe sea\na red apple\nmusic\nred\ngreen\n")
+    site, run = run_atlas(atlas_cfg(tmp_path, model=str(tiny_clip_file), layers=["block.0.mlp"],
+                                    pictures=False, effects_texts=str(texts)))
+    units = json.loads((site / "atlas.json").read_text())["layers"]["block.0.mlp"]["units"]
+    _, ref = run_effects(EffectsCFG(model=str(tiny_clip_file), layer=["block.0.mlp"],
+                                    neurons=[0, 1, 2, 3], probe_dir=str(tmp_path / "probe"),
+                                    texts=str(texts), sheets=0, top_k=len(run.used),
+                                    out_dir=str(tmp_path / "ref"), progress=False,
+                                    device="cpu"))
+    lines = texts.read_text().split("\n")
+    for u, summary, decomp in zip(units, ref.summaries[0], ref.words[0]):
+        assert u["unit"] == summary.neuron
+        assert u["effects"]["explained"] == pytest.approx(summary.explained, rel=1e-5)
+        assert [w["text"] for w in u["effects"]["words"]] == [lines[i] for i, _ in decomp.terms]
+        page = (site / "block.0.mlp" / f"{u['unit']}.html").read_text()
+        assert "second-order effect" in page and u["effects"]["words"][0]["text"] in page
+    layer_page = (site / "block.0.mlp" / "index.html").read_text()
+    assert units[0]["effects"]["words"][0]["text"] in layer_page   # searchable
+
+
+def test_no_effects_for_cnn_layers_or_when_switched_off(tmp_path, tiny_clip_file):
+    site, _ = run_atlas(atlas_cfg(tmp_path, pictures=False))
+    assert all("effects" not in u
+               for u in json.loads((site / "atlas.json").read_text())["layers"]["stage2"]["units"])
+    site, _ = run_atlas(atlas_cfg(tmp_path, model=str(tiny_clip_file), layers=["block.0.mlp"],
+                                  pictures=False, effects=False, run_name="clip"))
+    units = json.loads((site / "atlas.json").read_text())["layers"]["block.0.mlp"]["units"]
+    assert all("effects" not in u for u in units) and not (site / "effects").exists()

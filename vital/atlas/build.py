@@ -34,6 +34,7 @@ from vital.models.target import channels_positions
 from vital.refs.images import load_image
 from vital.refs.patches import iter_images
 from vital.atlas import site as site_mod
+from vital.effects.run import EffectsCFG, run_effects
 
 __all__ = ["AtlasCFG", "run_atlas", "SCHEMA"]
 
@@ -58,6 +59,12 @@ class AtlasCFG(DescribeCFG):
     run_name: str = opt("", "site folder name (default from model and layers); the same name "
                         "resumes and updates that site")
     sheets: int = opt(0, "labels' contact sheets per layer (the atlas has its own pages)")
+    effects: bool = opt(True, "for a CLIP ViT's block.N.mlp layers: what each unit writes into "
+                        "the image embedding (neuron_effects.py, official protocol): the texts "
+                        "of its second-order effect and the first PC's explained variance "
+                        "(--no-effects: skip)")
+    effects_texts: str = opt("words20k", "text set of those words: a file (one text per line), "
+                             "words20k or imagenet")
 
 
 def _site_dir(cfg: AtlasCFG) -> Path:
@@ -252,7 +259,9 @@ def run_atlas(cfg: AtlasCFG, argv=None):
                        for u in units}
             data["layers"][layer] = {"units": [records[u] for u in units],
                                      "channels": int(run.layers[layer].similarity.shape[0])}
-            if cfg.pictures:
+            for u, found in _effects(cfg, run, site, layer, units, argv).items():
+                records[u]["effects"] = found
+            if cfg.pictures and not run.stopped:
                 _pictures(pcfg, run, site, layer, units, records, digest, argv)
             site_mod.write_site(site, data)
             if run.stopped:
@@ -262,6 +271,45 @@ def run_atlas(cfg: AtlasCFG, argv=None):
         site_mod.write_site(site, data)
     print(f"atlas: {site / 'index.html'}")
     return site, run
+
+
+_WORDS = 8   # texts of a unit's second-order effect on its page
+
+
+def _effects(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[int],
+             argv) -> dict[int, dict]:
+    """unit -> its second-order effect (the first PC's texts and explained variance) for a CLIP
+    ViT's MLP layer (``block.N.mlp``, the post-GELU neurons both tools read), from one
+    ``neuron_effects.py`` run over the probe folder into ``<site>/effects/<layer>/``; {} for
+    other layers, with ``--no-effects``, or when the run was stopped."""
+    parts = layer.split(".")
+    if not cfg.effects or getattr(run.target, "kind", "") != "clip-vit" or len(parts) != 3 \
+            or parts[0] != "block" or parts[2] != "mlp" or not parts[1].isdigit():
+        return {}
+    folder = site / "effects"
+    if (folder / layer).exists():
+        shutil.rmtree(folder / layer)   # rebuilt with the labels (the same probe pass cost)
+    ecfg = EffectsCFG(model=cfg.model, layer=[layer], neurons=list(units),
+                      probe_dir=cfg.probe_dir, texts=cfg.effects_texts, sheets=0,
+                      top_k=min(100, max(1, len(run.used))), batch_size=cfg.batch_size,
+                      device=cfg.device, out_dir=str(folder), run_name=layer,
+                      progress=cfg.progress)
+    _, result = run_effects(ecfg, argv)
+    if result.stopped:
+        run.stopped = result.stopped
+        return {}
+    block = int(parts[1])
+    words = result.words.get(block) or [None] * len(units)
+    out = {}
+    for summary, decomp in zip(result.summaries[block], words):
+        texts = [] if decomp is None else [
+            {"text": result.texts[i], "coefficient": float(c)} for i, c in decomp.terms[:_WORDS]]
+        out[int(summary.neuron)] = {"explained": float(summary.explained),
+                                    "top_norm_mean": float(summary.top_norm_mean),
+                                    "words": texts,
+                                    "reconstruction_cosine": None if decomp is None
+                                    else float(decomp.cosine)}
+    return out
 
 
 def _pictures(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[int],

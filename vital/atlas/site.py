@@ -57,6 +57,19 @@ def _peak(top: dict) -> str:
             f"{left:.2f}%;top:{up:.2f}%;width:{width:.2f}%;height:{height:.2f}%\"></span>")
 
 
+def _effect_section(effects: dict | None) -> str:
+    """What a CLIP MLP neuron writes into the image embedding (neuron_effects.py)."""
+    if not effects:
+        return ""
+    rows = "".join(f"<tr><td>{_e(w['text'])}</td><td>{w['coefficient']:+.3f}</td></tr>"
+                   for w in effects["words"])
+    table = (f"<table id=\"words\"><tr><th>text</th><th>coefficient</th></tr>{rows}</table>"
+             if rows else "<p>no text set (--effects_texts)</p>")
+    return (f"<h2>second-order effect on the embedding</h2><p>first PC of the top images' "
+            f"effects explains {100 * effects['explained']:.1f} % of their variance; its "
+            f"sparse decomposition over texts:</p>{table}")
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -76,7 +89,8 @@ def _card(unit: dict, layer_dir: str) -> str:
              "<div class=\"pic nopic\">no picture</div>")
     strip = "".join(f"<img loading=\"lazy\" alt=\"\" src=\"../{_e(t['thumb'])}\" "
                     f"title=\"{t['activation']:.3g}\">" for t in unit["top_images"][:_STRIP])
-    cands = "|".join(c["label"] for c in unit["candidates"])
+    cands = "|".join([c["label"] for c in unit["candidates"]]
+                     + [w["text"] for w in (unit.get("effects") or {}).get("words", [])])
     loop = _loop_state(unit)
     verdict = {"agree": "picture agrees", "disagree": "picture disagrees", "none": ""}[loop]
     return (f"<a class=\"card\" id=\"u{unit['unit']}\" href=\"{unit['unit']}.html\" "
@@ -103,7 +117,7 @@ def _layer_page(data: dict, layer: str, info: dict) -> str:
             f"pictures · labels by {_e(data['similarity'])} against "
             f"{_e(data['concept_model'])}</p>"
             f"<div class=\"controls\"><input id=\"search\" type=\"search\" "
-            f"placeholder=\"search labels and candidates\" aria-label=\"search\">"
+            f"placeholder=\"search labels, candidates and CLIP words\" aria-label=\"search\">"
             f"<label>sort <select id=\"sort\"><option value=\"unit\">unit</option>"
             f"<option value=\"similarity\">label score</option>"
             f"<option value=\"selectivity\">selectivity</option>"
@@ -167,13 +181,14 @@ def _unit_page(data: dict, layer: str, units: list[dict], k: int) -> str:
                    for t in unit["top_images"])
     cands = "".join(f"<tr><td>{_e(c['label'])}</td><td>{c['similarity']:.3f}</td></tr>"
                     for c in unit["candidates"])
+    effect = _effect_section(unit.get("effects"))
     body = (f"{nav}<h1>{_e(layer)} unit {unit['unit']}: {_e(unit['label'])}</h1>"
             f"<div class=\"unit\"><div>{pic}</div><div><h2>candidate labels</h2>"
             f"<table id=\"candidates\"><tr><th>label</th><th>similarity</th></tr>{cands}</table>"
             f"<h2>activation on the probe set</h2>"
             f"{_histogram_svg(unit['histogram'], picture['activation'] if picture else None)}"
             f"<p>selectivity {unit['selectivity']:.2f} (top-{len(unit['top_images'])} mean "
-            f"minus mean, in standard deviations)</p></div></div>"
+            f"minus mean, in standard deviations)</p>{effect}</div></div>"
             f"<h2>top probe images (mean activation; outlined: the position of the largest)</h2><div class=\"tops\">{tops}</div>")
     return _page(f"{layer} {unit['unit']} · {data['model']}", body, "../")
 
