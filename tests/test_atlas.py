@@ -156,3 +156,31 @@ def test_no_effects_for_cnn_layers_or_when_switched_off(tmp_path, tiny_clip_file
                                   pictures=False, effects=False, run_name="clip"))
     units = json.loads((site / "atlas.json").read_text())["layers"]["block.0.mlp"]["units"]
     assert all("effects" not in u for u in units) and not (site / "effects").exists()
+
+
+def test_launcher_renders_the_same_pictures_as_this_process(tmp_path, monkeypatch):
+    """--launcher slurm (submitit's local executor: other processes) renders each batch of units
+    as a task, and the atlas holds the same pictures and verdicts as a local build; a rerun
+    launches nothing."""
+    import os
+    import numpy as np
+    from PIL import Image
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv("VITAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), str(repo / "tests"),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    local, _ = run_atlas(atlas_cfg(tmp_path, run_name="local"))
+    cfg = atlas_cfg(tmp_path, run_name="slurm", launcher="slurm", slurm_cluster="local",
+                    slurm_gpus=0, slurm_folder=str(tmp_path / "submitit"))
+    launched, _ = run_atlas(cfg)
+    jobs = sorted(p.name for p in (tmp_path / "submitit").iterdir() if p.name.isdigit())
+    assert len(jobs) == 2   # units 0-3 in batches of 2: one array element each
+    a = json.loads((local / "atlas.json").read_text())["layers"]["stage2"]["units"]
+    b = json.loads((launched / "atlas.json").read_text())["layers"]["stage2"]["units"]
+    for x, y in zip(a, b):
+        assert x["picture"]["picture_labels"] == y["picture"]["picture_labels"]
+        pics = [np.asarray(Image.open(site / u["picture"]["image"]), dtype=float)
+                for site, u in ((local, x), (launched, y))]
+        assert np.abs(pics[0] - pics[1]).max() <= 2   # 8-bit PNGs of the same optimisation
+    run_atlas(cfg)
+    assert sorted(p.name for p in (tmp_path / "submitit").iterdir() if p.name.isdigit()) == jobs

@@ -35,6 +35,8 @@ from vital.refs.images import load_image
 from vital.refs.patches import iter_images
 from vital.atlas import site as site_mod
 from vital.effects.run import EffectsCFG, run_effects
+from vital.eval import engine
+from vital.eval.launchers import LaunchCFG, Task, launch
 
 __all__ = ["AtlasCFG", "run_atlas", "SCHEMA"]
 
@@ -47,7 +49,7 @@ _CANDIDATES = 5
 
 
 @dataclass
-class AtlasCFG(DescribeCFG):
+class AtlasCFG(LaunchCFG, DescribeCFG):
     """A layer atlas: labels, pictures and top probe images of every unit, as static pages."""
     units: list[str] = opt([], "units of each layer: numbers, ranges (0-63) or all; empty = "
                            "the first 64 (or every unit of a smaller layer)")
@@ -262,7 +264,7 @@ def run_atlas(cfg: AtlasCFG, argv=None):
             for u, found in _effects(cfg, run, site, layer, units, argv).items():
                 records[u]["effects"] = found
             if cfg.pictures and not run.stopped:
-                _pictures(pcfg, run, site, layer, units, records, digest, argv)
+                _pictures(pcfg, run, site, layer, units, records, digest, argv, data)
             site_mod.write_site(site, data)
             if run.stopped:
                 break
@@ -312,27 +314,65 @@ def _effects(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[i
     return out
 
 
+def _render_chunk(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[int],
+                  digest: str, argv=None) -> dict[int, dict]:
+    """Render ``units`` (one batched optimisation), name the pictures with the concept model and
+    write each unit's picture record next to its picture; unit -> record of the finished."""
+    visuals = render_units(cfg, run, layer, units, str(site / "units"), argv)
+    verdicts = _closed_loop(run, visuals)
+    out = {}
+    for v in visuals:
+        if v["status"] != "finished":
+            continue
+        folder = site / "units" / f"{layer}_{v['unit']}"
+        record = _picture_record(site, folder, verdicts.get(v["unit"]))
+        write_json(folder / PICTURE_FILE, {"settings_hash": digest, "record": record})
+        out[v["unit"]] = record
+    return out
+
+
+def picture_task(cfg: AtlasCFG, site: str, layer: str, units: list[int], digest: str):
+    """A launcher's task (``--launcher ray|slurm``): the labels again in the worker (their
+    activations come from the shared vital.cache), then ``_render_chunk``; returns the engine's
+    ``(records, skipped)``."""
+    site = Path(site)
+    folder = site / "labels" / "tasks"
+    lcfg = dataclasses.replace(cfg, layers=[layer], out_dir=str(folder),
+                               run_name=f"{layer}_{units[0]}", visualise=0, check=False,
+                               progress=False)
+    _, run = run_labels(lcfg)
+    shutil.rmtree(folder / lcfg.run_name, ignore_errors=True)
+    done = _render_chunk(cfg, run, site, layer, units, digest)
+    return [{"unit": u, "finished": u in done} for u in units], [False] * len(units)
+
+
+def _launch_pictures(cfg: AtlasCFG, site: Path, layer: str, chunks: list[list[int]],
+                     digest: str) -> None:
+    tasks = [Task(picture_task, (engine.plain(cfg, AtlasCFG), str(site), layer, chunk, digest),
+                  f"{layer} units {chunk[0]}-{chunk[-1]}") for chunk in chunks]
+    launch(cfg, tasks, lambda records, skipped: ", ".join(
+        f"unit {r['unit']} {'done' if r['finished'] else 'not finished'}" for r in records))
+
+
 def _pictures(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[int],
-              records: dict, digest: str, argv) -> None:
+              records: dict, digest: str, argv, data: dict) -> None:
     """Render the missing pictures of ``units``, name them with the concept model, and fill
-    ``records``; the pages are rewritten after every batch (each unit appears when ready)."""
+    ``records``; the pages are rewritten after every batch (each unit appears when ready).
+    With ``--launcher ray|slurm`` the batches run there, and the records are read back from
+    the units' folders."""
     folders = {u: site / "units" / f"{layer}_{u}" for u in units}
     todo = [u for u in units if not _have_picture(folders[u], digest)]
-    for u in units:
-        if u not in todo:
-            stored = json.loads((folders[u] / PICTURE_FILE).read_text())
-            records[u]["picture"] = stored["record"]
     step = max(1, cfg.vis_batch_size)
-    for start in range(0, len(todo), step):
-        chunk = todo[start:start + step]
-        visuals = render_units(cfg, run, layer, chunk, str(site / "units"), argv)
-        verdicts = _closed_loop(run, visuals)
-        for v in visuals:
-            if v["status"] != "finished":
-                continue
-            record = _picture_record(site, folders[v["unit"]], verdicts.get(v["unit"]))
-            write_json(folders[v["unit"]] / PICTURE_FILE,
-                       {"settings_hash": digest, "record": record})
-            records[v["unit"]]["picture"] = record
+    chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
+    if chunks and cfg.launcher != "local":
+        _launch_pictures(cfg, site, layer, chunks, digest)
+        chunks = []
+    for u in units:
+        if _have_picture(folders[u], digest):
+            records[u]["picture"] = json.loads((folders[u] / PICTURE_FILE).read_text())["record"]
+    for chunk in chunks:
+        for u, record in _render_chunk(cfg, run, site, layer, chunk, digest, argv).items():
+            records[u]["picture"] = record
+        site_mod.write_site(site, data)   # the records are data's: each unit shows when ready
         if run.stopped:
             return

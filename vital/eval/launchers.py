@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vital.config import ConfigError
+from vital.config import ConfigError, opt
 
 LAUNCHERS = ("local", "ray", "slurm")
 # errors a Ray task is retried on (besides a lost worker or node, which Ray always retries):
@@ -38,6 +38,31 @@ class Task:
     fn: Callable      # a module-level function (pickled by reference)
     args: tuple
     key: str          # the batch's folder key (``batch_key``), for messages
+
+
+@dataclass
+class LaunchCFG:
+    """Where a sweep's batches execute (the evaluation harness, the atlas's pictures)."""
+    launcher: str = opt("local", "where runs execute: local (here, one batch after another), ray "
+                        "(one Ray task per batch), slurm (a SLURM job array through submitit, "
+                        "one element per batch); "
+                        "ray and slurm need pip install -e .[cluster]",
+                        choices=["local", "ray", "slurm"])
+    ray_address: str = opt("", "ray: address of an existing cluster (empty = a local Ray)")
+    retries: int = opt(2, "ray: times a failed task is retried (lost worker, runtime error)",
+                       low=0)
+    slurm_partition: str = opt("", "slurm: partition (empty = the cluster's default)")
+    slurm_time: int = opt(240, "slurm: time limit per batch of runs in minutes; at the limit "
+                          "the job is requeued and skips the runs that finished", low=1)
+    slurm_gpus: int = opt(1, "slurm: GPUs per run (0 on CPU nodes)", low=0)
+    slurm_cpus: int = opt(4, "slurm: CPUs per run", low=1)
+    slurm_parallel: int = opt(16, "slurm: array jobs running at once", low=1)
+    slurm_folder: str = opt("", "slurm: submitit's folder of job files and logs "
+                            "(empty = OUT/submitit)")
+    slurm_cluster: str = opt("", "slurm: submitit's cluster: empty = SLURM; local = local "
+                             "processes (a test without SLURM); debug = in this "
+                             "process (an error opens pdb)",
+                             choices=["", "slurm", "local", "debug"])
 
 
 class SweepFailed(RuntimeError):

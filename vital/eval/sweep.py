@@ -15,6 +15,7 @@ from vital import config
 from vital.modes.class_mode import ClassCFG
 from vital.config import ConfigError, opt
 from vital.eval import engine
+from vital.eval.launchers import LaunchCFG
 from vital.eval.engine import RESULT_FILE, flat_diff, settings_hash  # noqa: F401 (re-exported)
 
 FEATURES_FILE = "fid_features.safetensors"
@@ -129,7 +130,7 @@ def parsed(kind, value):
 
 
 @dataclass
-class EvalCFG:
+class EvalCFG(LaunchCFG):
     """Evaluation sweep: models x targets x methods x seeds of class visualisations, scored
     with the VITAL paper's metrics. Precedence: defaults < --json_cfg SWEEP.json < command line."""
     out_dir: str = opt("out_eval/sweep", "sweep folder: runs, result.json files and report/")
@@ -170,26 +171,6 @@ class EvalCFG:
     report: bool = opt(False, "only merge the result.json files under out_dir into a report")
     redo: bool = opt(False, "rerun runs whose result.json holds other settings")
     list_runs: bool = opt(False, "print the runs (of this shard) and exit")
-    launcher: str = opt("local", "where runs execute: local (here, one batch after another), ray "
-                        "(one Ray task per batch), slurm (a SLURM job array through submitit, "
-                        "one element per batch); "
-                        "ray and slurm need pip install -e .[cluster]",
-                        choices=["local", "ray", "slurm"])
-    ray_address: str = opt("", "ray: address of an existing cluster (empty = a local Ray)")
-    retries: int = opt(2, "ray: times a failed task is retried (lost worker, runtime error)",
-                       low=0)
-    slurm_partition: str = opt("", "slurm: partition (empty = the cluster's default)")
-    slurm_time: int = opt(240, "slurm: time limit per batch of runs in minutes; at the limit "
-                          "the job is requeued and skips the runs that finished", low=1)
-    slurm_gpus: int = opt(1, "slurm: GPUs per run (0 on CPU nodes)", low=0)
-    slurm_cpus: int = opt(4, "slurm: CPUs per run", low=1)
-    slurm_parallel: int = opt(16, "slurm: array jobs running at once", low=1)
-    slurm_folder: str = opt("", "slurm: submitit's folder of job files and logs "
-                            "(empty = OUT/submitit)")
-    slurm_cluster: str = opt("", "slurm: submitit's cluster: empty = SLURM; local = local "
-                             "processes (a test without SLURM); debug = in this "
-                             "process (an error opens pdb)",
-                             choices=["", "slurm", "local", "debug"])
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, "show progress bars")
 
