@@ -398,7 +398,8 @@ def test_presets_parse(preset):
     from vital.optvis.relevance import RULES
     cfg = parse_cfg(InnerCFG, ["--json_cfg", str(ROOT / "vital" / "presets" / preset)])
     assert cfg.layer and cfg.data_dir == "references"
-    assert cfg.relevance in RULES and cfg.relevance != "none"    # a relevance-weighted preset
+    # the presets follow the measured inner defaults (docs/inner.md): own layer, no relevance
+    assert cfg.relevance in RULES and cfg.relevance == "none" and cfg.match_own_layer
 
 
 def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_target):

@@ -86,15 +86,15 @@ class InnerCFG(setup.RenderCFG):
                        "stage's size) or native (as cut: patch_size px patches, data_size px "
                        "images; their feature quantiles resampled to the stage's positions)",
                        choices=["stage", "native"])
-    neuron_weight: float = opt(0.3, "weight of the neuron term, normalised by the references' "
+    neuron_weight: float = opt(1.0, "weight of the neuron term, normalised by the references' "
                                "mean score (0 = pure VITAL)")
-    match_own_layer: bool = opt(False, "also sort-match the neuron's own layer (relevance-"
-                                "weighted like the others; the official code matches only "
-                                "layers below it; docs/inner.md measures both)")
+    match_own_layer: bool = opt(True, "also sort-match the neuron's own layer (the official "
+                                "code matches only layers below it; matching it too makes "
+                                "pictures the concept model recognises, docs/inner.md)")
     neuron_cap: float = opt(0.0, "the neuron term stops when the score reaches CAP x the mean "
                             "score of the references as matched (whole images or patches at "
                             "the run's size); 0 = no cap", low=0.0)
-    relevance: str = opt("gradxact", "relevance weighting of sort matching: gradxact "
+    relevance: str = opt("none", "relevance weighting of sort matching: gradxact "
                          "(gradient x activation), lrp (zennit for CNNs, conservative rule for "
                          "ViTs), guided, none; lrp gave saturated high-frequency images on "
                          "EfficientNet-Lite0 (bench/README.md)", choices=list(rel.RULES))

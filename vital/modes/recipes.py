@@ -35,7 +35,7 @@ PAPER_CLASS = {**_PAPER_OPTIMISATION, "tv_weight": 0.0, "l2_weight": 0.0, "class
 PAPER_INNER = {**_PAPER_OPTIMISATION, "tv_weight": 3e-7, "l2_weight": 3e-7,
                "neuron_weight": 0.0, "relevance": "lrp_paper", "relevance_floor": 0.0,
                "relevance_every": 1, "num_ref": 50, "ref_kind": "images", "patch_size": 64,
-               "stride": 32}
+               "stride": 32, "match_own_layer": False}
 
 TOOLKIT_CLASS = {
     "param": "laplacian", "lr": 0.05, "adam_betas": [0.5, 0.99], "warmup": 20, "lr_final": 0.05,
@@ -50,7 +50,10 @@ TOOLKIT_CLASS = {
 
 TOOLKIT_INNER = {**{k: v for k, v in TOOLKIT_CLASS.items()
                     if k not in ("class_weight", "attn_steering")},
-                 "neuron_weight": 0.3, "relevance": "gradxact", "relevance_floor": 0.5,
+                 # issue 22: the unit's own layer matched too and no relevance weighting: the
+                 # closed loop and held-out photos (docs/inner.md); gradxact before
+                 "neuron_weight": 1.0, "relevance": "none", "match_own_layer": True,
+                 "relevance_floor": 0.5,
                  "ref_kind": "images", "pyramid_gain": 1.0,   # issue 22: images (docs/inner.md)
                  # issue 22: 240 steps, within noise of 600 on held-out photos (docs/inner.md)
                  "steps_multires": [80, 160]}
