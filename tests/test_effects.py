@@ -371,10 +371,11 @@ def test_omp_recovers_planted_texts_in_the_official_dictionary():
 def test_protocol_sets_defaults_and_flags_win():
     from vital.effects.run import PROTOCOLS, EffectsCFG, resolve
     official = resolve(EffectsCFG())
-    assert (official.normalise, official.dictionary, official.components) == (
-        "embedding", "dimensions", 32) and official.protocol == "official"
+    assert (official.normalise, official.dictionary, official.components, official.shares) == (
+        "embedding", "dimensions", 32, "official") and official.protocol == "official"
     toolkit = resolve(EffectsCFG(protocol="toolkit"))
-    assert (toolkit.normalise, toolkit.dictionary, toolkit.components) == ("none", "texts", 16)
+    assert (toolkit.normalise, toolkit.dictionary, toolkit.components, toolkit.shares) == (
+        "none", "texts", 16, "exact")
     mine = resolve(EffectsCFG(components=8, normalise="none"))
     assert (mine.normalise, mine.dictionary, mine.components) == ("none", "dimensions", 8)
     assert set(PROTOCOLS["official"]) == set(PROTOCOLS["toolkit"])
@@ -744,3 +745,31 @@ def _check_official_shares(clip3, visual, blocks, layer, neurons):
                     total += z @ d(visual.proj)
             torch.testing.assert_close(fast[i, j], 100 * total / emb[i].norm(),
                                        rtol=1e-9, atol=1e-9)
+
+
+def test_fast_official_shares_equal_the_official_formulas(clip3):
+    """The pipeline's official convention (maps without exact centring + each image's shares)
+    equals vital.effects.official (checked above against a loop of the official code), with
+    every bias random; the exact convention differs from it."""
+    from vital.effects.official import official_second_order, record_official
+    visual = dec.clip_vit(clip3)
+    saved = {name: p.detach().clone() for name, p in visual.named_parameters() if p.ndim == 1}
+    try:
+        for p in visual.parameters():
+            if p.ndim == 1:
+                p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel() + 1))
+        x01, layer, neurons = images(3, clip3.input_size, seed=5), 0, torch.arange(0, 40, 3)
+        slow = official_second_order(clip3, record_official(clip3, x01, layer), layer, neurons)
+        rec = dec.record(clip3, x01, [layer])
+        scale = 100 / rec.embedding.norm(dim=-1)[:, None, None]
+        maps = dec.effect_maps(visual, layer, neurons, centre=False)
+        fast = dec.second_order(dec.coefficients(rec, maps), maps, slice(None),
+                                dec.shares(visual, rec, maps)) * scale
+        torch.testing.assert_close(fast.double(), slow, rtol=1e-4, atol=1e-4 * slow.abs().max())
+        exact = dec.effect_maps(visual, layer, neurons)
+        ours = dec.second_order(dec.coefficients(rec, exact), exact, slice(None)) * scale
+        assert (ours.double() - slow).norm() > 1e-3 * slow.norm()
+    finally:
+        for name, p in visual.named_parameters():
+            if name in saved:
+                p.data.copy_(saved[name])

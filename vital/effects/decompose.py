@@ -45,7 +45,7 @@ from torch import nn
 from vital.config import ConfigError
 
 __all__ = ["EffectMaps", "Records", "clip_vit", "parse_layer", "check_neurons", "effect_maps",
-           "record", "coefficients", "second_order", "first_order", "token_projection"]
+           "record", "coefficients", "second_order", "shares", "first_order", "token_projection"]
 
 _LAYER_FORMS = "block.N.mlp, a bare block number N, or transformer.resblocks.N.mlp"
 
@@ -98,20 +98,27 @@ class EffectMaps:
     second: torch.Tensor    # (N, K, E): G Wo_h Wv_h (g_L * P w_n), K = (block L > layer, head h)
     blocks: list[int]       # the later blocks, in K order (K = block-major, head-minor)
     heads: int
+    centred: bool = True    # False: the official shares (no exact centring; ``shares`` adds
+                            # each image's share of the means and biases)
 
 
-def _readout(visual) -> torch.Tensor:
-    """G = proj^T diag(g_post) P as (E, D): the linearised ln_post + proj without 1/s_post."""
+def _readout(visual, centre: bool = True) -> torch.Tensor:
+    """G = proj^T diag(g_post) P as (E, D): the linearised ln_post + proj without 1/s_post
+    (``centre`` False: without P, the official code's convention)."""
     gm = visual.proj.double().t() * visual.ln_post.weight.double()[None, :]   # (E, D)
-    return gm - gm.mean(1, keepdim=True)   # Gm P: each row minus its mean
+    return gm - gm.mean(1, keepdim=True) if centre else gm   # Gm P: each row minus its mean
 
 
-def _block_map(block, cols: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
-    """(H, E, N): G Wo_h Wv_h (g * P w) for the columns ``cols`` (D, N) of c_proj."""
+def _block_map(block, cols: torch.Tensor, g_out: torch.Tensor,
+               centre: bool = True) -> torch.Tensor:
+    """(H, E, N): G Wo_h Wv_h (g * P w) for the columns ``cols`` (D, N) of c_proj (``centre``
+    False: g * w)."""
     attn = block.attn
     width = cols.shape[0]
     heads = attn.heads
-    centred = (cols - cols.mean(0, keepdim=True)) * block.ln_1.weight.double()[:, None]  # (D, N)
+    if centre:
+        cols = cols - cols.mean(0, keepdim=True)
+    centred = cols * block.ln_1.weight.double()[:, None]                # (D, N)
     wv = attn.in_proj_weight.double()[2 * width:]                      # (D, D): value rows
     z = (wv @ centred).view(heads, width // heads, -1)                 # (H, dh, N)
     gwo = (g_out @ attn.out_proj.weight.double()).view(-1, heads, width // heads)  # (E, H, dh)
@@ -119,23 +126,28 @@ def _block_map(block, cols: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def effect_maps(visual, layer: int, neurons: torch.Tensor, chunk: int = 512) -> EffectMaps:
-    """The per-path maps of ``neurons`` of block ``layer`` (built in float64, kept float32)."""
+def effect_maps(visual, layer: int, neurons: torch.Tensor, chunk: int = 512,
+                centre: bool = True) -> EffectMaps:
+    """The per-path maps of ``neurons`` of block ``layer`` (built in float64, kept float32).
+    ``centre`` False builds them under the official code's convention: no exact centring at the
+    layer norms (each neuron keeps its own channel mean); ``shares`` then supplies every image's
+    share of the means and biases, the same for every neuron."""
     blocks = list(range(layer + 1, len(visual.transformer.resblocks)))
-    g_out = _readout(visual)
+    g_out = _readout(visual, centre)
     heads = visual.transformer.resblocks[0].attn.heads
     firsts, seconds = [], []
     for part in neurons.split(chunk):
         cols = visual.transformer.resblocks[layer].mlp.c_proj.weight.double()[:, part]  # (D, n)
         firsts.append((g_out @ cols).t().float())                               # (n, E)
-        per_block = [_block_map(visual.transformer.resblocks[b], cols, g_out) for b in blocks]
+        per_block = [_block_map(visual.transformer.resblocks[b], cols, g_out, centre)
+                     for b in blocks]
         if per_block:
             # [(H, E, n)] -> (B*H, E, n) -> (n, K, E)
             seconds.append(torch.cat(per_block).permute(2, 0, 1).float().contiguous())
         else:
             seconds.append(torch.zeros(len(part), 0, g_out.shape[0]))
     return EffectMaps(layer, neurons.clone(), torch.cat(firsts), torch.cat(seconds), blocks,
-                      heads)
+                      heads, centre)
 
 
 # ---------------------------------------------------------------- one forward pass
@@ -148,6 +160,8 @@ class Records:
     stds: dict[int, torch.Tensor]   # block -> ln_1 std per token (B, T)
     post_std: torch.Tensor          # (B,): ln_post std of the class token
     embedding: torch.Tensor         # (B, E): the image embedding (not normalised)
+    means: dict[int, torch.Tensor] = None   # block -> ln_1 mean per token (B, T)
+    post_mean: torch.Tensor = None          # (B,): ln_post mean of the class token
 
 
 def _std(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +171,7 @@ def _std(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _recording(visual, layers: list[int], first_block: int):
     """Hooks that fill a dict; removed on exit."""
-    store = {"acts": {}, "rows": {}, "stds": {}}
+    store = {"acts": {}, "rows": {}, "stds": {}, "means": {}}
     blocks = visual.transformer.resblocks
     handles = []
 
@@ -172,10 +186,12 @@ def _recording(visual, layers: list[int], first_block: int):
     for b in range(first_block, len(blocks)):
         handles.append(blocks[b].ln_1.register_forward_pre_hook(
             keep("stds", b, lambda m, a, out: _std(m, a[0]))))
+        handles.append(blocks[b].ln_1.register_forward_pre_hook(
+            keep("means", b, lambda m, a, out: a[0].float().mean(-1))))
         handles.append(blocks[b].attn.probs.register_forward_hook(
             keep("rows", b, lambda m, a, out: out[:, :, 0, :].float())))
     handles.append(visual.ln_post.register_forward_pre_hook(
-        lambda m, a: store.update(post_std=_std(m, a[0]))))
+        lambda m, a: store.update(post_std=_std(m, a[0]), post_mean=a[0].float().mean(-1))))
     try:
         yield store
     finally:
@@ -192,7 +208,8 @@ def record(target, images01: torch.Tensor, layers: list[int]) -> Records:
     with _recording(visual, layers, min(layers) + 1) as store:
         embedding = target.output(images01).float()
         return Records(dict(store["acts"]), dict(store["rows"]), dict(store["stds"]),
-                       store["post_std"], embedding)
+                       store["post_std"], embedding, dict(store["means"]),
+                       store["post_mean"])
 
 
 # ---------------------------------------------------------------- effects of a batch
@@ -212,9 +229,50 @@ def coefficients(rec: Records, maps: EffectMaps) -> torch.Tensor:
     return torch.einsum("bkt,btn->bkn", _weights(rec, maps), acts)
 
 
-def second_order(coef: torch.Tensor, maps: EffectMaps, part: slice) -> torch.Tensor:
-    """(B, n, E): second-order effects of the neurons ``maps.neurons[part]``."""
-    return torch.einsum("bkn,nke->bne", coef[:, :, part], maps.second[part])
+def second_order(coef: torch.Tensor, maps: EffectMaps, part: slice,
+                 common: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n, E): second-order effects of the neurons ``maps.neurons[part]``; ``common`` (B, E),
+    the official convention's share of each image (``shares``), is added to every neuron's."""
+    out = torch.einsum("bkn,nke->bne", coef[:, :, part], maps.second[part])
+    return out if common is None else out + common[:, None, :].to(out)
+
+
+@torch.no_grad()
+def shares(visual, rec: Records, maps: EffectMaps) -> torch.Tensor:
+    """(B, E): what the official code gives every neuron of ``maps.layer`` on each image besides
+    its own activations (vital.effects.official: the neuron's share of c_proj's bias, and at
+    each later block L and head the share 1 / ((1 + 2 L) N) of ln_1's mean and bias, of the value
+    bias, of the out-projection bias (/ heads) and of ln_post's mean and bias
+    (/ ((1 + 2 L)(1 + 2 B) heads N))), in embedding units like ``second_order``."""
+    blocks = visual.transformer.resblocks
+    mlp = blocks[maps.layer].mlp
+    n_all = mlp.c_proj.weight.shape[1]
+    width = visual.ln_post.weight.shape[0]
+    b_proj = mlp.c_proj.bias.double() / n_all                              # (D,)
+    g_post, beta_post = visual.ln_post.weight.double(), visual.ln_post.bias.double()
+    m_post, s_post = rec.post_mean.double(), rec.post_std.double()          # (B,)
+    total = 0
+    for L in maps.blocks:
+        block, attn = blocks[L], blocks[L].attn
+        heads, dh = attn.heads, width // attn.heads
+        share = (1 + 2 * L) * n_all
+        post_share = share * (1 + 2 * len(blocks)) * heads
+        mean, std = rec.means[L].double(), rec.stds[L].double()              # (B, T)
+        y = block.ln_1.weight.double() * (b_proj - mean[..., None] / share) / std[..., None] \
+            + block.ln_1.bias.double() / share                              # (B, T, D)
+        rows = rec.rows[L].double()                                          # (B, H, T)
+        wv = attn.in_proj_weight.double()[2 * width:].view(heads, dh, width)
+        bv = attn.in_proj_bias.double()[2 * width:].view(heads, dh)
+        v = torch.einsum("btd,hcd->bhtc", y, wv) + bv[None, :, None] / share
+        o = torch.einsum("bht,bhtc->bhc", rows, v)
+        r = torch.einsum("bhc,dhc->bhd", o, attn.out_proj.weight.double().view(width, heads, dh)) \
+            + attn.out_proj.bias.double() / (share * heads)                 # (B, H, D)
+        z = g_post * (r - m_post[:, None, None] / post_share) / s_post[:, None, None] \
+            + beta_post / post_share
+        total = total + (z @ visual.proj.double()).sum(1)                   # (B, E)
+    if isinstance(total, int):
+        return rec.post_std.new_zeros(rec.post_std.shape[0], visual.proj.shape[1])
+    return total.float()
 
 
 def first_order(rec: Records, maps: EffectMaps, part: slice) -> torch.Tensor:

@@ -48,8 +48,10 @@ _EMBED_SCALE = 100.0  # the official normalisation: effects in units of 1/100 of
 # yossigandelsman/second_order_lens (coefficient 100 on the image representation and on the
 # text set, `text - mean(axis=0)` then `/ norm(axis=0)`, `--components 32`).
 PROTOCOLS = {
-    "official": {"normalise": "embedding", "dictionary": "dimensions", "components": 32},
-    "toolkit": {"normalise": "none", "dictionary": "texts", "components": 16},
+    "official": {"normalise": "embedding", "dictionary": "dimensions", "components": 32,
+                 "shares": "official"},
+    "toolkit": {"normalise": "none", "dictionary": "texts", "components": 16,
+                "shares": "exact"},
 }
 
 
@@ -75,6 +77,11 @@ class EffectsCFG:
                                  "dimension scaled to norm 100 over the texts) or texts "
                                  "(centred, each text unit length); default from --protocol",
                                  choices=["dimensions", "texts"])
+    shares: str | None = opt(None, "layer-norm means and biases: official (every component an "
+                             "equal share, as prs_second_order_neurons_hook.py) or exact "
+                             "(each contribution centred exactly, biases left out); default "
+                             "from --protocol; docs/effects.md measures the gap",
+                             choices=["official", "exact"])
     texts: str = opt("words20k", "text set for the decomposition: a file (one text per line), "
                      "words20k or imagenet; empty = no decomposition")
     components: int | None = opt(None, "texts per neuron in the sparse decomposition (OMP); "
@@ -173,6 +180,11 @@ def _batches(target, files, layers, cfg, desc, start: int = 0, offset: int = 0):
         offset += len(used)
 
 
+def _common(target, rec, run: "LayerRun"):
+    """Each image's share of the means and biases under the official convention, else None."""
+    return None if run.maps.centred else dec.shares(dec.clip_vit(target), rec, run.maps)
+
+
 def _chunks(n: int, size: int):
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
@@ -197,9 +209,9 @@ def pass_means(target, files, runs: dict[int, LayerRun], cfg,
                                                   "effects: means", progress.consumed):
         with signals_deferred():
             for run in runs.values():
-                coef = dec.coefficients(rec, run.maps)
+                coef, common = dec.coefficients(rec, run.maps), _common(target, rec, run)
                 for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
-                    run.means.update(part, dec.second_order(coef, run.maps, part)
+                    run.means.update(part, dec.second_order(coef, run.maps, part, common)
                                      * scale[:, None, None])
                     run.first_means.update(part, dec.first_order(rec, run.maps, part)
                                            * scale[:, None, None])
@@ -235,10 +247,11 @@ def pass_top(target, files, runs: dict[int, LayerRun], cfg, direction,
                                                        done):
         with signals_deferred():
             for run in runs.values():
-                coef = dec.coefficients(rec, run.maps)
+                coef, common = dec.coefficients(rec, run.maps), _common(target, rec, run)
                 run.top.start_batch(len(used), len(run.maps.neurons))
                 for part in _chunks(len(run.maps.neurons), cfg.neuron_chunk):
-                    second = dec.second_order(coef, run.maps, part) * scale[:, None, None]
+                    second = dec.second_order(coef, run.maps, part, common) \
+                        * scale[:, None, None]
                     run.top.update(part, second - run.mean[part].to(second), offset)
                     first = dec.first_order(rec, run.maps, part) * scale[:, None, None]
                     centred = first - run.first_mean[part].to(first)
@@ -421,13 +434,14 @@ def _ablate(target, runs, cfg, result: EffectsResult, labelled) -> None:
         truth = torch.tensor([label_of[p] for p in used])
         emb = rec.embedding * scale[:, None]
         for layer, run in runs.items():
-            ablated = _ablated_embeddings(rec, run, emb, scale, cfg)
+            ablated = _ablated_embeddings(rec, run, emb, scale, cfg,
+                                          _common(target, rec, run))
             counters[layer].update(emb.cpu(), truth, {k: v.cpu() for k, v in ablated.items()})
     result.accuracy = {layer: {**c.accuracy(), "images": c.total, "classes": len(classes)}
                        for layer, c in counters.items()}
 
 
-def _ablated_embeddings(rec, run, emb, scale, cfg) -> dict[int, torch.Tensor]:
+def _ablated_embeddings(rec, run, emb, scale, cfg, common=None) -> dict[int, torch.Tensor]:
     """emb - sum over ablated neurons of (effect - mean), for each --ablate_keep N."""
     coef = dec.coefficients(rec, run.maps)
     n = len(run.maps.neurons)
@@ -435,7 +449,7 @@ def _ablated_embeddings(rec, run, emb, scale, cfg) -> dict[int, torch.Tensor]:
     norms, every = emb.new_zeros(len(emb), n), torch.zeros_like(emb)
 
     def centred(part):
-        second = dec.second_order(coef, run.maps, part) * scale[:, None, None]
+        second = dec.second_order(coef, run.maps, part, common) * scale[:, None, None]
         return second - run.mean[part].to(second)
 
     for part in parts:
@@ -467,7 +481,8 @@ def layer_runs(target, layers, neurons, cfg) -> dict[int, LayerRun]:
     """The image-independent maps of every layer, with empty trackers."""
     runs = {}
     for layer in layers:
-        maps = dec.effect_maps(target.module, layer, neurons.to(target.device), cfg.neuron_chunk)
+        maps = dec.effect_maps(target.module, layer, neurons.to(target.device), cfg.neuron_chunk,
+                               centre=cfg.shares != "official")
         runs[layer] = LayerRun(maps, MeanTracker(len(neurons), maps.first.shape[1]),
                                MeanTracker(len(neurons), maps.first.shape[1]))
         if not maps.blocks:
