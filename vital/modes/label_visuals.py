@@ -47,8 +47,10 @@ class DescribeCFG(LabelCFG):
                          "(inner mode; layers with positions only)")
     check: bool = opt(False, "with --visualise: the concept model labels each visualisation; "
                       "report top-1 / top-5 agreement with the neuron's label")
-    vis_steps: int = opt(96, "inner mode: optimisation steps per visualisation")
-    vis_size: int = opt(128, "inner mode: image size in px")
+    # 224 px / 240 steps / --vis_probe 8: the closed loop 9 of 20 (128 px, 96 steps: 6 of 20;
+    # references from the whole probe folder: 1 of 20), docs/inner.md
+    vis_steps: int = opt(240, "inner mode: optimisation steps per visualisation")
+    vis_size: int = opt(224, "inner mode: image size in px")
     vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
     vis_patch: int = opt(64, "inner mode: side of the reference patches in px")
     vis_images: int = opt(6, "top probe images beside each visualisation")
@@ -58,11 +60,13 @@ class DescribeCFG(LabelCFG):
     vis_batch_size: int = opt(4, "inner mode: neurons of a layer optimised together in one "
                               "batched optimisation (vital.modes.batch; the same images as one "
                               "at a time up to float rounding); 1 = one at a time", low=1)
-    vis_probe: int = opt(0, "0 = inner mode takes its references from the whole probe folder, "
+    vis_probe: int = opt(8, "0 = inner mode takes its references from the whole probe folder, "
                          "with the layer's patch scores computed once for every channel and "
                          "cached (vital.refs.patches.layer_scores: the same scores as inner "
                          "mode and the harness); N > 0 = only from the neuron's N most "
-                         "activating probe images (copied to visuals/probe_<layer>_<unit>/)")
+                         "activating probe images (copied to visuals/probe_<layer>_<unit>/): "
+                         "the same photos its label comes from (the closed loop 9 of 20 "
+                         "pictures instead of 1, docs/inner.md)")
 
 
 def _vis_checks(cfg: DescribeCFG):
