@@ -283,6 +283,19 @@ def _cfg(tmp_path, data, **kw):
     return InnerCFG(**base)
 
 
+def test_no_match_own_layer_matches_only_below(tmp_path):
+    """--no-match_own_layer (the official code's layers) leaves the unit's own layer out; a layer
+    listed in --layers above the unit is dropped with a warning either way."""
+    data = write_images(tmp_path / "data", 6)
+    run_dir, _ = run_inner(_cfg(tmp_path, data, match_own_layer=False, steps_multires=[1, 1],
+                                save_steps=0))
+    assert json.loads((run_dir / "config.json").read_text())["layers"] == ["stem", "stage1"]
+    with pytest.warns(UserWarning, match="not below"):
+        run_dir, _ = run_inner(_cfg(tmp_path, data, layer="stage1", layers=["stem", "stage2"],
+                                    steps_multires=[1, 1], save_steps=0, run_name="t2"))
+    assert json.loads((run_dir / "config.json").read_text())["layers"] == ["stem", "stage1"]
+
+
 @pytest.mark.parametrize("rule", ["lrp", "none"])
 def test_run_writes_the_run_folder(tmp_path, rule):
     data = write_images(tmp_path / "data", 6)
@@ -298,9 +311,10 @@ def test_run_writes_the_run_folder(tmp_path, rule):
             != read_png(run_dir / "final.png")).any()                # 3 more steps after it
     assert_png_shows(run_dir / "references.png")
     terms = json.loads((run_dir / "metrics.json").read_text())["steps"][0]["terms"]
-    assert "neuron:stage2:3" in terms and {"sort:stem", "sort:stage1"} <= set(terms)
+    assert "neuron:stage2:3" in terms and {"sort:stem", "sort:stage1", "sort:stage2"} <= set(terms)
     meta = json.loads((run_dir / "config.json").read_text())
-    assert meta["mode"] == "inner" and meta["layers"] == ["stem", "stage1"]
+    # the layers below the unit and (--match_own_layer, the default) the unit's own layer
+    assert meta["mode"] == "inner" and meta["layers"] == ["stem", "stage1", "stage2"]
     assert len(meta["references"]["sources"]) == 4 and meta["relevance"] == rule
     report = json.loads((run_dir / "neuron.json").read_text())
     assert len(report["visualisation"]) == 1 and len(report["references"]) == 4
@@ -354,7 +368,7 @@ def test_tiny_vit_end_to_end(tmp_path, tiny_clip_file, monkeypatch):
                prompts_file="")
     run_dir, result = run_inner(cfg)
     meta = json.loads((run_dir / "config.json").read_text())
-    assert result.steps_done == 4 and meta["layers"] == ["embed", "block.0"]
+    assert result.steps_done == 4 and meta["layers"] == ["embed", "block.0", "block.1.mlp"]
     terms = json.loads((run_dir / "metrics.json").read_text())["steps"][-1]["terms"]
     assert "neuron:block.1.mlp:5" in terms and "sort:block.0" in terms
     assert_png_shows(run_dir / "references.png")
@@ -398,8 +412,11 @@ def test_presets_parse(preset):
     from vital.optvis.relevance import RULES
     cfg = parse_cfg(InnerCFG, ["--json_cfg", str(ROOT / "vital" / "presets" / preset)])
     assert cfg.layer and cfg.data_dir == "references"
-    # the presets follow the measured inner defaults (docs/inner.md): own layer, no relevance
-    assert cfg.relevance in RULES and cfg.relevance == "none" and cfg.match_own_layer
+    assert cfg.relevance in RULES
+    if cfg.recipe == "paper":   # the official code: layers below the unit, its LRP rule
+        assert cfg.relevance == "lrp_paper" and not cfg.match_own_layer
+    else:   # the measured inner defaults (docs/inner.md): own layer, no relevance weighting
+        assert cfg.relevance == "none" and cfg.match_own_layer
 
 
 def test_auto_prompt_ranks_by_attribution(tmp_path, tiny_clip_file, tiny_cnn_target):
