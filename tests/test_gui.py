@@ -423,3 +423,24 @@ def test_closing_while_the_model_loads_waits_for_it_and_exits_cleanly(display, t
     assert proc.returncode == 0, proc.stderr[-2000:]          # was 134 (abort) before
     first, second = proc.stdout.splitlines()[:2]
     assert "loading" in first and second == "model loaded", proc.stdout   # closed, then waited
+
+
+def test_open_atlas_opens_the_site_page_or_says_why_not(make_app, tmp_path, monkeypatch):
+    """The window opens a finished atlas (atlas.py's site, or the newest one in out_atlas) in
+    the web browser; a folder without one gets a sentence."""
+    import webbrowser
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
+    app = make_app()
+    older, newer = tmp_path / "out_atlas" / "a", tmp_path / "out_atlas" / "b"
+    for site in (older, newer):
+        site.mkdir(parents=True)
+        (site / "atlas.json").write_text("{}")
+        (site / "index.html").write_text("<html></html>")
+        time.sleep(0.05)
+    assert app.open_atlas(str(older)) == str(older / "index.html")
+    assert app.open_atlas(str(tmp_path / "out_atlas")) == str(newer / "index.html")
+    assert opened == [(older / "index.html").as_uri(), (newer / "index.html").as_uri()]
+    assert app.open_atlas(str(tmp_path)) is None
+    assert "holds no atlas" in app.message.get() and len(opened) == 2
+    assert "atlas" in app.buttons

@@ -16,6 +16,7 @@ import queue
 import subprocess
 import sys
 import tkinter as tk
+import webbrowser
 from pathlib import Path
 from tkinter import filedialog, ttk
 
@@ -47,6 +48,19 @@ def open_in_file_manager(path: str) -> None:
     else:
         opener = "open" if sys.platform == "darwin" else "xdg-open"
         subprocess.Popen([opener, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def atlas_page(folder: Path) -> Path | None:
+    """``folder``'s atlas page: its index.html next to atlas.json, else the newest such page
+    one level down; None if there is none."""
+    def page(site: Path) -> Path | None:
+        index = site / "index.html"
+        return index if index.is_file() and (site / "atlas.json").is_file() else None
+
+    if page(folder):
+        return page(folder)
+    found = [p for p in (page(sub) for sub in sorted(folder.glob("*/")) if sub.is_dir()) if p]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 class VitalApp:
@@ -211,7 +225,8 @@ class VitalApp:
         self.buttons = {}
         for name, text, command in (("run", "Run", self.run), ("stop", "Stop", self.stop),
                                     ("save", "Save config", self.save_config),
-                                    ("open", "Open folder", self.open_folder)):
+                                    ("open", "Open folder", self.open_folder),
+                                    ("atlas", "Open atlas...", self.open_atlas)):
             self.buttons[name] = ttk.Button(row, text=text, command=command)
             self.buttons[name].pack(side="left", padx=(0, 4))
         self._set_running(False)
@@ -392,6 +407,25 @@ class VitalApp:
             open_in_file_manager(self.run_dir)
         except OSError as err:
             self._say(f"Could not open {self.run_dir}: {err.strerror or err}.")
+
+    def open_atlas(self, folder: str | None = None) -> str | None:
+        """Open the atlas (``atlas.py``) in ``folder`` (asked for when None) in the web browser:
+        its ``index.html``, or the newest atlas among its subfolders (an ``out_atlas`` folder);
+        returns the page opened, or None with a sentence in the window."""
+        if folder is None:
+            start = Path("out_atlas") if Path("out_atlas").is_dir() else Path.cwd()
+            folder = filedialog.askdirectory(title="Atlas folder (atlas.py's output)",
+                                             initialdir=str(start))
+            if not folder:
+                return None
+        page = atlas_page(Path(folder))
+        if page is None:
+            self._say(f"{folder} holds no atlas (an index.html next to atlas.json); build one "
+                      f"with atlas.py or pick its site folder.")
+            return None
+        webbrowser.open(page.resolve().as_uri())
+        self._say(f"Opened the atlas {page.parent}.")
+        return str(page)
 
     def close(self) -> None:
         """Closing stops a run first (what exists is saved) and lets a model that is loading
