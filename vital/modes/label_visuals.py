@@ -64,7 +64,7 @@ class DescribeCFG(LabelCFG):
                          "with the layer's patch scores computed once for every channel and "
                          "cached (vital.refs.patches.layer_scores: the same scores as inner "
                          "mode and the harness); N > 0 = only from the neuron's N most "
-                         "activating probe images (copied to visuals/probe_<layer>_<unit>/): "
+                         "activating probe images (linked in visuals/probe_<layer>_<unit>/): "
                          "the same photos its label comes from (the closed loop 9 of 20 "
                          "pictures instead of 1, docs/inner.md)")
 
@@ -102,7 +102,7 @@ def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
 
 
 def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str:
-    """A folder with copies of the neuron's ``cfg.vis_probe`` top probe images (rank first in
+    """A folder with links to (or copies of) the neuron's ``cfg.vis_probe`` top probe images (rank first in
     the name), or "" for the whole probe folder."""
     if not cfg.vis_probe:
         return ""
@@ -110,7 +110,12 @@ def _neuron_probe(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int) -> str
     folder.mkdir(parents=True, exist_ok=True)
     files, _ = top_probe_files(run, layer, unit, cfg.vis_probe)
     for rank, path in enumerate(files):
-        shutil.copyfile(path, folder / f"{rank:03d}_{path.name}")
+        dest = folder / f"{rank:03d}_{path.name}"
+        dest.unlink(missing_ok=True)
+        try:   # a link, not a copy: a layer of units would copy its probe photos many times
+            dest.symlink_to(Path(path).resolve())
+        except OSError:   # no symbolic links (e.g. Windows without the privilege)
+            shutil.copyfile(path, dest)
     return str(folder)
 
 
