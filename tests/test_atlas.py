@@ -41,8 +41,11 @@ def test_atlas_data_pages_and_pictures(tmp_path):
         assert len(acts) == 4 and acts == sorted(acts, reverse=True)
         assert sum(u["histogram"]["counts"]) == run.layers["stage2"].acts.values.shape[0]
         picture = u["picture"]
-        for key in ("image", "thumb"):
+        for key in ("image", "thumb", "references"):
             assert (site / picture[key]).is_file()
+        assert picture["image"].endswith(".jpg") and picture["references"].endswith(".jpg")
+        assert "png" not in picture   # the run's PNGs are dropped (size); --keep_png keeps them
+        assert not list((site / picture["image"]).parent.glob("*.png"))
         assert isinstance(picture["agrees_top5"], bool) and len(picture["picture_labels"]) == 5
         page = (site / "stage2" / f"{u['unit']}.html").read_text()
         assert u["label"] in page and picture["image"] in page
@@ -169,9 +172,9 @@ def test_launcher_renders_the_same_pictures_as_this_process(tmp_path, monkeypatc
     monkeypatch.setenv("VITAL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), str(repo / "tests"),
                                                       os.environ.get("PYTHONPATH", "")]))
-    local, _ = run_atlas(atlas_cfg(tmp_path, run_name="local"))
+    local, _ = run_atlas(atlas_cfg(tmp_path, run_name="local", keep_png=True))
     cfg = atlas_cfg(tmp_path, run_name="slurm", launcher="slurm", slurm_cluster="local",
-                    slurm_gpus=0, slurm_folder=str(tmp_path / "submitit"))
+                    slurm_gpus=0, slurm_folder=str(tmp_path / "submitit"), keep_png=True)
     launched, _ = run_atlas(cfg)
     jobs = sorted(p.name for p in (tmp_path / "submitit").iterdir() if p.name.isdigit())
     assert len(jobs) == 2   # units 0-3 in batches of 2: one array element each
@@ -179,7 +182,7 @@ def test_launcher_renders_the_same_pictures_as_this_process(tmp_path, monkeypatc
     b = json.loads((launched / "atlas.json").read_text())["layers"]["stage2"]["units"]
     for x, y in zip(a, b):
         assert x["picture"]["picture_labels"] == y["picture"]["picture_labels"]
-        pics = [np.asarray(Image.open(site / u["picture"]["image"]), dtype=float)
+        pics = [np.asarray(Image.open(site / u["picture"]["png"]), dtype=float)
                 for site, u in ((local, x), (launched, y))]
         assert np.abs(pics[0] - pics[1]).max() <= 2   # 8-bit PNGs of the same optimisation
     run_atlas(cfg)

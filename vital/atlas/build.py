@@ -61,6 +61,9 @@ class AtlasCFG(LaunchCFG, DescribeCFG):
     run_name: str = opt("", "site folder name (default from model and layers); the same name "
                         "resumes and updates that site")
     sheets: int = opt(0, "labels' contact sheets per layer (the atlas has its own pages)")
+    keep_png: bool = opt(False, "keep each unit's PNGs (final.png, final_alpha.png, "
+                         "references.png) beside the pages' JPEGs; off, a layer of 320 units "
+                         "takes ~25 MB instead of ~115 MB")
     effects: bool = opt(True, "for a CLIP ViT's block.N.mlp layers: what each unit writes into "
                         "the image embedding (neuron_effects.py, official protocol): the texts "
                         "of its second-order effect and the first PC's explained variance "
@@ -107,7 +110,7 @@ def _have_picture(folder: Path, digest: str) -> bool:
         record = json.loads((folder / PICTURE_FILE).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return record.get("settings_hash") == digest and (folder / "final.png").is_file()
+    return record.get("settings_hash") == digest and (folder / "picture.jpg").is_file()
 
 
 def _thumb(src: Path, dest: Path, size: int) -> None:
@@ -209,14 +212,33 @@ def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int,
             "histogram": _histogram(values), "picture": None}
 
 
-def _picture_record(site: Path, folder: Path, check: dict | None) -> dict:
+def _jpeg(src: Path, dest: Path, quality: int = 90) -> None:
+    """A full-size JPEG of a PNG for the pages (a layer of PNGs would not fit the size budget)."""
+    with Image.open(src) as img:
+        tmp = dest.with_suffix(".tmp.jpg")
+        img.convert("RGB").save(tmp, format="JPEG", quality=quality)
+        tmp.replace(dest)
+
+
+def _picture_record(site: Path, folder: Path, check: dict | None,
+                    keep_png: bool = False) -> dict:
+    """The pages' record of a unit's finished run folder: JPEG copies of the picture and its
+    references for the pages; the run's PNGs are removed unless ``keep_png`` (the size of a
+    whole layer's atlas; docs/atlas.md)."""
     rel = folder.relative_to(site)
     _thumb(folder / "final.png", folder / "thumb.jpg", _THUMB)
+    _jpeg(folder / "final.png", folder / "picture.jpg")
     neuron = json.loads((folder / "neuron.json").read_text())
-    record = {"image": (rel / "final.png").as_posix(), "thumb": (rel / "thumb.jpg").as_posix(),
+    record = {"image": (rel / "picture.jpg").as_posix(), "thumb": (rel / "thumb.jpg").as_posix(),
               "activation": float(sum(neuron["visualisation"]) / len(neuron["visualisation"]))}
     if (folder / "references.png").is_file():
-        record["references"] = (rel / "references.png").as_posix()
+        _jpeg(folder / "references.png", folder / "references.jpg", 85)
+        record["references"] = (rel / "references.jpg").as_posix()
+    if keep_png:
+        record["png"] = (rel / "final.png").as_posix()
+    else:
+        for name in ("final.png", "final_alpha.png", "references.png"):
+            (folder / name).unlink(missing_ok=True)
     if check is not None:
         record.update(check)
     return record
@@ -325,7 +347,7 @@ def _render_chunk(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: l
         if v["status"] != "finished":
             continue
         folder = site / "units" / f"{layer}_{v['unit']}"
-        record = _picture_record(site, folder, verdicts.get(v["unit"]))
+        record = _picture_record(site, folder, verdicts.get(v["unit"]), cfg.keep_png)
         write_json(folder / PICTURE_FILE, {"settings_hash": digest, "record": record})
         out[v["unit"]] = record
     return out
