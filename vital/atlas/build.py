@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from vital.cache import write_json
+from vital.imaging import to_pil
 from vital.config import ConfigError, opt, parse_units
 from vital.modes.label_visuals import DescribeCFG, check_agreement, render_units, \
     visualise_settings
@@ -34,6 +35,7 @@ from vital.models.target import channels_positions
 from vital.refs.images import load_image
 from vital.refs.patches import iter_images
 from vital.atlas import site as site_mod
+from vital.effects.decompose import clip_vit, parse_layer
 from vital.effects.run import EffectsCFG, run_effects
 from vital.eval import engine
 from vital.eval.launchers import LaunchCFG, Task, launch
@@ -113,29 +115,29 @@ def _have_picture(folder: Path, digest: str) -> bool:
     return record.get("settings_hash") == digest and (folder / "picture.jpg").is_file()
 
 
+def _write_jpeg(image: Image.Image, dest: Path, quality: int) -> None:
+    """``image`` as a JPEG at ``dest``, written whole (a temporary file, then a rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp.jpg")
+    image.convert("RGB").save(tmp, format="JPEG", quality=quality)
+    tmp.replace(dest)
+
+
 def _thumb(src: Path, dest: Path, size: int) -> None:
-    """A small JPEG (cards stay fast with hundreds of units); written once."""
+    """A small JPEG (cards stay fast with hundreds of units); written once (a re-rendered
+    unit's folder is replaced whole by ``render_units``)."""
     if dest.is_file():
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(src) as img:
-        img = img.convert("RGB")
         img.thumbnail((size, size))
-        tmp = dest.with_suffix(".tmp.jpg")
-        img.save(tmp, format="JPEG", quality=85)
-        tmp.replace(dest)
+        _write_jpeg(img, dest, 85)
 
 
 def _probe_thumb(src: Path, dest: Path, size: int) -> None:
     """A top probe image as the model saw it (the probe pass's square centre crop, so that a
     peak's box lands where the model looked), as a small JPEG; written once."""
-    if dest.is_file():
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (load_image(src, size) * 255).round().byte().permute(1, 2, 0).numpy()
-    tmp = dest.with_suffix(".tmp.jpg")
-    Image.fromarray(pixels).save(tmp, format="JPEG", quality=85)
-    tmp.replace(dest)
+    if not dest.is_file():
+        _write_jpeg(to_pil(load_image(src, size)), dest, 85)
 
 
 def _grid(n_positions: int, shape) -> tuple[int, int] | None:
@@ -167,9 +169,9 @@ def peak_boxes(run: LabelRun, layer: str, files: list[Path]) -> dict[Path, torch
             return out
         rows, cols = grid
         peak = maps.argmax(-1)                                                      # (B, C)
-        boxes = torch.stack([(peak % cols) / cols, (peak // cols) / rows,
-                             torch.full_like(peak, 1, dtype=torch.float) / cols,
-                             torch.full_like(peak, 1, dtype=torch.float) / rows], -1)
+        ones = torch.ones(peak.shape)
+        boxes = torch.stack([(peak % cols) / cols, (peak // cols) / rows, ones / cols,
+                             ones / rows], -1)
         out.update(zip(used, boxes))
     return out
 
@@ -190,11 +192,11 @@ def _selectivity(values: torch.Tensor, k: int) -> float:
 
 
 def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int,
-                 boxes: dict[Path, torch.Tensor]) -> dict:
+                 tops: tuple[list, list], boxes: dict[Path, torch.Tensor]) -> dict:
     res = run.layers[layer]
     sims = res.similarity[unit]
     best = sims.topk(min(_CANDIDATES, len(sims)))
-    files, acts = top_probe_files(run, layer, unit, k)
+    files, acts = tops
     top = []
     for path, act in zip(files, acts):
         index = run.probe.files.index(path)
@@ -212,14 +214,6 @@ def _unit_record(run: LabelRun, site: Path, layer: str, unit: int, k: int,
             "histogram": _histogram(values), "picture": None}
 
 
-def _jpeg(src: Path, dest: Path, quality: int = 90) -> None:
-    """A full-size JPEG of a PNG for the pages (a layer of PNGs would not fit the size budget)."""
-    with Image.open(src) as img:
-        tmp = dest.with_suffix(".tmp.jpg")
-        img.convert("RGB").save(tmp, format="JPEG", quality=quality)
-        tmp.replace(dest)
-
-
 def _picture_record(site: Path, folder: Path, check: dict | None,
                     keep_png: bool = False) -> dict:
     """The pages' record of a unit's finished run folder: JPEG copies of the picture and its
@@ -227,12 +221,14 @@ def _picture_record(site: Path, folder: Path, check: dict | None,
     whole layer's atlas; docs/atlas.md)."""
     rel = folder.relative_to(site)
     _thumb(folder / "final.png", folder / "thumb.jpg", _THUMB)
-    _jpeg(folder / "final.png", folder / "picture.jpg")
+    with Image.open(folder / "final.png") as img:   # the pages' copy (size: docs/atlas.md)
+        _write_jpeg(img, folder / "picture.jpg", 90)
     neuron = json.loads((folder / "neuron.json").read_text())
     record = {"image": (rel / "picture.jpg").as_posix(), "thumb": (rel / "thumb.jpg").as_posix(),
               "activation": float(sum(neuron["visualisation"]) / len(neuron["visualisation"]))}
     if (folder / "references.png").is_file():
-        _jpeg(folder / "references.png", folder / "references.jpg", 85)
+        with Image.open(folder / "references.png") as img:
+            _write_jpeg(img, folder / "references.jpg", 85)
         record["references"] = (rel / "references.jpg").as_posix()
     if keep_png:
         record["png"] = (rel / "final.png").as_posix()
@@ -277,9 +273,9 @@ def run_atlas(cfg: AtlasCFG, argv=None):
             "picture_settings": settings if cfg.pictures else None, "layers": {}}
     try:
         for layer, units in chosen.items():
-            tops = [f for u in units for f in top_probe_files(run, layer, u, cfg.top_images)[0]]
-            boxes = peak_boxes(run, layer, tops)
-            records = {u: _unit_record(run, site, layer, u, cfg.top_images, boxes)
+            tops = {u: top_probe_files(run, layer, u, cfg.top_images) for u in units}
+            boxes = peak_boxes(run, layer, [f for files, _ in tops.values() for f in files])
+            records = {u: _unit_record(run, site, layer, u, cfg.top_images, tops[u], boxes)
                        for u in units}
             data["layers"][layer] = {"units": [records[u] for u in units],
                                      "channels": int(run.layers[layer].similarity.shape[0])}
@@ -306,10 +302,10 @@ def _effects(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[i
     ViT's MLP layer (``block.N.mlp``, the post-GELU neurons both tools read), from one
     ``neuron_effects.py`` run over the probe folder into ``<site>/effects/<layer>/``; {} for
     other layers, with ``--no-effects``, or when the run was stopped."""
-    parts = layer.split(".")
-    if not cfg.effects or getattr(run.target, "kind", "") != "clip-vit" or len(parts) != 3 \
-            or parts[0] != "block" or parts[2] != "mlp" or not parts[1].isdigit():
+    if not cfg.effects or getattr(run.target, "kind", "") != "clip-vit" \
+            or not layer.endswith(".mlp"):
         return {}
+    block = parse_layer(layer, len(clip_vit(run.target).transformer.resblocks))
     folder = site / "effects"
     if (folder / layer).exists():
         shutil.rmtree(folder / layer)   # rebuilt with the labels (the same probe pass cost)
@@ -322,7 +318,6 @@ def _effects(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: list[i
     if result.stopped:
         run.stopped = result.stopped
         return {}
-    block = int(parts[1])
     words = result.words.get(block) or [None] * len(units)
     out = {}
     for summary, decomp in zip(result.summaries[block], words):

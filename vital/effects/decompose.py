@@ -168,6 +168,13 @@ def _std(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return (x.float().var(-1, unbiased=False) + module.eps).sqrt()
 
 
+def _keep_stats(store: dict, block: int, module: nn.LayerNorm, x: torch.Tensor) -> None:
+    """ln_1's input statistics per token: std (both conventions) and mean (official shares)."""
+    x = x.float()
+    store["means"][block] = x.mean(-1)
+    store["stds"][block] = (x.var(-1, unbiased=False) + module.eps).sqrt()
+
+
 @contextlib.contextmanager
 def _recording(visual, layers: list[int], first_block: int):
     """Hooks that fill a dict; removed on exit."""
@@ -185,9 +192,7 @@ def _recording(visual, layers: list[int], first_block: int):
             keep("acts", layer, lambda m, a, out: out.float())))
     for b in range(first_block, len(blocks)):
         handles.append(blocks[b].ln_1.register_forward_pre_hook(
-            keep("stds", b, lambda m, a, out: _std(m, a[0]))))
-        handles.append(blocks[b].ln_1.register_forward_pre_hook(
-            keep("means", b, lambda m, a, out: a[0].float().mean(-1))))
+            lambda m, a, b=b: _keep_stats(store, b, m, a[0])))
         handles.append(blocks[b].attn.probs.register_forward_hook(
             keep("rows", b, lambda m, a, out: out[:, :, 0, :].float())))
     handles.append(visual.ln_post.register_forward_pre_hook(
