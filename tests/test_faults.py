@@ -268,6 +268,9 @@ def test_json_null_size_and_json_problems(tmp_path, capsys):
                                                           ["--json_cfg", str(cfg)], capsys)
     assert "is a folder" in refused("class_neurons_fvis.py", ["--json_cfg", str(tmp_path)],
                                     capsys)
+    cfg.write_text('{"param": "wavelets"}')   # argparse's choices do not see a JSON file
+    assert "--param 'wavelets' is not valid: it must be one of" in refused(
+        "class_neurons_fvis.py", ["--json_cfg", str(cfg)], capsys)
     latin = tmp_path / "latin1.json"
     latin.write_bytes('{"target": "caf\u00e9"}'.encode("latin-1"))
     assert "not UTF-8" in refused("class_neurons_fvis.py", ["--json_cfg", str(latin)], capsys)

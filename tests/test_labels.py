@@ -440,6 +440,22 @@ def test_bad_input_gets_one_sentence(tmp_path, capsys, tiny_clip_file):
         run_labels(_cfg(tmp_path, tmp_path / "probe", similarity="nope"))
 
 
+def test_vis_settings_bad_input_gets_one_sentence(tmp_path, capsys):
+    args = ["--model", "module:tests.conftest:TinyCNN", "--layers", "stage2", "--visualise", "1",
+            "--vis_settings"]
+    assert "did you mean 'neuron_weight'" in _fails(tmp_path, capsys, *args, "nueron_weight=2")
+    assert "sets 'layer', which --layers sets" in _fails(tmp_path, capsys, *args, "layer=fc")
+    assert "--ref_kind 'crops' is not valid: it must be one of" in _fails(
+        tmp_path, capsys, *args, "ref_kind=crops")
+    assert "bad value for 'lr'" in _fails(tmp_path, capsys, *args, "lr=fast")
+    assert not (tmp_path / "out").exists()                    # refused before the labels
+    with pytest.raises(SystemExit) as stop:                     # argparse reads the type
+        main(DescribeCFG, run_describe, [*args, "neuron_weight"])
+    assert stop.value.code == 2 and "is not key=value" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is not key=value"):  # built in Python
+        run_describe(DescribeCFG(visualise=1, vis_settings="neuron_weight"))
+
+
 def test_visualise_refuses_a_vector_layer(tmp_path, capsys):
     err = _fails(tmp_path, capsys, "--model", "module:tests.conftest:TinyCNN", "--layers", "fc",
                  "--visualise", "1")
@@ -468,6 +484,25 @@ def test_visualise_and_check_on_a_tiny_cnn(tmp_path):
                                                                     row["label"])
     with Image.open(run_dir / "visualisations.png") as sheet:
         assert sheet.height > 2 * 96
+
+
+def test_vis_settings_reach_every_picture(tmp_path):
+    write_colour_images(tmp_path / "probe")
+    cfg = DescribeCFG(model="module:tests.conftest:TinyCNN", layers=["stage2"],
+                      probe_dir=str(tmp_path / "probe"), concept_model=COLOUR_JUDGE,
+                      out_dir=str(tmp_path / "out"), device="cpu", progress=False, sheets=1,
+                      visualise=2, vis_steps=2, vis_size=32, vis_num_ref=3, vis_patch=16,
+                      vis_images=2, vis_settings="neuron_weight=2.5,steps_multires=[1,2]")
+    run_dir, _ = run_describe(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["visualise_settings"]["neuron_weight"] == 2.5
+    for v in summary["visualised"]:
+        used = json.loads((run_dir / v["run_dir"] / "config.json").read_text())
+        used = used.get("cfg", used)
+        assert used["neuron_weight"] == 2.5
+        assert used["steps_multires"] == [1, 2] and used["steps"] == 0   # stages, not --vis_steps
+        metrics = json.loads((run_dir / v["run_dir"] / "metrics.json").read_text())
+        assert metrics["steps_done"] == 3
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -25,7 +25,8 @@ import torch
 from vital.cache import write_json
 
 __all__ = ["opt", "parse_cfg", "packaged", "check_cfg", "recipe_values", "with_recipe", "cfg_to_dict", "dump_cfg", "load_json_cfg", "make_run_dir",
-           "set_determinism", "resolve_device", "run_metadata", "ConfigError"]
+           "set_determinism", "resolve_device", "run_metadata", "ConfigError", "Overrides",
+           "check_overrides"]
 
 # Keys that steer parsing itself; they are accepted on the command line but never stored.
 _META_KEYS = ("json_cfg", "dump_cfg")
@@ -167,6 +168,65 @@ def coerce(cfg_cls, values: dict) -> dict:
     return out
 
 
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside brackets and quotes: "a=[1,2],b=x" -> ["a=[1,2]", "b=x"]."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+class Overrides:
+    """Settings of a CFG as a field type: a JSON object, or ``key=value,key=value`` on the
+    command line (values are read as JSON when they parse, else as text); checked against a
+    CFG's fields with ``check_overrides``."""
+
+    def __new__(cls, value) -> dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if not isinstance(value, str):
+            raise argparse.ArgumentTypeError(f"settings must be an object or key=value text, "
+                                             f"got {value!r}")
+        out = {}
+        for item in filter(None, (s.strip() for s in _split_top(str(value)))):
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"settings item {item!r} is not key=value")
+            try:
+                out[key.strip()] = json.loads(text)
+            except json.JSONDecodeError:
+                out[key.strip()] = text
+        return out
+
+
+def check_overrides(cfg_cls, overrides: dict, what: str, fixed: dict[str, str] | None = None) -> dict:
+    """``overrides`` (an ``Overrides`` dict) checked against ``cfg_cls``'s fields and coerced to
+    their types: an unknown key names the valid ones, a key in ``fixed`` (key -> who sets it)
+    says who sets it instead."""
+    fixed = fixed or {}
+    valid = [f.name for f in dataclasses.fields(cfg_cls) if f.name not in fixed]
+    unknown = [k for k in overrides if k not in valid and k not in fixed]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise ConfigError(f"unknown setting(s) {said} in {what}; valid {cfg_cls.__name__} keys: "
+                          f"{', '.join(valid)}")
+    taken = [k for k in overrides if k in fixed]
+    if taken:
+        raise ConfigError(f"{what} sets {taken[0]!r}, which {fixed[taken[0]]} sets; drop it there")
+    return coerce(cfg_cls, overrides)
+
+
 def recipe_values(cfg_cls, name: str | None = None) -> dict:
     """The settings of a recipe (a named set of defaults, ``cfg_cls.RECIPES[name]``; ``None`` =
     the class's default ``recipe`` field). Precedence: defaults < recipe < --json_cfg <
@@ -271,6 +331,9 @@ def check_cfg(cfg) -> None:
             if base in (int, float) and not numeric or base is int and isinstance(item, float):
                 raise ConfigError(f"--{field.name} must be {base.__name__}, got {item!r}")
             problem = _range_problem(item, meta) if numeric else None
+            choices = meta.get("choices")
+            if choices is not None and item not in choices:   # argparse checks the command line only
+                problem = f"one of {', '.join(map(str, choices))}"
             if problem:
                 help_text = meta.get("help", "")
                 raise ConfigError(f"--{field.name} {item!r} is not valid: it must be {problem}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vital import config
 from vital.modes.class_mode import ClassCFG
-from vital.config import ConfigError, opt
+from vital.config import ConfigError, Overrides, opt  # noqa: F401 (Overrides re-exported)
 from vital.eval import engine
 from vital.eval.launchers import LaunchCFG
 from vital.eval.engine import RESULT_FILE, flat_diff, settings_hash  # noqa: F401 (re-exported)
@@ -78,46 +78,6 @@ class MethodSpec:
                     "overrides": None if overrides is None else dict(overrides),
                     "base": str(value.get("base") or "")}
         return {"name": str(value).strip(), "overrides": None, "base": ""}
-
-
-def _split_top(text: str) -> list[str]:
-    """Split at commas outside brackets and quotes: "a=[1,2],b=x" -> ["a=[1,2]", "b=x"]."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(text):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    return parts + [text[start:]]
-
-
-class Overrides:
-    """ClassCFG settings for every run: a JSON object, or ``key=value,key=value`` on the
-    command line (values are read as JSON when they parse, else as text)."""
-
-    def __new__(cls, value) -> dict:
-        if isinstance(value, dict):
-            return dict(value)
-        if not isinstance(value, str):
-            raise argparse.ArgumentTypeError(f"settings must be an object or key=value text, "
-                                             f"got {value!r}")
-        out = {}
-        for item in filter(None, (s.strip() for s in _split_top(str(value)))):
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise argparse.ArgumentTypeError(f"settings item {item!r} is not key=value")
-            try:
-                out[key.strip()] = json.loads(text)
-            except json.JSONDecodeError:
-                out[key.strip()] = text
-        return out
 
 
 def parsed(kind, value):

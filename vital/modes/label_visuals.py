@@ -15,6 +15,7 @@ labels themselves are on the floor below.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import shutil
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vital.config import ConfigError, opt, set_determinism
+from vital.config import ConfigError, Overrides, check_cfg, check_overrides, opt, \
+    set_determinism
 from vital.imaging import grid, save_png, to_pil
 from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, titled, \
     top_image_tiles, top_probe_files, write_summary
@@ -67,6 +69,12 @@ class DescribeCFG(LabelCFG):
                          "activating probe images (linked in visuals/probe_<layer>_<unit>/): "
                          "the same photos its label comes from (the closed loop 9 of 20 "
                          "pictures instead of 1, docs/inner.md)")
+    vis_settings: Overrides = opt({}, "further inner-mode settings of every visualisation, "
+                                  "applied over the --vis_* ones: key=value,key=value or a "
+                                  "JSON object of InnerCFG keys (e.g. "
+                                  "'neuron_weight=2,ref_kind=patches'; steps_multires "
+                                  "replaces --vis_steps; "
+                                  "inner_neurons_fvis.py --help lists them)")
 
 
 def _vis_checks(cfg: DescribeCFG):
@@ -77,6 +85,11 @@ def _vis_checks(cfg: DescribeCFG):
                           "--vis_num_ref, --vis_images, --vis_batch_size >= 1")
     if cfg.check and not cfg.visualise:
         raise ConfigError("--check labels the visualisations; give --visualise N (N >= 1) too")
+    values = _vis_overrides(cfg)   # a bad --vis_settings fails here, before the labels
+    try:
+        check_cfg(dataclasses.replace(InnerCFG(), **values))
+    except ConfigError as err:
+        raise ConfigError(f"--vis_settings: {err}") from None
 
     def checks(target, specs):
         if not cfg.visualise:
@@ -90,8 +103,39 @@ def _vis_checks(cfg: DescribeCFG):
     return checks
 
 
+# InnerCFG keys that describe sets for each picture, and who sets them instead
+_PER_PICTURE = {"model": "--model", "device": "--device", "layer": "--layers",
+                "neuron": "the labelled unit", "neurons": "the labelled units",
+                "auto": "the labelled units", "direction": "the labelled unit",
+                "data_dir": "--probe_dir / --vis_probe", "out_dir": "the run folder",
+                "run_name": "the run folder", "num_ref": "--vis_num_ref",
+                "patch_size": "--vis_patch", "size": "--vis_size", "steps": "--vis_steps",
+                "seed": "--seed", "cache": "--cache",
+                "progress": "--progress", "batch_size": "--vis_batch_size",
+                "neuron_cap": "--vis_neuron_cap", "json_cfg": "--json_cfg",
+                "dump_cfg": "--dump_cfg"}
+
+
+def _vis_overrides(cfg: DescribeCFG) -> dict:
+    """--vis_settings checked against InnerCFG and coerced to its types."""
+    try:
+        values = Overrides(cfg.vis_settings)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(f"--vis_settings: {err}") from None
+    return check_overrides(InnerCFG, values, "--vis_settings", _PER_PICTURE)
+
+
 def _inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
                data_dir: str = "", out_dir: str = "") -> InnerCFG:
+    values = _vis_overrides(cfg)
+    if "steps_multires" in values:   # stages instead of --vis_steps at full size
+        values["steps"] = 0
+    return dataclasses.replace(_base_inner_cfg(cfg, run, layer, unit, data_dir, out_dir),
+                               **values)
+
+
+def _base_inner_cfg(cfg: DescribeCFG, run: LabelRun, layer: str, unit: int,
+                    data_dir: str = "", out_dir: str = "") -> InnerCFG:
     return InnerCFG(model=cfg.model, device=cfg.device, layer=layer, neuron=unit,
                     data_dir=data_dir or cfg.probe_dir, num_ref=cfg.vis_num_ref,
                     patch_size=cfg.vis_patch, size=cfg.vis_size, steps=cfg.vis_steps,
