@@ -22,7 +22,8 @@ from vital.cli import main
 from vital.config import ConfigError
 from vital.labels import similarity as S
 from vital.labels.vocabulary import concept_model, words20k
-from vital.labels.describe import LabelCFG, run_labels
+from vital.labels.describe import LabelCFG, run_labels, top_probe_files
+from vital.refs.images import load_image
 from vital.modes.label_visuals import DescribeCFG, run_describe
 from vital.models import load_target
 
@@ -482,6 +483,16 @@ def test_visualise_and_check_on_a_tiny_cnn(tmp_path):
     for row in check["per_neuron"]:
         assert len(row["picture_labels"]) == 5 and row["top1"] == (row["picture_labels"][0] ==
                                                                     row["label"])
+        # the references' share, slowly: the top probe files loaded and scored one by one
+        files, _ = top_probe_files(run, "stage2", row["unit"], check["references"])
+        hits = []
+        for f in files:
+            scores = run.concept.scores(load_image(f, run.concept.target.input_size)[None])[0]
+            hits.append(run.concept.concepts.index(row["label"]) in scores.topk(5).indices)
+        assert check["references"] == 8 and len(files) == 8
+        assert row["references_top5"] == pytest.approx(sum(hits) / len(hits))
+    assert check["references_top5"] == pytest.approx(
+        sum(r["references_top5"] for r in check["per_neuron"]) / 2)
     with Image.open(run_dir / "visualisations.png") as sheet:
         assert sheet.height > 2 * 96
 

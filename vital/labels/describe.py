@@ -42,8 +42,8 @@ from vital.models import load_target
 from vital.refs.images import load_image
 
 __all__ = ["LabelCFG", "LabelRun", "LayerLabels", "run_labels", "titled", "stack_rows",
-           "top_image_tiles", "top_probe_files", "write_summary", "NEXT_LABELS", "AUTO_SCORES",
-           "EXPLAIN", "resolve_scores"]
+           "top_image_tiles", "top_probe_files", "top_probe_rows", "write_summary", "NEXT_LABELS",
+           "AUTO_SCORES", "EXPLAIN", "resolve_scores"]
 
 NEXT_LABELS = 4        # labels after the best one in descriptions.csv
 _TILE = 96             # px of a probe image in a contact sheet
@@ -151,6 +151,7 @@ class LabelRun:
     summary: dict
     stopped: str | None = None
     extra: dict = field(default_factory=dict)
+    P: torch.Tensor | None = None       # the concept model's scores of the probe images (rows: used)
 
 
 # ---------------------------------------------------------------- checks
@@ -265,7 +266,7 @@ def run_labels(cfg: LabelCFG, argv=None, checks=None) -> tuple[Path, LabelRun]:
                                         time.perf_counter() - t0)
     stopped = _explain(cfg, cm, P, used, layers) if cfg.explain == "linear" else None
     run_dir = make_run_dir(cfg.out_dir, cfg.run_name or _run_name(cfg, target))
-    run = LabelRun(run_dir, target, cm, probe, used, layers, {}, stopped)
+    run = LabelRun(run_dir, target, cm, probe, used, layers, {}, stopped, P=P)
     write_json(run_dir / "config.json", run_metadata(cfg, argv, mode="labels",
                                                      model_spec=str(target.spec),
                                                      weight_hash=target.weight_hash))
@@ -394,10 +395,16 @@ def stack_rows(rows: list[Image.Image]) -> Image.Image:
     return out
 
 
+def top_probe_rows(run: LabelRun, layer: str, unit: int, k: int):
+    """The rows (of P and of the aligned activations) of the neuron's ``k`` most activating
+    probe images, best first, and their activations (``torch.topk``)."""
+    values = _aligned(run.layers[layer].acts, run.used)[:, unit]
+    return values.topk(min(k, len(values)))
+
+
 def top_probe_files(run: LabelRun, layer: str, unit: int, k: int) -> tuple[list[Path], list]:
     """The neuron's ``k`` most activating probe files, best first, and their activations."""
-    values = _aligned(run.layers[layer].acts, run.used)[:, unit]
-    top = values.topk(min(k, len(values)))
+    top = top_probe_rows(run, layer, unit, k)
     return [run.probe.files[int(run.used[i])] for i in top.indices], top.values.tolist()
 
 

@@ -29,7 +29,7 @@ from vital.config import ConfigError, Overrides, check_cfg, check_overrides, opt
     set_determinism
 from vital.imaging import grid, save_png, to_pil
 from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, titled, \
-    top_image_tiles, top_probe_files, write_summary
+    top_image_tiles, top_probe_files, top_probe_rows, write_summary
 from vital.modes.batch import run_in_batches
 from vital.optvis.render import ends_the_loop
 from vital.modes.inner import InnerCFG, layer_patch_scores, plan_neuron, resolve_target, \
@@ -244,12 +244,19 @@ def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
 
 
 @torch.no_grad()
-def check_agreement(run: LabelRun, visuals: list[dict]) -> dict:
-    """The concept model's best concepts for each visualisation vs. the neuron's label."""
+def check_agreement(run: LabelRun, visuals: list[dict], references: int = 8) -> dict:
+    """The concept model's best concepts for each visualisation vs. the neuron's label; beside
+    it the same test on the neuron's ``references`` most activating probe photos (the share
+    whose five best concepts hold the label: what a picture faithful to them can reach)."""
     cm = run.concept
     size = cm.target.input_size
     rows = []
     for v in visuals:
+        ref_share = None
+        if run.P is not None:
+            top = top_probe_rows(run, v["layer"], v["unit"], references).indices
+            best = run.P[top].topk(min(_CHECK_TOP, run.P.shape[1]), dim=1).indices
+            ref_share = float((best == v["label_index"]).any(dim=1).float().mean())
         image = v["image"][:1]
         if image.shape[-1] != size:   # probe images are loaded at the concept model's size too
             image = F.interpolate(image, size=(size, size), mode="bilinear",
@@ -259,10 +266,14 @@ def check_agreement(run: LabelRun, visuals: list[dict]) -> dict:
         v["picture_label"] = cm.concepts[top[0]]
         rows.append({"layer": v["layer"], "unit": v["unit"], "label": v["label"],
                      "picture_labels": [cm.concepts[i] for i in top],
-                     "top1": top[0] == v["label_index"], "top5": v["label_index"] in top})
+                     "top1": top[0] == v["label_index"], "top5": v["label_index"] in top,
+                     "references_top5": ref_share})
     n = len(rows)
+    shares = [r["references_top5"] for r in rows if r["references_top5"] is not None]
     return {"neurons": n, "top1": sum(r["top1"] for r in rows),
-            "top5": sum(r["top5"] for r in rows), "per_neuron": rows}
+            "top5": sum(r["top5"] for r in rows), "references": references,
+            "references_top5": sum(shares) / len(shares) if shares else None,
+            "per_neuron": rows}
 
 
 def _visual_row(run: LabelRun, v: dict, k: int) -> object:
@@ -285,10 +296,12 @@ def run_describe(cfg: DescribeCFG, argv=None):
              "visualise_settings": dataclasses.asdict(_inner_cfg(cfg, run, "<layer>", 0))}
     finished = [v for v in visuals if v["status"] == "finished"]
     if cfg.check and finished:   # a picture cut short by Ctrl-C / SIGTERM is not judged
-        extra["check"] = check_agreement(run, finished)
+        extra["check"] = check_agreement(run, finished, cfg.vis_probe or cfg.vis_num_ref)
         c = extra["check"]
         print(f"check: the concept model gives {c['top1']}/{c['neurons']} visualisations the "
-              f"neuron's label (top-1), {c['top5']}/{c['neurons']} within its top-5")
+              f"neuron's label (top-1), {c['top5']}/{c['neurons']} within its top-5; "
+              f"{c['references_top5']:.0%} of their {c['references']} top probe photos "
+              f"hold the label within their top-5")
     if visuals:
         save_png(stack_rows([_visual_row(run, v, cfg.vis_images) for v in visuals]),
                  run_dir / "visualisations.png")
