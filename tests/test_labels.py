@@ -491,8 +491,15 @@ def test_visualise_and_check_on_a_tiny_cnn(tmp_path):
             hits.append(run.concept.concepts.index(row["label"]) in scores.topk(5).indices)
         assert check["references"] == 8 and len(files) == 8
         assert row["references_top5"] == pytest.approx(sum(hits) / len(hits))
+        mean = torch.cat([run.concept.scores(load_image(f, run.concept.target.input_size)[None])
+                          for f in files]).mean(0)
+        ref_best = [run.concept.concepts[i] for i in mean.topk(5).indices]
+        assert row["references_labels"] == ref_best
+        assert row["picture_in_references"] == (row["picture_labels"][0] in ref_best)
     assert check["references_top5"] == pytest.approx(
         sum(r["references_top5"] for r in check["per_neuron"]) / 2)
+    assert check["picture_in_references"] == sum(r["picture_in_references"]
+                                                 for r in check["per_neuron"])
     with Image.open(run_dir / "visualisations.png") as sheet:
         assert sheet.height > 2 * 96
 

@@ -247,32 +247,39 @@ def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
 def check_agreement(run: LabelRun, visuals: list[dict], references: int = 8) -> dict:
     """The concept model's best concepts for each visualisation vs. the neuron's label; beside
     it the same test on the neuron's ``references`` most activating probe photos (the share
-    whose five best concepts hold the label: what a picture faithful to them can reach)."""
+    whose five best concepts hold the label: what a picture faithful to them can reach), and
+    whether the picture's best concept is among the references' five best (their mean scores):
+    the picture against its photos, whatever the label."""
     cm = run.concept
     size = cm.target.input_size
     rows = []
+    k = min(_CHECK_TOP, len(cm.concepts))
     for v in visuals:
-        ref_share = None
+        ref_share, ref_best = None, []
         if run.P is not None:
             top = top_probe_rows(run, v["layer"], v["unit"], references).indices
-            best = run.P[top].topk(min(_CHECK_TOP, run.P.shape[1]), dim=1).indices
+            best = run.P[top].topk(k, dim=1).indices
             ref_share = float((best == v["label_index"]).any(dim=1).float().mean())
+            ref_best = run.P[top].mean(0).topk(k).indices.tolist()
         image = v["image"][:1]
         if image.shape[-1] != size:   # probe images are loaded at the concept model's size too
             image = F.interpolate(image, size=(size, size), mode="bilinear",
                                   align_corners=False, antialias=True)
         scores = cm.scores(image)[0]
-        top = scores.topk(min(_CHECK_TOP, len(scores))).indices.tolist()
+        top = scores.topk(k).indices.tolist()
         v["picture_label"] = cm.concepts[top[0]]
         rows.append({"layer": v["layer"], "unit": v["unit"], "label": v["label"],
                      "picture_labels": [cm.concepts[i] for i in top],
                      "top1": top[0] == v["label_index"], "top5": v["label_index"] in top,
-                     "references_top5": ref_share})
+                     "references_top5": ref_share,
+                     "references_labels": [cm.concepts[i] for i in ref_best],
+                     "picture_in_references": bool(ref_best) and top[0] in ref_best})
     n = len(rows)
     shares = [r["references_top5"] for r in rows if r["references_top5"] is not None]
     return {"neurons": n, "top1": sum(r["top1"] for r in rows),
             "top5": sum(r["top5"] for r in rows), "references": references,
             "references_top5": sum(shares) / len(shares) if shares else None,
+            "picture_in_references": sum(r["picture_in_references"] for r in rows),
             "per_neuron": rows}
 
 
@@ -301,7 +308,8 @@ def run_describe(cfg: DescribeCFG, argv=None):
         print(f"check: the concept model gives {c['top1']}/{c['neurons']} visualisations the "
               f"neuron's label (top-1), {c['top5']}/{c['neurons']} within its top-5; "
               f"{c['references_top5']:.0%} of their {c['references']} top probe photos "
-              f"hold the label within their top-5")
+              f"hold the label within their top-5; the picture's best concept is among its "
+              f"photos' five best for {c['picture_in_references']}/{c['neurons']}")
     if visuals:
         save_png(stack_rows([_visual_row(run, v, cfg.vis_images) for v in visuals]),
                  run_dir / "visualisations.png")
