@@ -13,7 +13,9 @@ the rest <= 10 % of a step.
 
 Variants, measured in alternation within every repeat (A/B on a shared machine): ``--precision``
 (fp32, bf16: the model's forward under bfloat16 autocast, its bare forward + backward too) and
-``--sort`` (``new``: ``rank_residual``, rows ranked in parallel threads; ``previous``: the
+``--sort`` (``new``: ``rank_residual``, rows ranked in parallel threads; ``q16``: the same on
+16-bit quantised keys, ``--sort_keys q16``; ``put``: ``new`` with the scatter before 2026-12-04;
+``previous``: the
 implementation before it, one thread, gather / scatter in torch; ``positions:N``: ``new`` on N
 random positions per layer and step, ``--sort_positions N``). ``sort ms`` is sort matching
 alone (forward + backward) on the hooked features' shapes.
@@ -39,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -72,10 +75,10 @@ def timed_references(cfg, target, layers, weights, size) -> tuple:
     return obj, time.perf_counter() - start, info[size]["cache_hit"]
 
 
-def build(spec: str, ref_dir: Path, steps: int, sort_positions: int = 0):
+def build(spec: str, ref_dir: Path, steps: int, **overrides):
     """(cfg, target, objective, layers, size, cache figures) for one model."""
     cfg = ClassCFG(model=spec, target="espresso", ref_dir=str(ref_dir), num_ref=12, steps=steps,
-                   save_steps=0, progress=False, device="cpu", sort_positions=sort_positions)
+                   save_steps=0, progress=False, device="cpu", **overrides)
     target = load_target(spec)
     size = pipeline.image_size(cfg, target)
     layers, weights = pipeline.resolve_layers(cfg, target)
@@ -110,12 +113,35 @@ def previous_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.T
     return PreviousSortMatching.apply(x, ref)
 
 
+def put_rank_residual_rows(values, ref, out, keys="exact"):
+    """``losses._rank_residual_rows`` before 2026-12-04: the reference values scattered with
+    ``np.put_along_axis`` on the strided index (the A/B reference of the flat scatter)."""
+    np.put_along_axis(out, losses._packed_order(values), ref, axis=-1)
+    np.subtract(values, out, out=out)
+
+
+def variant_overrides(name: str) -> dict:
+    """ClassCFG settings of a ``--sort`` variant."""
+    if name.startswith("positions:"):
+        return {"sort_positions": int(name.split(":")[1])}
+    return {"sort_keys": "q16"} if name == "q16" else {}
+
+
 @contextlib.contextmanager
 def sort_variant(name: str):
-    """``new`` as the library has it, or ``previous`` swapped in for the duration (the
-    objectives look ``sort_matching`` up in vital.optvis.losses at every call)."""
-    if name == "new" or name.startswith("positions:"):
+    """``new`` as the library has it, ``put`` (the scatter before) or ``previous`` swapped in
+    for the duration (the objectives look ``sort_matching`` up in vital.optvis.losses at every
+    call)."""
+    if name in ("new", "q16") or name.startswith("positions:"):
         yield
+        return
+    if name == "put":
+        kept_rows = losses._rank_residual_rows
+        losses._rank_residual_rows = put_rank_residual_rows
+        try:
+            yield
+        finally:
+            losses._rank_residual_rows = kept_rows
         return
     kept = losses.sort_matching, losses.PARALLEL_MIN_VALUES
     losses.sort_matching, losses.PARALLEL_MIN_VALUES = previous_sort_matching, 2 ** 62
@@ -150,7 +176,8 @@ def bare_step_seconds(target, size: int, steps: int, precision: str = "fp32"
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
-def sort_seconds(target, layers, size: int, steps: int) -> tuple[float, float]:
+def sort_seconds(target, layers, size: int, steps: int, keys: str = "exact"
+                 ) -> tuple[float, float]:
     """(wall, CPU) seconds of sort matching alone (forward + backward) on every hooked layer's
     features at ``size``, against random quantiles."""
     from vital.models import channels_positions
@@ -163,7 +190,7 @@ def sort_seconds(target, layers, size: int, steps: int) -> tuple[float, float]:
     for _ in range(steps):
         for x, ref in zip(xs, refs):
             x.requires_grad_(True).grad = None
-            losses.sort_matching(x, ref).backward()
+            losses.sort_matching(x, ref, keys).backward()
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
@@ -171,8 +198,8 @@ def measure(name: str, spec: str, ref_dir: Path, args) -> list[dict]:
     """One row per (precision, sort) variant; the variants alternate within every repeat."""
     cfg, target, objective, layers, size, cache = build(spec, ref_dir, args.steps)
     variants = [(p, v) for p in args.precision for v in args.sort]
-    objectives = {v: build(spec, ref_dir, args.steps, int(v.split(":")[1]))[2]
-                  if v.startswith("positions:") else objective for v in args.sort}
+    objectives = {v: build(spec, ref_dir, args.steps, **variant_overrides(v))[2]
+                  if variant_overrides(v) else objective for v in args.sort}
     for precision, variant in variants:                      # warm-up
         with sort_variant(variant):
             render_step_seconds(cfg, target, objectives[variant], layers, size, WARMUP_STEPS,
@@ -185,7 +212,8 @@ def measure(name: str, spec: str, ref_dir: Path, args) -> list[dict]:
             with sort_variant(variant):
                 renders.append(render_step_seconds(cfg, target, objectives[variant], layers,
                                                    size, args.steps, precision))
-                sorts.append(sort_seconds(target, layers, size, args.steps))
+                sorts.append(sort_seconds(target, layers, size, args.steps,
+                                          "q16" if variant == "q16" else "exact"))
             bares.append(bare_step_seconds(target, size, args.steps, precision))
     rows = []
     for (precision, variant), (renders, bares, sorts) in timed.items():
@@ -232,9 +260,11 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="the model's forward precision(s), alternated")
     p.add_argument("--sort", nargs="+", default=["new"],
-                   help="sort matching variant(s), alternated: new, previous, or positions:N "
-                        "(new, matching each layer on N random positions per step, "
-                        "--sort_positions N; 'sort ms' is still the full sort)")
+                   help="sort matching variant(s), alternated: new, q16 (--sort_keys q16), "
+                        "put (new with the np.put_along_axis scatter before 2026-12-04), "
+                        "previous, or positions:N (new, matching each layer on N random "
+                        "positions per step, --sort_positions N; 'sort ms' is still the full "
+                        "sort)")
     return p.parse_args(argv)
 
 

@@ -307,6 +307,42 @@ def test_threaded_rank_residual_equals_the_previous_sort_matching(threads, monke
     torch.testing.assert_close(L.rank_residual(x, ref), x - where, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_q16_keys_rank_the_quantised_values_and_fall_back_when_they_cannot(threads,
+                                                                           monkeypatch):
+    """``keys="q16"`` equals a stable sort of each row's values quantised by hand to 16 bits
+    of the row's range (slow reference); rows with NaN, longer rows than 16 bits of positions
+    and non-float32 input rank exactly; the loss is within the quantisation of the exact one."""
+    monkeypatch.setattr(L, "PARALLEL_MIN_VALUES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = _gen(22)
+    x = torch.randn(2, 5, 3000, generator=g).clamp_min(0) * torch.rand(1, 5, 1, generator=g)
+    x[0, 1] = 7.0                                                    # a constant row
+    x[1, 2, :10] = torch.tensor([1.0, 1.0 + 1e-7, 1.0 - 1e-7] + [0.5] * 7)   # near-ties
+    ref = torch.randn(5, 3000, generator=g).sort(-1).values
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)      # float32 as the fast path
+    span = (hi - lo).clamp_min(1e-30)
+    q = ((x - lo) * (torch.full_like(span, 65535.0) / span)).floor().clamp(max=65535)
+    order = q.sort(dim=-1, stable=True).indices
+    where = torch.empty_like(x).scatter_(-1, order, ref.expand_as(x))
+    torch.testing.assert_close(L.rank_residual(x, ref, "q16"), x - where, rtol=0, atol=0)
+    exact = L.sort_matching(x, ref)
+    assert L.sort_matching(x, ref, "q16") == pytest.approx(exact.item(), rel=1e-3)
+    nan = x.clone()
+    nan[0, 0, 5] = float("nan")
+    got, want = L.rank_residual(nan, ref, "q16"), L.rank_residual(nan, ref)
+    torch.testing.assert_close(got[0, 0], want[0, 0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[0, 1:], (x - where)[0, 1:], rtol=0, atol=0)   # the others
+    long_x = torch.randn(1, 2, 70000, generator=g)
+    long_ref = torch.randn(2, 70000, generator=g).sort(-1).values
+    torch.testing.assert_close(L.rank_residual(long_x, long_ref, "q16"),
+                               L.rank_residual(long_x, long_ref), rtol=0, atol=0)
+    torch.testing.assert_close(L.rank_residual(x.double(), ref.double(), "q16"),
+                               L.rank_residual(x.double(), ref.double()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sort keys must be one of"):
+        L.rank_residual(x, ref, "q8")
+
+
 def test_sort_matching_on_random_positions_is_an_option():
     """``positions`` matches a random subset per step against the resampled quantiles; 0 or a
     subset as large as the map is the full loss."""

@@ -71,6 +71,11 @@ class RenderCFG(RecipeDefaults):
                               "this many per step (0 = all; plain sort matching, not with "
                               "--relevance): faster, noisier; its effect on "
                               "quality is not measured yet", low=0)
+    sort_keys: str = opt("exact", "how sort matching ranks the synthetic features on CPU: "
+                         "exact (float32) or q16 (each channel's values quantised to 16 bits "
+                         "of its range: a ~3x faster sort; values closer than 1/65535 of the "
+                         "range may swap ranks; GPUs rank exactly); docs/budget.md",
+                         choices=["exact", "q16"])
     tv_weight: float = opt(0.05, "total-variation prior weight", low=0)
     l2_weight: float = opt(0.0, "L2 prior weight (pulls pixels toward grey)", low=0)
     jitter: int = opt(8, "max roll jitter in px per step", low=0)
@@ -218,7 +223,8 @@ def reference_objective(cfg: RenderCFG, target, layers, weights, files, sizes, n
     refs = {s: by_px[px] for s, px in ref_px.items()}
     obj = staged_sort_matching(refs, dict(zip(layers, weights)),
                                positions=getattr(cfg, "sort_positions", 0),
-                               generator=torch.Generator().manual_seed(cfg.seed))
+                               generator=torch.Generator().manual_seed(cfg.seed),
+                               keys=getattr(cfg, "sort_keys", "exact"))
     meta = {"ref_sizes": {str(s): px for s, px in ref_px.items()}}
     return cfg.feat_weight * obj, {s: px_info[px] for s, px in ref_px.items()}, meta
 
@@ -252,7 +258,8 @@ def relevance_objective(cfg, target, layers, weights, images: torch.Tensor, size
         refs[size] = {k: v.to(target.device) for k, v in refs[size].items()}
     maps = None
     if rule == "none":
-        obj = staged_sort_matching(refs, dict(zip(layers, weights)))
+        obj = staged_sort_matching(refs, dict(zip(layers, weights)),
+                                   keys=getattr(cfg, "sort_keys", "exact"))
     else:
         maps = rel.SyntheticMaps(target, layers, target_layer, score_fn, rule, every,
                                  floor=floor)

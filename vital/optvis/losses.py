@@ -86,19 +86,20 @@ def sorted_reference(feats) -> torch.Tensor:
     return torch.cat(sorted_parts).mean(0)
 
 
-def sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.Tensor:
+def sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor, keys: str = "exact") -> torch.Tensor:
     """VITAL sort matching: mean over B, C, P of (x - ref_sorted[rank of x])^2.
 
     ``x`` (B, C, P) synthetic features, ``ref_sorted`` (C, Q) reference quantiles (ascending per
     channel); Q != P is resampled with ``resample_quantiles``. Each value is pulled towards the
     reference quantile of its rank: the loss is the mean square of ``rank_residual(x, ref)``
-    (the pairs of ``sort(x) - ref``, kept in the positions of ``x``: one sort, no scatter back).
+    (the pairs of ``sort(x) - ref``, kept in the positions of ``x``: one sort, no scatter back);
+    ``keys`` "q16" ranks on 16-bit quantised values on CPU (``rank_residual``).
     """
     if x.dim() != 3 or ref_sorted.dim() != 2 or x.shape[1] != ref_sorted.shape[0]:
         raise ValueError(f"sort_matching needs x (B, C, P) and ref_sorted (C, Q) with the same C, "
                          f"got {tuple(x.shape)} and {tuple(ref_sorted.shape)}")
     ref = resample_quantiles(ref_sorted.detach().to(device=x.device, dtype=x.dtype), x.shape[-1])
-    return _SortMatching.apply(x, ref)   # ref (C, P) broadcasts over B
+    return _SortMatching.apply(x, ref, keys)   # ref (C, P) broadcasts over B
 
 
 PARALLEL_MIN_VALUES = 1 << 16   # below this many values per call, threads cost more than they save
@@ -169,25 +170,68 @@ def sort_values(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, sort_order(x))
 
 
-def _rank_residual_rows(values: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
-    """out = values - ref[rank of each value] for rows (R, P); ``ref`` rows ascending."""
-    np.put_along_axis(out, _packed_order(values), ref, axis=-1)
+SORT_KEYS = ("exact", "q16")
+_Q16_MAX_POSITIONS = 1 << 16     # q16 keys hold the position in 16 bits
+
+
+def _q16_order(x: np.ndarray) -> np.ndarray:
+    """Ascending order along the last axis of float32 rows ``x`` (R, P), P <= 65536, with every
+    value quantised to 16 bits of its row's range (ties, and values within 1 / 65535 of the
+    range, by position), as an int64 (R, P) array; a row holding NaN or inf is ranked exactly
+    (``_packed_order``). One 32-bit key per value (quantised value high, position low): numpy
+    sorts 32-bit keys about 3x faster than ``_packed_order``'s 64-bit ones (CPU time,
+    48 x 12544 rows: 3 vs 9 ms)."""
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    span = hi - lo
+    finite = np.isfinite(span).ravel()
+    with np.errstate(invalid="ignore"):          # rows with NaN / inf are replaced below
+        scale = np.float32(65535.0) / np.maximum(span, np.float32(1e-30))
+        keys = np.nan_to_num((x - lo) * scale, nan=0.0, posinf=0.0, neginf=0.0)
+    keys = keys.astype(np.uint32)                # 0..65535 (the maximum may round to 65536)
+    np.minimum(keys, 65535, out=keys)
+    keys <<= 16
+    keys |= np.arange(x.shape[-1], dtype=np.uint32)
+    keys.sort(axis=-1)
+    keys &= 0xFFFF
+    order = keys.astype(np.int64)
+    if not finite.all():
+        order[~finite] = _packed_order(x[~finite])
+    return order
+
+
+def _rank_residual_rows(values: np.ndarray, ref: np.ndarray, out: np.ndarray,
+                        keys: str = "exact") -> None:
+    """out = values - ref[rank of each value] for rows (R, P); ``ref`` rows ascending. The
+    reference values go to their places by flat indexing (3-4x less CPU than
+    ``np.put_along_axis`` on a strided index)."""
+    rows, width = values.shape
+    if keys == "q16" and width <= _Q16_MAX_POSITIONS:
+        order = _q16_order(values)
+    else:
+        order = _packed_order(values).astype(np.int64)
+    order += np.arange(rows, dtype=np.int64)[:, None] * width
+    out.reshape(-1)[order.reshape(-1)] = ref.reshape(-1)
     np.subtract(values, out, out=out)
 
 
-def rank_residual(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def rank_residual(x: torch.Tensor, ref: torch.Tensor, keys: str = "exact") -> torch.Tensor:
     """(B, C, P): every value of ``x`` minus the reference quantile of its rank in its row
     (``ref`` (C, P) ascending, shared by the batch), in the positions of ``x``. Equal to
     ``x - ref.expand_as(x).scatter(-1, sort_order(x), ref)``; on CPU float32 the rows are ranked
-    and subtracted in numpy, in parallel threads, without a gather or scatter in torch."""
+    and subtracted in numpy, in parallel threads, without a gather or scatter in torch.
+    ``keys="q16"`` ranks 16-bit quantised values there (``_q16_order``: values closer than
+    1 / 65535 of their row's range may swap ranks); other devices rank exactly."""
+    if keys not in SORT_KEYS:
+        raise ValueError(f"sort keys must be one of {SORT_KEYS}, got {keys!r}")
     if not _packed_ok(x) or x.numel() == 0:
         where = torch.empty_like(x).scatter_(-1, sort_order(x), ref.expand_as(x))
         return x.detach() - where
     values = x.detach().contiguous().numpy()
     refs = np.ascontiguousarray(ref.detach().numpy())
     out = np.empty_like(values)
+    rows = functools.partial(_rank_residual_rows, keys=keys)
     for b in range(values.shape[0]):                    # the chunks split channels of one image
-        _in_chunks(_rank_residual_rows, [values[b], refs, out[b]])
+        _in_chunks(rows, [values[b], refs, out[b]])
     return torch.from_numpy(out)
 
 
@@ -197,8 +241,8 @@ class _SortMatching(torch.autograd.Function):
     (one multiplication instead of autograd's gather / pow / mean chain)."""
 
     @staticmethod
-    def forward(ctx, x, ref):
-        residual = rank_residual(x, ref)
+    def forward(ctx, x, ref, keys="exact"):
+        residual = rank_residual(x, ref, keys)
         ctx.save_for_backward(residual)
         flat = residual.view(-1)
         return torch.dot(flat, flat) / flat.numel()
@@ -206,7 +250,7 @@ class _SortMatching(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         residual, = ctx.saved_tensors
-        return residual * (grad * (2.0 / residual.numel())), None
+        return residual * (grad * (2.0 / residual.numel())), None, None
 
 
 # ---------------------------------------------------------------- image priors
@@ -363,16 +407,18 @@ def random_positions(x: torch.Tensor, positions: int, generator: torch.Generator
 
 def staged_sort_matching(refs_by_size: dict[int, dict[str, torch.Tensor]],
                          weights: dict[str, float], positions: int = 0,
-                         generator: torch.Generator | None = None) -> Objective:
+                         generator: torch.Generator | None = None,
+                         keys: str = "exact") -> Objective:
     """Terms ``sort:<layer>``: sort matching against the references of the current stage's size
     (``refs_by_size[ctx["size"]][layer]``, (C, Q) quantiles per stage size). ``positions`` > 0
     matches a layer with more positions on a random subset of that many per step (drawn from
     ``generator``; the quantiles are resampled to the subset): a cheaper, noisier estimate of
-    the same loss, off by default because its effect on quality is not measured."""
+    the same loss, off by default because its effect on quality is not measured. ``keys``:
+    ``sort_matching``'s."""
     def term(layer):
         def fn(ctx):
             x = random_positions(ctx["features"][layer], positions, generator)
-            return sort_matching(x, refs_by_size[ctx["size"]][layer])
+            return sort_matching(x, refs_by_size[ctx["size"]][layer], keys)
         return weights[layer] * Objective(fn, f"sort:{layer}")
     return sum(term(layer) for layer in weights)
 
