@@ -14,8 +14,7 @@ the rest <= 10 % of a step.
 Variants, measured in alternation within every repeat (A/B on a shared machine): ``--precision``
 (fp32, bf16: the model's forward under bfloat16 autocast, its bare forward + backward too) and
 ``--sort`` (``new``: ``rank_residual``, rows ranked in parallel threads; ``q16``: the same on
-16-bit quantised keys, ``--sort_keys q16``; ``put``: ``new`` with the scatter before 2026-12-04;
-``previous``: the
+16-bit quantised keys, ``--sort_keys q16``; ``previous``: the
 implementation before it, one thread, gather / scatter in torch; ``positions:N``: ``new`` on N
 random positions per layer and step, ``--sort_positions N``). ``sort ms`` is sort matching
 alone (forward + backward) on the hooked features' shapes.
@@ -41,7 +40,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -113,13 +111,6 @@ def previous_sort_matching(x: torch.Tensor, ref_sorted: torch.Tensor) -> torch.T
     return PreviousSortMatching.apply(x, ref)
 
 
-def put_rank_residual_rows(values, ref, out, keys="exact"):
-    """``losses._rank_residual_rows`` before 2026-12-04: the reference values scattered with
-    ``np.put_along_axis`` on the strided index (the A/B reference of the flat scatter)."""
-    np.put_along_axis(out, losses._packed_order(values), ref, axis=-1)
-    np.subtract(values, out, out=out)
-
-
 def variant_overrides(name: str) -> dict:
     """ClassCFG settings of a ``--sort`` variant."""
     if name.startswith("positions:"):
@@ -129,19 +120,10 @@ def variant_overrides(name: str) -> dict:
 
 @contextlib.contextmanager
 def sort_variant(name: str):
-    """``new`` as the library has it, ``put`` (the scatter before) or ``previous`` swapped in
-    for the duration (the objectives look ``sort_matching`` up in vital.optvis.losses at every
-    call)."""
+    """``new`` as the library has it, or ``previous`` swapped in for the duration (the
+    objectives look ``sort_matching`` up in vital.optvis.losses at every call)."""
     if name in ("new", "q16") or name.startswith("positions:"):
         yield
-        return
-    if name == "put":
-        kept_rows = losses._rank_residual_rows
-        losses._rank_residual_rows = put_rank_residual_rows
-        try:
-            yield
-        finally:
-            losses._rank_residual_rows = kept_rows
         return
     kept = losses.sort_matching, losses.PARALLEL_MIN_VALUES
     losses.sort_matching, losses.PARALLEL_MIN_VALUES = previous_sort_matching, 2 ** 62
@@ -261,7 +243,6 @@ def parse_args(argv=None):
                    help="the model's forward precision(s), alternated")
     p.add_argument("--sort", nargs="+", default=["new"],
                    help="sort matching variant(s), alternated: new, q16 (--sort_keys q16), "
-                        "put (new with the np.put_along_axis scatter before 2026-12-04), "
                         "previous, or positions:N (new, matching each layer on N random "
                         "positions per step, --sort_positions N; 'sort ms' is still the full "
                         "sort)")
