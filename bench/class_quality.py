@@ -53,6 +53,8 @@ def methods(budget: int) -> dict[str, tuple[str, dict]]:
         # issue 18: sort matching on a random quarter of the 112 x 112 layers' positions
         "toolkit_sub3136": ("toolkit", {"steps_multires": multires, "sort_positions": 3136}),
         "toolkit_bf16": ("toolkit", {"steps_multires": multires, "precision": "bf16"}),
+        # issue 27: sort matching on 16-bit quantised keys (--sort_keys q16)
+        "toolkit_q16": ("toolkit", {"steps_multires": multires, "sort_keys": "q16"}),
         # the flat "cubist" patches: coarse pyramid levels moving slower
         "toolkit_gain05": ("toolkit", {"steps_multires": multires, "pyramid_gain": 0.5}),
         "toolkit_gain07": ("toolkit", {"steps_multires": multires, "pyramid_gain": 0.7}),
