@@ -105,6 +105,21 @@ def test_import_vital_from_another_folder_is_light(tmp_path):
     assert out.stdout.strip() == "vital.modes.class_mode"
 
 
+def test_a_run_of_a_non_clip_model_imports_no_torchvision(tmp_path):
+    """torchvision's import pulls in torch._dynamo (~1.9 s of every run's start-up): a class
+    mode run's modules, its metadata and loading the embedded model do without it; CLIP's
+    preprocessing still loads it on first use."""
+    code = ("import sys; from vital.modes import class_mode; from vital.config import "
+            "run_metadata; from vital.models import load_target; "
+            "meta = run_metadata(class_mode.ClassCFG()); load_target('efficientnet-lite0'); "
+            "assert 'torchvision' not in sys.modules, 'torchvision imported'; "
+            "assert meta['versions']['torchvision']; "
+            "import clip_custom; clip_custom.transform; assert 'torchvision' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+
+
 def _cycles(package: str) -> list[str]:
     """Every import (even inside a function) from module A to module B of ``package`` where B
     leads back to A: a circle, on any floor (the layers contract sees only circles between
