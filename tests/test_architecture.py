@@ -105,14 +105,21 @@ def test_import_vital_from_another_folder_is_light(tmp_path):
     assert out.stdout.strip() == "vital.modes.class_mode"
 
 
-def test_a_run_of_a_non_clip_model_imports_no_torchvision(tmp_path):
-    """torchvision's import pulls in torch._dynamo (~1.9 s of every run's start-up): a class
-    mode run's modules, its metadata and loading the embedded model do without it; CLIP's
-    preprocessing still loads it on first use."""
-    code = ("import sys; from vital.modes import class_mode; from vital.config import "
-            "run_metadata; from vital.models import load_target; "
-            "meta = run_metadata(class_mode.ClassCFG()); load_target('efficientnet-lite0'); "
+def test_a_run_of_a_non_clip_model_imports_neither_torchvision_nor_dynamo(tmp_path):
+    """torchvision's import and torch.optim's first optimizer pull in torch._dynamo (~2 s each
+    of every run's start-up): a whole class-mode run of the embedded model does without both
+    (its metadata still names torchvision's version); CLIP's preprocessing still loads
+    torchvision on first use."""
+    from conftest import write_images
+    write_images(tmp_path / "refs", 3, size=48)
+    code = ("import sys; from vital.modes import class_mode; "
+            "cfg = class_mode.ClassCFG(model='efficientnet-lite0', target='espresso', "
+            "ref_dir='refs', num_ref=3, size=48, steps=2, save_steps=0, progress=False, "
+            "out_dir='out', device='cpu'); run_dir, _ = class_mode.run_class(cfg); "
+            "assert (run_dir / 'final.png').is_file(); "
             "assert 'torchvision' not in sys.modules, 'torchvision imported'; "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'; "
+            "import json; meta = json.loads((run_dir / 'config.json').read_text()); "
             "assert meta['versions']['torchvision']; "
             "import clip_custom; clip_custom.transform; assert 'torchvision' in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,

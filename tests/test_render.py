@@ -129,3 +129,30 @@ def test_early_stop_is_recorded_in_metrics_json(tmp_path, ref_folder):
     run_dir, result = run_class(ClassCFG(**base, run_name="full"))
     assert "early_stopped" not in json.loads((run_dir / "metrics.json").read_text())
     assert result.steps_done == 60
+
+
+@pytest.mark.parametrize("betas, eps", [((0.5, 0.99), 1e-8), ((0.9, 0.999), 1e-3)])
+def test_adam_takes_torch_adams_steps(betas, eps):
+    """The render's Adam against torch.optim.Adam (single-tensor path) on two parameters, one
+    without a gradient at some steps, with the learning rate changed between steps."""
+    from vital.optvis.render import Adam
+    g = torch.Generator().manual_seed(5)
+    start = [torch.randn(3, 8, 8, generator=g), torch.randn(5, generator=g)]
+    ours = [t.clone().requires_grad_() for t in start]
+    theirs = [t.clone().requires_grad_() for t in start]
+    mine = Adam(ours, lr=0.05, betas=betas, eps=eps)
+    ref = torch.optim.Adam(theirs, lr=0.05, betas=betas, eps=eps, foreach=False)
+    for step in range(25):
+        lr = 0.05 * (1 + math.cos(step / 25 * math.pi)) / 2 + 1e-3
+        for opt in (mine, ref):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+        for params in (ours, theirs):
+            loss = (params[0].sin() ** 2).sum() + (0 if step % 3 == 1 else params[1].pow(3).sum())
+            loss.backward()
+        mine.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours[0], start[0])
