@@ -47,8 +47,10 @@ def test_atlas_data_pages_and_pictures(tmp_path):
         assert "png" not in picture   # the run's PNGs are dropped (size); --keep_png keeps them
         assert not list((site / picture["image"]).parent.glob("*.png"))
         assert isinstance(picture["agrees_top5"], bool) and len(picture["picture_labels"]) == 5
+        assert 0 <= picture["references_top5"] <= 1 and len(picture["references_labels"]) == 5
         page = (site / "stage2" / f"{u['unit']}.html").read_text()
         assert u["label"] in page and picture["image"] in page
+        assert f"({picture['references_top5']:.0%} of them hold the label)" in page
         for t in u["top_images"]:
             assert (site / t["thumb"]).is_file()
     layer_page = (site / "stage2" / "index.html").read_text()

@@ -240,14 +240,18 @@ def _picture_record(site: Path, folder: Path, check: dict | None,
     return record
 
 
-def _closed_loop(run: LabelRun, visuals: list[dict]) -> dict:
-    """unit -> {"picture_labels", "agrees_top1", "agrees_top5"} for finished pictures."""
+def _closed_loop(run: LabelRun, visuals: list[dict], references: int = 8) -> dict:
+    """unit -> {"picture_labels", "agrees_top1", "agrees_top5", "references_top5",
+    "references_labels"} for finished pictures (``check_agreement``'s, over the unit's
+    ``references`` top probe photos)."""
     finished = [v for v in visuals if v["status"] == "finished"]
     if not finished:
         return {}
-    rows = check_agreement(run, finished)["per_neuron"]
+    rows = check_agreement(run, finished, references)["per_neuron"]
     return {row["unit"]: {"picture_labels": row["picture_labels"], "agrees_top1": row["top1"],
-                          "agrees_top5": row["top5"]} for row in rows}
+                          "agrees_top5": row["top5"],
+                          "references_top5": row["references_top5"],
+                          "references_labels": row["references_labels"]} for row in rows}
 
 
 def run_atlas(cfg: AtlasCFG, argv=None):
@@ -336,7 +340,7 @@ def _render_chunk(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: l
     """Render ``units`` (one batched optimisation), name the pictures with the concept model and
     write each unit's picture record next to its picture; unit -> record of the finished."""
     visuals = render_units(cfg, run, layer, units, str(site / "units"), argv)
-    verdicts = _closed_loop(run, visuals)
+    verdicts = _closed_loop(run, visuals, cfg.vis_probe or cfg.vis_num_ref)
     out = {}
     for v in visuals:
         if v["status"] != "finished":

@@ -170,9 +170,13 @@ def _unit_page(data: dict, layer: str, units: list[dict], k: int) -> str:
                   if picture.get("references") else "") + "</figcaption></figure>")
         if "picture_labels" in picture:
             word = "agrees" if picture["agrees_top5"] else "disagrees"
+            share = picture.get("references_top5")
+            photos = ("" if share is None else
+                      f"; its top probe photos: {_e(', '.join(picture['references_labels']))} "
+                      f"({share:.0%} of them hold the label)")
             pic += (f"<p class=\"loop {_loop_state(unit)}\" id=\"verdict\">closed loop: the "
                     f"concept model names the picture {_e(', '.join(picture['picture_labels']))}"
-                    f" — {word} with the label</p>")
+                    f" — {word} with the label{photos}</p>")
     else:
         pic = "<p class=\"nopic\">no picture (built with --no-pictures, or not rendered yet)</p>"
     tops = "".join(f"<figure><span class=\"probe\"><img loading=\"lazy\" "
