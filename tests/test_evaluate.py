@@ -273,7 +273,7 @@ def test_bad_shard_specs(text, message):
     ({"methods": ["vital", "bogus"]}, "unknown method 'bogus'; valid: vital, vital_pure"),
     ({"methods": [{"name": "x", "overrides": {"stepz": 3}}]}, r"unknown setting.*'stepz'.*steps"),
     ({"methods": [{"name": "x", "base": "lucid", "overrides": {}}]}, "unknown base 'lucid'"),
-    ({"settings": {"seed": 3}}, "the sweep itself sets"),
+    ({"settings": {"seed": 3}}, r"sets 'seed', which the sweep itself \(per run: models"),
     ({"settings": {"num_reff": 3}}, r"valid ClassCFG keys: .*num_ref"),
     ({"methods": ["vital", "vital"]}, "twice"),
     ({"targets": ["class3", "class3"]}, "twice"),

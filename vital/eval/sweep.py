@@ -5,7 +5,6 @@ decide whether a finished run can be reused or merged. Executed by ``vital.eval.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,18 +162,9 @@ def slug(text: str) -> str:
 def check_settings(overrides: dict, what: str, cls=ClassCFG, reserved_keys=RESERVED_KEYS,
                    per_run: str = "models, targets, seeds, out_dir, --device") -> dict:
     """``overrides`` checked against ``cls``'s fields (unknown and per-run keys fail, naming
-    the valid ones) and coerced to the fields' types."""
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in overrides if k not in valid]
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown} in {what}; valid {cls.__name__} keys: "
-                          f"{', '.join(k for k in valid if k not in reserved_keys)}")
-    reserved = [k for k in overrides if k in reserved_keys]
-    if reserved:
-        raise ConfigError(f"{what} sets {reserved}, which the sweep itself sets per run "
-                          f"({per_run})")
-    return config.coerce(cls, overrides)   # JSON values -> the fields' types
-
+    the valid ones) and coerced to the fields' types (``config.check_overrides``)."""
+    who = f"the sweep itself (per run: {per_run})"
+    return config.check_overrides(cls, overrides, what, {k: who for k in reserved_keys})
 
 
 def resolve_methods(entries, builtins: dict[str, dict] | None = None,
