@@ -28,8 +28,8 @@ from PIL import Image
 from vital.cache import write_json
 from vital.imaging import to_pil
 from vital.config import ConfigError, opt, parse_units
-from vital.modes.label_visuals import DescribeCFG, check_agreement, render_units, \
-    visualise_settings
+from vital.modes.label_visuals import DescribeCFG, check_agreement, check_references, \
+    render_units, visualise_settings
 from vital.labels.describe import LabelRun, run_labels, top_probe_files
 from vital.models.target import channels_positions
 from vital.refs.images import load_image
@@ -340,7 +340,7 @@ def _render_chunk(cfg: AtlasCFG, run: LabelRun, site: Path, layer: str, units: l
     """Render ``units`` (one batched optimisation), name the pictures with the concept model and
     write each unit's picture record next to its picture; unit -> record of the finished."""
     visuals = render_units(cfg, run, layer, units, str(site / "units"), argv)
-    verdicts = _closed_loop(run, visuals, cfg.vis_probe or cfg.vis_num_ref)
+    verdicts = _closed_loop(run, visuals, check_references(cfg))
     out = {}
     for v in visuals:
         if v["status"] != "finished":

@@ -170,9 +170,8 @@ def _std(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 def _keep_stats(store: dict, block: int, module: nn.LayerNorm, x: torch.Tensor) -> None:
     """ln_1's input statistics per token: std (both conventions) and mean (official shares)."""
-    x = x.float()
-    store["means"][block] = x.mean(-1)
-    store["stds"][block] = (x.var(-1, unbiased=False) + module.eps).sqrt()
+    store["means"][block] = x.float().mean(-1)
+    store["stds"][block] = _std(module, x)
 
 
 @contextlib.contextmanager

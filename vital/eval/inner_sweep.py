@@ -35,7 +35,8 @@ from vital.eval import metrics
 from vital.config import ConfigError
 from vital.eval import engine
 from vital.eval.engine import RESULT_FILE, flat_diff  # noqa: F401  (RESULT_FILE re-exported)
-from vital.eval.sweep import Overrides, batch_runs, parsed, parse_shard, select_shard, slug
+from vital.config import Overrides
+from vital.eval.sweep import batch_runs, parsed, parse_shard, select_shard, slug
 METRICS_VERSION = 1
 INNER_METHODS: dict[str, dict] = {
     "vital": {},

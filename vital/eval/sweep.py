@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vital import config
 from vital.modes.class_mode import ClassCFG
-from vital.config import ConfigError, Overrides, opt  # noqa: F401 (Overrides re-exported)
+from vital.config import ConfigError, Overrides, opt
 from vital.eval import engine
 from vital.eval.launchers import LaunchCFG
 from vital.eval.engine import RESULT_FILE, flat_diff, settings_hash  # noqa: F401 (re-exported)

@@ -36,7 +36,7 @@ from vital.modes.inner import InnerCFG, layer_patch_scores, plan_neuron, resolve
     run_neuron
 
 __all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "render_units",
-           "visualise_settings", "check_agreement"]
+           "visualise_settings", "check_agreement", "check_references"]
 
 _CHECK_TOP = 5          # the neuron's label must be among the picture's best 5 for top-5
 _TILE = 96
@@ -243,6 +243,12 @@ def visualise_neurons(cfg: DescribeCFG, run: LabelRun, argv=None) -> list[dict]:
     return done
 
 
+def check_references(cfg: DescribeCFG) -> int:
+    """How many top probe photos ``check_agreement`` scores beside each picture: the picture's
+    references (``--vis_probe``, or ``--vis_num_ref`` with the whole probe folder)."""
+    return cfg.vis_probe or cfg.vis_num_ref
+
+
 @torch.no_grad()
 def check_agreement(run: LabelRun, visuals: list[dict], references: int = 8) -> dict:
     """The concept model's best concepts for each visualisation vs. the neuron's label; beside
@@ -257,10 +263,10 @@ def check_agreement(run: LabelRun, visuals: list[dict], references: int = 8) -> 
     for v in visuals:
         ref_share, ref_best = None, []
         if run.P is not None:
-            top = top_probe_rows(run, v["layer"], v["unit"], references).indices
-            best = run.P[top].topk(k, dim=1).indices
+            ref_scores = run.P[top_probe_rows(run, v["layer"], v["unit"], references).indices]
+            best = ref_scores.topk(k, dim=1).indices
             ref_share = float((best == v["label_index"]).any(dim=1).float().mean())
-            ref_best = run.P[top].mean(0).topk(k).indices.tolist()
+            ref_best = ref_scores.mean(0).topk(k).indices.tolist()
         image = v["image"][:1]
         if image.shape[-1] != size:   # probe images are loaded at the concept model's size too
             image = F.interpolate(image, size=(size, size), mode="bilinear",
@@ -303,7 +309,7 @@ def run_describe(cfg: DescribeCFG, argv=None):
              "visualise_settings": dataclasses.asdict(_inner_cfg(cfg, run, "<layer>", 0))}
     finished = [v for v in visuals if v["status"] == "finished"]
     if cfg.check and finished:   # a picture cut short by Ctrl-C / SIGTERM is not judged
-        extra["check"] = check_agreement(run, finished, cfg.vis_probe or cfg.vis_num_ref)
+        extra["check"] = check_agreement(run, finished, check_references(cfg))
         c = extra["check"]
         print(f"check: the concept model gives {c['top1']}/{c['neurons']} visualisations the "
               f"neuron's label (top-1), {c['top5']}/{c['neurons']} within its top-5; "

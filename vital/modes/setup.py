@@ -75,7 +75,7 @@ class RenderCFG(RecipeDefaults):
                          "exact (float32) or q16 (each channel's values quantised to 16 bits "
                          "of its range: a ~3x faster sort; values closer than 1/65535 of the "
                          "range may swap ranks; GPUs rank exactly); docs/budget.md",
-                         choices=["exact", "q16"])
+                         choices=list(losses.SORT_KEYS))
     tv_weight: float = opt(0.05, "total-variation prior weight", low=0)
     l2_weight: float = opt(0.0, "L2 prior weight (pulls pixels toward grey)", low=0)
     jitter: int = opt(8, "max roll jitter in px per step", low=0)

@@ -186,7 +186,7 @@ def _q16_order(x: np.ndarray) -> np.ndarray:
     finite = np.isfinite(span).ravel()
     with np.errstate(invalid="ignore"):          # rows with NaN / inf are replaced below
         scale = np.float32(65535.0) / np.maximum(span, np.float32(1e-30))
-        keys = np.nan_to_num((x - lo) * scale, nan=0.0, posinf=0.0, neginf=0.0)
+        keys = np.nan_to_num((x - lo) * scale, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     keys = keys.astype(np.uint32)                # 0..65535 (the maximum may round to 65536)
     np.minimum(keys, 65535, out=keys)
     keys <<= 16
