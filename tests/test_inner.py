@@ -501,3 +501,28 @@ def test_bad_direction_files_are_one_sentence(tmp_path, capfd, name, write):
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and name in lines[0] and "weights_only" not in err
     assert "Traceback" not in err and "Warning" not in err
+
+
+def test_units_of_a_layer_start_apart_unless_start_seed(tmp_path):
+    """--start unit (default): each unit's start image comes from the seed and its label, so
+    the units of one layer start from different images and the same unit from the same one;
+    --start seed: every unit from the seed's image."""
+    from vital.modes.inner import plan_neuron
+    from vital.modes.setup import salted_seed
+    data = write_images(tmp_path / "data", 6)
+    target = load_target(TINY_CNN)
+
+    def start(neuron, **kw):
+        cfg = _cfg(tmp_path, data, neuron=neuron, seed=3, **kw)
+        plan = plan_neuron(cfg, target, resolve_target(target, cfg.layer, neuron))
+        with torch.no_grad():
+            return plan.param[1]().clone()
+    a, a_again, b = start(3), start(3), start(7)
+    torch.testing.assert_close(a, a_again)
+    assert (a - b).abs().mean() > 0.01
+    torch.testing.assert_close(start(3, start="seed"), start(7, start="seed"))
+    assert salted_seed(3) == 3 and salted_seed(3, "stage2:3") != salted_seed(3, "stage2:7")
+    assert 0 <= salted_seed(3, "stage2:3") < 2 ** 63
+    from vital.config import ConfigError, check_cfg
+    with pytest.raises(ConfigError, match="start.*unit, seed"):
+        check_cfg(_cfg(tmp_path, data, start="layer"))

@@ -105,6 +105,12 @@ class InnerCFG(setup.RenderCFG):
     relevance_every: int = opt(1, "recompute the synthetic image's relevance maps every N steps "
                                "(1 = every step, as in the paper; > 1 is faster but reuses maps "
                                "across jitter and flips)")
+    # issue 22: with one start image per seed, the pictures of a layer shared one composition
+    # (sort matching does not place things); lucent's batched images start apart too
+    start: str = opt("unit", "start image (and augmentation draws): unit (from the seed and "
+                     "the unit's label: units of a layer start apart, a unit's picture is the "
+                     "same alone and in a batch) or seed (every unit from the seed's image: "
+                     "compare units under one layout)", choices=["unit", "seed"])
     neurons: list[str] = opt([], "several neurons of --layer, optimised together in batches "
                              "(one run folder each; instead of --neuron): numbers, ranges "
                              "(0-63) or all (every channel of the layer)")
@@ -373,7 +379,7 @@ def plan_neuron(cfg: InnerCFG, target, neuron: NeuronTarget, extra: dict | None 
     top = _patches(cfg, target, neuron, patch_scores)
     refs = reference_images(cfg, target, top)
     objective, layers, meta, maps = _objective(cfg, target, neuron, top, refs, size, schedule)
-    gen = setup.generator_for(cfg, target.device)
+    gen = setup.generator_for(cfg, target.device, neuron.label if cfg.start == "unit" else "")
     param = setup.make_param(cfg, size, target.device, gen, target=target,
                               **_param_extras(cfg, refs, size))
     meta.update(target_label=neuron.label, neuron=neuron.index, direction=cfg.direction or None,

@@ -4,6 +4,8 @@ sort matching, priors, random generator). The runner (``vital.modes.runner``) do
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 import torch
@@ -278,7 +280,19 @@ def priors(cfg: RenderCFG, target=None) -> Objective | int:
     return cfg.tv_weight * losses.tv_objective() + cfg.l2_weight * losses.l2_objective()
 
 
-def generator_for(cfg: RenderCFG, device) -> torch.Generator:
+def generator_for(cfg: RenderCFG, device, salt: str = "") -> torch.Generator:
+    """The run's generator (start image, augmentation): seeded with ``cfg.seed``, or with a
+    number derived from the seed and ``salt`` (e.g. a unit's label, so that units of one layer
+    start from different images and each unit's picture is the same alone and in a batch)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    gen.manual_seed(salted_seed(cfg.seed, salt))
     return gen
+
+
+def salted_seed(seed: int, salt: str = "") -> int:
+    """``seed`` itself without a salt; otherwise 63 bits of sha256("seed:salt") (stable across
+    processes and machines, unlike Python's ``hash``)."""
+    if not salt:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
