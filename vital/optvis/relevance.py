@@ -212,9 +212,14 @@ def rule_context(target, rule: str):
     elif rule in ("lrp", "lrp_paper") and target.kind == "clip-vit":
         with _conservative_vit(target.module):
             yield
+    elif rule == "lrp_paper":
+        # the official rule passes relevance through batch norms unchanged: a batch norm folded
+        # into its convolution (a render's TargetModel.batchnorm_folded) would change z+
+        unfolded = getattr(target, "batchnorm_unfolded", contextlib.nullcontext)
+        with unfolded(), _paper_composite().context(target.module):
+            yield
     else:
-        composite = {"lrp": _lrp_composite, "lrp_paper": _paper_composite,
-                     "guided": _guided_composite}[rule]()
+        composite = {"lrp": _lrp_composite, "guided": _guided_composite}[rule]()
         with composite.context(target.module):
             yield
 

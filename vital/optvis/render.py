@@ -170,6 +170,13 @@ class Adam:
             p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
 
 
+def _folded(target, layers):
+    """Batch norms folded into their convolutions for the render (the same function, less
+    work per step: ``TargetModel.batchnorm_folded``); the hooked layers stay as they are."""
+    fold = getattr(target, "batchnorm_folded", None)
+    return fold(keep=layers) if fold is not None else contextlib.nullcontext()
+
+
 def render(target, objective, param, schedule: Schedule, layers: list[str],
            augment: Callable | None = None, generator: torch.Generator | None = None,
            save_steps: int = 200, callback: Callable | None = None,
@@ -204,7 +211,8 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     bar = tqdm(total=schedule.total, desc="render", disable=not progress, dynamic_ncols=True)
     step, started, outside = 0, time.perf_counter(), 0.0
     try:
-        with target.hooks(layers) as feats, _embedding(target, embed) as grabbed:
+        with _folded(target, layers), target.hooks(layers) as feats, \
+                _embedding(target, embed) as grabbed:
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
                 optimizer = Adam(params, lr=schedule.lr, betas=schedule.betas,
                                  eps=schedule.eps)
