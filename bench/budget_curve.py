@@ -3,7 +3,9 @@
 ``bench/class_quality.py`` runs at several budgets.
 
 Each ``STEPS=FOLDER`` names a finished ``class_quality.py --budget STEPS ... --report`` folder
-(its ``report.json``: mean and standard deviation over seeds per method). Writes a plot of
+(its ``report.json``: mean and standard deviation over seeds per method), or an
+``inner_quality.py`` one; ``STEPS=FILE.json`` a named report, and ``#METHOD`` after either
+reads that method instead of ``--method`` (a report whose method had another name then). Writes a plot of
 held-out KID and FID against the steps (error bars: one standard deviation over seeds) and
 prints a markdown table with judge top-1.
 
@@ -29,16 +31,18 @@ KEYS = [("judge_top1", "judge top-1", 2), ("kid_heldout", "KID held-out ↓", 4)
 def read(entries: list[str], method: str) -> list[tuple[int, dict]]:
     rows = []
     for entry in entries:
-        steps, sep, folder = entry.partition("=")
+        steps, sep, where = entry.partition("=")
         if not sep or not steps.isdigit():
             raise SystemExit(f"{entry!r} is not STEPS=FOLDER (e.g. 240=out_bench/budget/b240)")
-        path = Path(folder) / "report.json"
+        where, _, name = where.partition("#")
+        name = name or method
+        path = Path(where) if where.endswith(".json") else Path(where) / "report.json"
         if not path.is_file():
-            raise SystemExit(f"{path} does not exist: run class_quality.py --report there first")
+            raise SystemExit(f"{path} does not exist: run the benchmark's --report there first")
         report = json.loads(path.read_text())
-        if method not in report:
-            raise SystemExit(f"{path} has no method {method!r}; it has {', '.join(report)}")
-        rows.append((int(steps), report[method]))
+        if name not in report:
+            raise SystemExit(f"{path} has no method {name!r}; it has {', '.join(report)}")
+        rows.append((int(steps), report[name]))
     return sorted(rows, key=lambda r: r[0])
 
 
@@ -74,7 +78,8 @@ def plot(rows: list[tuple[int, dict]], out: Path, title: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", help="STEPS=FOLDER of a class_quality report")
+    parser.add_argument("folders", nargs="+", help="STEPS=FOLDER (or FILE.json) of a report, "
+                        "optionally #METHOD")
     parser.add_argument("--method", default="toolkit")
     parser.add_argument("--title", default="class mode, EfficientNet-Lite0, 10 imagenette "
                         "classes, held-out photos (mean ± sd over seeds)")

@@ -50,6 +50,7 @@ from vital.models import load_target
 from vital.refs.images import list_images
 from vital.optvis import losses
 from vital.optvis.render import Schedule, render
+from vital.optvis import render as render_mod
 
 from clip_shapes import random_vit_b32  # bench/ is on sys.path when a bench script runs
 
@@ -120,10 +121,20 @@ def variant_overrides(name: str) -> dict:
 
 @contextlib.contextmanager
 def sort_variant(name: str):
-    """``new`` as the library has it, or ``previous`` swapped in for the duration (the
-    objectives look ``sort_matching`` up in vital.optvis.losses at every call)."""
+    """``new`` as the library has it, ``previous`` swapped in for the duration (the
+    objectives look ``sort_matching`` up in vital.optvis.losses at every call), or ``unfolded``:
+    the render without its batch norms folded into their convolutions (the render before
+    2026-12-04; the bare forward + backward is always the model as loaded, unfolded)."""
     if name in ("new", "q16") or name.startswith("positions:"):
         yield
+        return
+    if name == "unfolded":
+        kept = render_mod._folded
+        render_mod._folded = lambda target, layers: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            render_mod._folded = kept
         return
     kept = losses.sort_matching, losses.PARALLEL_MIN_VALUES
     losses.sort_matching, losses.PARALLEL_MIN_VALUES = previous_sort_matching, 2 ** 62
@@ -243,7 +254,8 @@ def parse_args(argv=None):
                    help="the model's forward precision(s), alternated")
     p.add_argument("--sort", nargs="+", default=["new"],
                    help="sort matching variant(s), alternated: new, q16 (--sort_keys q16), "
-                        "previous, or positions:N (new, matching each layer on N random "
+                        "previous, unfolded (new without the batch norms folded into their "
+                        "convolutions), or positions:N (new, matching each layer on N random "
                         "positions per step, --sort_positions N; 'sort ms' is still the full "
                         "sort)")
     return p.parse_args(argv)
