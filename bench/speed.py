@@ -129,12 +129,12 @@ def sort_variant(name: str):
         yield
         return
     if name == "unfolded":
-        kept = render_mod._folded
-        render_mod._folded = lambda target, layers: contextlib.nullcontext()
+        kept = render_mod.folded_for_render
+        render_mod.folded_for_render = lambda target, layers: contextlib.nullcontext()
         try:
             yield
         finally:
-            render_mod._folded = kept
+            render_mod.folded_for_render = kept
         return
     kept = losses.sort_matching, losses.PARALLEL_MIN_VALUES
     losses.sort_matching, losses.PARALLEL_MIN_VALUES = previous_sort_matching, 2 ** 62

@@ -170,7 +170,7 @@ class Adam:
             p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
 
 
-def _folded(target, layers):
+def folded_for_render(target, layers):
     """Batch norms folded into their convolutions for the render (the same function, less
     work per step: ``TargetModel.batchnorm_folded``); the hooked layers stay as they are."""
     fold = getattr(target, "batchnorm_folded", None)
@@ -211,7 +211,7 @@ def render(target, objective, param, schedule: Schedule, layers: list[str],
     bar = tqdm(total=schedule.total, desc="render", disable=not progress, dynamic_ncols=True)
     step, started, outside = 0, time.perf_counter(), 0.0
     try:
-        with _folded(target, layers), target.hooks(layers) as feats, \
+        with folded_for_render(target, layers), target.hooks(layers) as feats, \
                 _embedding(target, embed) as grabbed:
             for stage, (n_steps, stage_size) in enumerate(zip(schedule.steps_multires, sizes)):
                 optimizer = Adam(params, lr=schedule.lr, betas=schedule.betas,
