@@ -129,6 +129,11 @@ def run_one(args, model, row, name, spec, seed, probe: Path) -> Path:
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)   # an interrupted run: render it again
     mode, recipe, over = spec
+    over = dict(over)
+    # probe=class: the class's own reference photos are the probe folder (the top-50 are then
+    # exactly class mode's references: the neuron term and the matching, not the references,
+    # differ from class mode)
+    data_dir = row["refs"] if over.pop("probe", "") == "class" else probe
     common = {"model": args.model, "size": args.size, "seed": seed, "save_steps": 0,
               "progress": False, "device": "cpu", "out_dir": str(run_dir.parent),
               "run_name": run_dir.name}
@@ -138,7 +143,7 @@ def run_one(args, model, row, name, spec, seed, probe: Path) -> Path:
         run_class(cfg, ["bench/inner_quality.py"])
     else:
         cfg = with_recipe(InnerCFG, recipe, **{
-            **over, **common, "layer": LAYER, "data_dir": str(probe), "num_ref": 50,
+            **over, **common, "layer": LAYER, "data_dir": str(data_dir), "num_ref": 50,
             "direction": str(direction_file(model, row["index"], Path(args.out)))})
         run_inner(cfg, ["bench/inner_quality.py"])
     return run_dir
