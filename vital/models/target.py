@@ -122,8 +122,7 @@ class TargetModel:
         self._list_paths = list_paths
         self._layers: list[LayerInfo] | None = None
         self._paths: dict[str, nn.Module] | None = None  # module path -> module, built once
-        self._folded: set[int] = set()    # ids of modules swapped out by batchnorm_folded
-        self._swaps: list = []            # the swaps in force (batchnorm_folded)
+        self._swaps: list = []    # (parent, conv name, bn name, originals, fused) in force
         self._text_cache: dict[tuple, torch.Tensor] = {}
         self._freeze()
 
@@ -281,7 +280,7 @@ class TargetModel:
         path, layout = self._aliases.get(name, (name, None))
         if path in self._module_paths():
             module = self._module_paths()[path]
-            if id(module) in self._folded:
+            if any(module is m for *_, originals, _ in self._swaps for m in originals):
                 raise RuntimeError(f"layer {name!r} is folded into its convolution during this "
                                    "render; name it in batchnorm_folded's keep")
             return module, layout
@@ -393,11 +392,13 @@ class TargetModel:
         folded: their forward could use them in any order. Restored on exit; yields the number
         of pairs folded."""
         from torch.nn.utils.fusion import fuse_conv_bn_eval
-        if self._hookable():
-            self._module_paths()      # the path table names the original modules, always
-        kept = {id(self._resolve(name)[0]) for name in keep} if self._hookable() else set()
+        if not self._hookable():          # TorchScript: nothing to swap
+            yield 0
+            return
+        self._module_paths()      # the path table names the original modules, always
+        kept = {id(self._resolve(name)[0]) for name in keep}
         swaps = []
-        for parent in (self.module.modules() if self._hookable() else ()):
+        for parent in self.module.modules():
             if not isinstance(parent, nn.Sequential):
                 continue
             names = list(parent._modules)
@@ -426,14 +427,13 @@ class TargetModel:
             self._swap(swaps, folded=True)
 
     def _swap(self, swaps: list, folded: bool) -> None:
-        for parent, a, b, original, fused in swaps:
+        for swap in swaps:
+            parent, a, b, original, fused = swap
             parent._modules[a], parent._modules[b] = fused if folded else original
-            if folded:
-                self._folded.update(map(id, original))
-                self._swaps.append((parent, a, b, original, fused))
-            else:
-                self._folded.difference_update(map(id, original))
-                self._swaps.remove((parent, a, b, original, fused))
+        if folded:
+            self._swaps.extend(swaps)
+        else:
+            self._swaps = [s for s in self._swaps if not any(s is t for t in swaps)]
 
     @contextlib.contextmanager
     def replaced(self, name: str, fn):
