@@ -17,7 +17,9 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from vital.imaging import grid
 
 THUMB = 16
 
@@ -44,22 +46,6 @@ def mean_pairwise_correlation(vectors: list[np.ndarray]) -> float:
     return float(np.mean(pairs))
 
 
-def strip(rows: dict[str, list[Path]], units: list[str], tile: int = 112) -> Image.Image:
-    label_w, pad = 70, 3
-    sheet = Image.new("RGB", (label_w + len(units) * (tile + pad), len(rows) * (tile + pad) + 14),
-                      "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, unit in enumerate(units):
-        draw.text((label_w + c * (tile + pad) + 2, 1), unit, fill="black")
-    for r, (name, pngs) in enumerate(rows.items()):
-        y = 14 + r * (tile + pad)
-        draw.text((2, y + tile // 2), name, fill="black")
-        for c, png in enumerate(pngs):
-            with Image.open(png) as img:
-                sheet.paste(img.convert("RGB").resize((tile, tile)), (label_w + c * (tile + pad), y))
-    return sheet
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("folders", nargs="+", help="NAME=FOLDER")
@@ -80,8 +66,11 @@ def main(argv=None) -> int:
     for name, pngs in found.items():
         chosen = [layout(pngs[u]) for u in units]
         print(f"| {name} | {mean_pairwise_correlation(chosen):.2f} |")
-    if args.out:
-        strip({n: [f[u] for u in units] for n, f in found.items()}, units).save(args.out)
+    if args.out:   # one row per folder, the units in the same order
+        tiles = [Image.open(f[u]).convert("RGB").resize((112, 112)) for f in found.values()
+                 for u in units]
+        labels = [f"{name} {u}" for name in found for u in units]
+        grid(tiles, labels, cols=len(units)).save(args.out)
         print(f"wrote {args.out}")
     return 0
 
