@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -97,7 +98,9 @@ def probe_folder(data: Path, out: Path) -> Path:
     folder = out / "probe"
     if folder.is_dir():
         return folder
-    tmp = out / "probe.tmp"
+    # one temporary folder per process: shards started together each build one, the first
+    # rename wins and the others' copies are dropped
+    tmp = out / f"probe.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     folders = sorted(p for p in (data / "refs").iterdir() if p.is_dir())
@@ -105,7 +108,12 @@ def probe_folder(data: Path, out: Path) -> Path:
         list_images(data.parent / "imagenet-dev")
     for src in sources:
         (tmp / f"{src.parent.name}__{src.name}").symlink_to(src.resolve())
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -114,7 +122,9 @@ def direction_file(model, index: int, out: Path) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         fc = dict(model.module.named_modules())["fc"]
-        np.save(path, fc.weight[index].detach().double().cpu().numpy())
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.npy")   # shards: no half-written file
+        np.save(tmp, fc.weight[index].detach().double().cpu().numpy())
+        os.replace(tmp, path)
     return path
 
 
