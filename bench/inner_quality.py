@@ -148,12 +148,13 @@ def run_one(args, model, row, name, spec, seed, probe: Path) -> Path:
               "progress": False, "device": "cpu", "out_dir": str(run_dir.parent),
               "run_name": run_dir.name}
     if mode == "class":
-        cfg = with_recipe(ClassCFG, recipe, **{**over, **common, "target": str(row["index"]),
-                                               "ref_dir": str(row["refs"]), "num_ref": 50})
+        cfg = with_recipe(ClassCFG, recipe, **{"num_ref": 50, **over, **common,
+                                               "target": str(row["index"]),
+                                               "ref_dir": str(row["refs"])})
         run_class(cfg, ["bench/inner_quality.py"])
     else:
         cfg = with_recipe(InnerCFG, recipe, **{
-            **over, **common, "layer": LAYER, "data_dir": str(data_dir), "num_ref": 50,
+            "num_ref": 50, **over, **common, "layer": LAYER, "data_dir": str(data_dir),
             "direction": str(direction_file(model, row["index"], Path(args.out)))})
         run_inner(cfg, ["bench/inner_quality.py"])
     return run_dir
