@@ -62,8 +62,12 @@ def methods(budget: int) -> dict[str, tuple[str, str, dict]]:
     return {
         "toolkit": ("inner", "toolkit", multires),
         "images": ("inner", "toolkit", {**multires, "ref_kind": "images"}),
-        "patches": ("inner", "toolkit", {**multires, "ref_kind": "patches"}),   # before issue 22
-        "native": ("inner", "toolkit", {**multires, "ref_res": "native"}),
+        # the top patches matched themselves (before issue 22) / at their own size
+        "patches": ("inner", "toolkit", {**multires, "ref_kind": "patches", "ref_rank": "patch"}),
+        "native": ("inner", "toolkit", {**multires, "ref_res": "native", "ref_rank": "patch"}),
+        # the default before whole-image ranking (2026-12-04)
+        "patchrank": ("inner", "toolkit", {**multires, "ref_rank": "patch",
+                                           "neuron_weight": 1.0}),
         "floor0": ("inner", "toolkit", {**multires, "relevance_floor": 0.0}),
         "none": ("inner", "toolkit", {**multires, "relevance": "none"}),
         "nw1": ("inner", "toolkit", {**multires, "neuron_weight": 1.0}),

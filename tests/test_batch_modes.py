@@ -16,7 +16,7 @@ from vital.optvis import relevance as rel
 
 from helpers import TINY_CNN, read_png, write_images
 
-INNER = dict(model=TINY_CNN, layer="stage2", num_ref=4, data_size=40, patch_size=20, size=32,
+INNER = dict(model=TINY_CNN, layer="stage2", num_ref=4, data_size=40, size=32,
              steps_multires=[2, 3], save_steps=5, progress=False, device="cpu", seed=5)
 
 
@@ -161,7 +161,7 @@ def test_batched_clip_vit_neurons_equal_one_by_one(tmp_path, tiny_clip_file, rul
         monkeypatch.setattr(module, "make_opinion", lambda *a, **k: None)
     data = write_images(tmp_path / "data", 4, size=40)
     vit = dict(INNER, model=str(tiny_clip_file), layer="block.1.mlp", data_size=32,
-               patch_size=16, num_ref=3, steps_multires=[2, 2], prompts_file="", top_k=0,
+               num_ref=3, steps_multires=[2, 2], prompts_file="", top_k=0,
                relevance=rule)
     dirs, _ = run_inner(InnerCFG(neurons=[5, 9], batch_size=2, data_dir=str(data),
                                  out_dir=str(tmp_path / "b"), **vit))

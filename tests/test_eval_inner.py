@@ -25,7 +25,7 @@ def _cfg(root, out="out", **kw):
                 methods=["vital", "am_fft"], seeds=[0], device="cpu", progress=False,
                 batch_size=2,
                 settings={"size": 32, "steps_multires": [2, 2], "save_steps": 4, "num_ref": 3,
-                          "data_size": 40, "patch_size": 20})
+                          "data_size": 40})
     base.update(kw)
     return EvalCFG(**base)
 
@@ -159,7 +159,7 @@ def test_script_runs_an_inner_sweep_end_to_end(tmp_path, monkeypatch):
                       "stage2", "--neurons", "1", "--data_dir", tmp_path / "data", "--num_real",
                       "3", "--methods", "am_fft", "--out_dir", tmp_path / "o", "--device", "cpu",
                       "--no-progress", "--settings",
-                      "size=32,steps=2,num_ref=2,data_size=40,patch_size=20", cwd=tmp_path)
+                      "size=32,steps=2,num_ref=2,data_size=40", cwd=tmp_path)
     assert "| am_fft |" in proc.stdout
     run_dir = tmp_path / "o" / TINY_CNN_DIR / "stage2" / "am_fft" / "seed0" / "n1"
     assert_png_shows(run_dir / "final.png", (32, 32))

@@ -13,6 +13,7 @@ from PIL import Image
 from helpers import (TINY_CNN, assert_png_equals, assert_png_shows, read_png, run_script,
                      write_images)
 from vital.cli import main
+from vital.config import ConfigError, with_recipe
 from vital.models import load_target
 from vital.modes.inner import InnerCFG, neuron_objective, resolve_target, run_inner
 from vital.refs import patches as P
@@ -276,7 +277,7 @@ def test_capped_neuron_term_stops_at_the_cap(tiny_cnn_target):
 
 def _cfg(tmp_path, data, **kw):
     base = dict(model=TINY_CNN, layer="stage2", neuron=3,
-                data_dir=str(data), num_ref=4, data_size=40, patch_size=20, size=32,
+                data_dir=str(data), num_ref=4, data_size=40, patch_size=20, ref_rank="patch", size=32,
                 steps_multires=[3, 4], save_steps=4, out_dir=str(tmp_path / "out"),
                 run_name="t", progress=False, device="cpu")
     base.update(kw)
@@ -344,7 +345,8 @@ def test_auto_visualises_the_most_active_neurons(tmp_path, tiny_cnn_target):
     (["--neuron", "99"], "valid 0..31"),
     (["--layer", "fc"], "no positions"),
     (["--data_dir", "/nonexistent/folder"], "does not exist"),
-    (["--patch_size", "500"], "does not fit"),
+    (["--ref_rank", "patch", "--patch_size", "500"], "does not fit"),
+    (["--patch_size", "20"], "--ref_rank patch"),
 ])
 def test_bad_input_is_one_sentence(tmp_path, capsys, args, message):
     data = write_images(tmp_path / "data", 2)
@@ -394,7 +396,7 @@ def test_script_runs_end_to_end(tmp_path):
     data = write_images(tmp_path / "data", 4)
     proc = run_script("inner_neurons_fvis.py", "--model", TINY_CNN, "--layer", "stage2",
                       "--neuron", "3", "--data_dir", data, "--num_ref", "2", "--data_size", "40",
-                      "--patch_size", "20", "--size", "32", "--steps", "3", "--out_dir",
+                      "--size", "32", "--steps", "3", "--out_dir",
                       tmp_path / "out", "--run_name", "script", "--no-progress", "--device",
                       "cpu", cwd=tmp_path)
     run_dir = tmp_path / "out" / "script"
@@ -526,3 +528,37 @@ def test_units_of_a_layer_start_apart_unless_start_seed(tmp_path):
     from vital.config import ConfigError, check_cfg
     with pytest.raises(ConfigError, match="start.*unit, seed"):
         check_cfg(_cfg(tmp_path, data, start="layer"))
+
+
+def test_ref_rank_image_takes_the_images_whose_whole_score_is_highest(tmp_path):
+    """--ref_rank image (the default): the references are the num_ref images on which the
+    unit's score over the whole image (at data_size) is highest, checked against a loop that
+    scores one image at a time; --ref_rank patch ranks by the best patch and can differ."""
+    data = write_images(tmp_path / "data", 8)
+    target = load_target(TINY_CNN)
+    neuron = resolve_target(target, "stage2", 3)
+    slow = sorted(((float(_feats(target, neuron, P.load_image(f, 40)[None])), str(f))
+                   for f in sorted(data.iterdir())), reverse=True)[:4]
+    run_dir, _ = run_inner(_cfg(tmp_path, data, ref_rank="image", patch_size=InnerCFG.patch_size,
+                                steps_multires=[1, 1], save_steps=0))
+    refs = json.loads((run_dir / "config.json").read_text())["references"]
+    assert refs["sources"] == [f for _, f in slow] and refs["patch"] == refs["size"] == 40
+    np.testing.assert_allclose(refs["scores"], [s for s, _ in slow], rtol=1e-4, atol=1e-5)
+    run_dir, _ = run_inner(_cfg(tmp_path, data, steps_multires=[1, 1], save_steps=0,
+                                run_name="p"))
+    by_patch = json.loads((run_dir / "config.json").read_text())["references"]
+    assert by_patch["patch"] == 20 and by_patch["sources"] != refs["sources"]
+
+
+def test_patch_settings_with_image_ranking_are_one_sentence(tmp_path):
+    """Patch settings that whole-image ranking would ignore are refused, the paper recipe's own
+    patch settings are not (it ranks by patch)."""
+    from vital.modes.inner import check_ranking
+    with pytest.raises(ConfigError, match="--stride 8 .* --ref_rank patch"):
+        check_ranking(InnerCFG(stride=8))
+    check_ranking(InnerCFG(stride=8, ref_rank="patch"))
+    check_ranking(with_recipe(InnerCFG, "paper"))
+    with pytest.raises(ConfigError, match="--vis_patch 16 .* ref_rank=patch"):
+        from vital.modes.label_visuals import DescribeCFG, _vis_checks
+        _vis_checks(DescribeCFG(visualise=2, vis_patch=16))
+    _vis_checks(DescribeCFG(visualise=2, vis_patch=16, vis_settings={"ref_rank": "patch"}))

@@ -471,7 +471,7 @@ def test_visualise_and_check_on_a_tiny_cnn(tmp_path):
                       probe_dir=str(tmp_path / "probe"), concept_model=COLOUR_JUDGE,
                       out_dir=str(tmp_path / "out"), device="cpu", progress=False, sheets=1,
                       visualise=2, check=True, vis_steps=2, vis_size=32, vis_num_ref=3,
-                      vis_patch=16, vis_images=3)
+                      vis_images=3)
     run_dir, run = run_describe(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     best = run.layers["stage2"].by_similarity()[:2]
@@ -509,7 +509,7 @@ def test_vis_settings_reach_every_picture(tmp_path):
     cfg = DescribeCFG(model="module:tests.conftest:TinyCNN", layers=["stage2"],
                       probe_dir=str(tmp_path / "probe"), concept_model=COLOUR_JUDGE,
                       out_dir=str(tmp_path / "out"), device="cpu", progress=False, sheets=1,
-                      visualise=2, vis_steps=2, vis_size=32, vis_num_ref=3, vis_patch=16,
+                      visualise=2, vis_steps=2, vis_size=32, vis_num_ref=3, 
                       vis_images=2, vis_settings="neuron_weight=2.5,steps_multires=[1,2]")
     run_dir, _ = run_describe(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -545,7 +545,7 @@ def test_sigterm_during_visualise_stops_the_loop_and_judges_no_half_picture(
         "--probe_dir", str(tmp_path / "probe"), "--concept_model", COLOUR_JUDGE,
         "--out_dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--sheets", "1",
         "--visualise", "3", "--check", "--vis_steps", "20", "--vis_size", "32",
-        "--vis_num_ref", "3", "--vis_patch", "16", "--vis_images", "2",
+        "--vis_num_ref", "3", "--vis_images", "2",
         "--vis_batch_size", str(batch)])
     assert status == 143
     run_dir = next((tmp_path / "out").iterdir())
@@ -562,7 +562,7 @@ def test_batched_visualisations_equal_one_at_a_time(tmp_path, vis_probe):
     settings = dict(model="module:tests.conftest:TinyCNN", layers=["stage2"],
                     probe_dir=str(tmp_path / "probe"), concept_model=COLOUR_JUDGE,
                     device="cpu", progress=False, sheets=1, visualise=3, vis_steps=3,
-                    vis_size=32, vis_num_ref=3, vis_patch=16, vis_images=2, vis_probe=vis_probe)
+                    vis_size=32, vis_num_ref=3, vis_images=2, vis_probe=vis_probe)
     runs = {size: run_describe(DescribeCFG(out_dir=str(tmp_path / f"b{size}"),
                                            vis_batch_size=size, **settings))[0]
             for size in (1, 2)}

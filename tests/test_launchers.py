@@ -109,7 +109,7 @@ def test_inner_sweep_on_the_array_matches_the_serial_one(tmp_path, monkeypatch):
                 device="cpu", progress=False, slurm_folder=str(tmp_path / "submitit"),
                 slurm_cluster="local", settings={"size": 32, "steps_multires": [2, 2],
                                                  "save_steps": 4, "num_ref": 3,
-                                                 "data_size": 40, "patch_size": 20})
+                                                 "data_size": 40})
     serial = eval_inner.run_inner_sweep(EvalCFG(out_dir=str(tmp_path / "a"), **base))
     array = eval_inner.run_inner_sweep(EvalCFG(out_dir=str(tmp_path / "b"), launcher="slurm",
                                                **base))

@@ -22,7 +22,8 @@ OFFICIAL = {"param": "pixel_norm", "lr": 1.0, "adam_betas": [0.5, 0.9], "warmup"
                 "num_ref": 50}),
     (InnerCFG, {"tv_weight": 3e-7, "l2_weight": 3e-7, "neuron_weight": 0.0,
                 "relevance": "lrp_paper", "relevance_floor": 0.0, "ref_kind": "images",
-                "num_ref": 50, "patch_size": 64, "stride": 32}),
+                "num_ref": 50, "patch_size": 64, "stride": 32,
+                "ref_rank": "patch"}),
 ])
 def test_paper_recipe_is_the_official_code(cls, extra):
     cfg = parse_cfg(cls, ["--recipe", "paper"])

@@ -54,7 +54,8 @@ class DescribeCFG(LabelCFG):
     vis_steps: int = opt(240, "inner mode: optimisation steps per visualisation")
     vis_size: int = opt(224, "inner mode: image size in px")
     vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
-    vis_patch: int = opt(64, "inner mode: side of the reference patches in px")
+    vis_patch: int = opt(64, "inner mode: side of the reference patches in px, with "
+                         "--vis_settings ref_rank=patch (the default ranks whole images)")
     vis_images: int = opt(6, "top probe images beside each visualisation")
     vis_neuron_cap: float = opt(0.0, "inner mode: --neuron_cap of the visualisations (the "
                                 "neuron term stops at CAP x the references' score; 0 = off)",
@@ -90,6 +91,10 @@ def _vis_checks(cfg: DescribeCFG):
         check_cfg(dataclasses.replace(InnerCFG(), **values))
     except ConfigError as err:
         raise ConfigError(f"--vis_settings: {err}") from None
+    if cfg.vis_patch != InnerCFG.patch_size and values.get("ref_rank", InnerCFG.ref_rank) == "image":
+        raise ConfigError(f"--vis_patch {cfg.vis_patch} sets the patches that rank the probe "
+                          f"images, but the pictures rank whole images; add --vis_settings "
+                          f"ref_rank=patch, or leave --vis_patch out")
 
     def checks(target, specs):
         if not cfg.visualise:

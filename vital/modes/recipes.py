@@ -34,7 +34,8 @@ PAPER_CLASS = {**_PAPER_OPTIMISATION, "tv_weight": 0.0, "l2_weight": 0.0, "class
 
 PAPER_INNER = {**_PAPER_OPTIMISATION, "tv_weight": 3e-7, "l2_weight": 3e-7,
                "neuron_weight": 0.0, "relevance": "lrp_paper", "relevance_floor": 0.0,
-               "relevance_every": 1, "num_ref": 50, "ref_kind": "images", "patch_size": 64,
+               "relevance_every": 1, "num_ref": 50, "ref_kind": "images", "ref_rank": "patch",
+               "patch_size": 64,
                "stride": 32, "match_own_layer": False}
 
 TOOLKIT_CLASS = {
@@ -52,7 +53,10 @@ TOOLKIT_INNER = {**{k: v for k, v in TOOLKIT_CLASS.items()
                     if k not in ("class_weight", "attn_steering")},
                  # issue 22: the unit's own layer matched too and no relevance weighting: the
                  # closed loop and held-out photos (docs/inner.md); gradxact before
-                 "neuron_weight": 1.0, "relevance": "none", "match_own_layer": True,
+                 "neuron_weight": 0.2, "relevance": "none", "match_own_layer": True,
+                 # issue 22: whole images ranked by the unit's score on them, the neuron term
+                 # at 0.2 (their scores are ~5x below their best patches'): docs/inner.md
+                 "ref_rank": "image",
                  "relevance_floor": 0.5,
                  "ref_kind": "images", "pyramid_gain": 1.0,   # issue 22: images (docs/inner.md)
                  # issue 22: 240 steps, within noise of 600 on held-out photos (docs/inner.md)
