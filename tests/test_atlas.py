@@ -19,7 +19,7 @@ def atlas_cfg(tmp_path: Path, **kw) -> AtlasCFG:
         write_colour_images(tmp_path / "probe")
     base = dict(model=TINY, layers=["stage2"], probe_dir=str(tmp_path / "probe"),
                 concept_model=COLOUR_JUDGE, out_dir=str(tmp_path / "out"), run_name="site",
-                units=["0-3"], vis_steps=3, vis_size=32, vis_num_ref=3, 
+                units=["0-3"], vis_steps=3, vis_size=32, vis_num_ref=3,
                 top_images=4, device="cpu", progress=False, vis_batch_size=2)
     return AtlasCFG(**{**base, **kw})
 

@@ -509,7 +509,7 @@ def test_vis_settings_reach_every_picture(tmp_path):
     cfg = DescribeCFG(model="module:tests.conftest:TinyCNN", layers=["stage2"],
                       probe_dir=str(tmp_path / "probe"), concept_model=COLOUR_JUDGE,
                       out_dir=str(tmp_path / "out"), device="cpu", progress=False, sheets=1,
-                      visualise=2, vis_steps=2, vis_size=32, vis_num_ref=3, 
+                      visualise=2, vis_steps=2, vis_size=32, vis_num_ref=3,
                       vis_images=2, vis_settings="neuron_weight=2.5,steps_multires=[1,2]")
     run_dir, _ = run_describe(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
