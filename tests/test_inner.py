@@ -557,6 +557,9 @@ def test_patch_settings_with_image_ranking_are_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="--stride 8 .* --ref_rank patch"):
         check_ranking(InnerCFG(stride=8))
     check_ranking(InnerCFG(stride=8, ref_rank="patch"))
+    with pytest.raises(ConfigError, match="--ref_kind patches .* --ref_rank patch"):
+        check_ranking(InnerCFG(ref_kind="patches"))
+    check_ranking(InnerCFG(ref_kind="patches", ref_rank="patch"))
     check_ranking(with_recipe(InnerCFG, "paper"))
     with pytest.raises(ConfigError, match="--vis_patch 16 .* ref_rank=patch"):
         from vital.modes.label_visuals import DescribeCFG, _vis_checks

@@ -84,10 +84,10 @@ class InnerCFG(setup.RenderCFG):
                         "data_size, as the labels rank them; --patch_size, --stride and "
                         "--score_size do not apply) or patch (by its best --patch_size patch, "
                         "the official code's)", choices=["image", "patch"])
-    ref_kind: str = opt("images", "references: the whole images the top-k patches come from "
-                        "(images: the official code's; sharp, natural-scale pictures on held-out "
+    ref_kind: str = opt("images", "references: the top-k whole images (with --ref_rank patch "
+                        "the images the top-k patches come from; images: the official code's; sharp, natural-scale pictures on held-out "
                         "photos, docs/inner.md) or the top-k patches themselves (the paper's "
-                        "text; patches upscaled to each stage come out blurred)",
+                        "text, with --ref_rank patch; patches upscaled to each stage come out blurred)",
                         choices=["patches", "images"])
     ref_res: str = opt("stage", "px of the references in sort matching: stage (resized to each "
                        "stage's size) or native (as cut: patch_size px patches, data_size px "
@@ -309,7 +309,8 @@ def feature_objective(cfg: InnerCFG, target, neuron: NeuronTarget, layers, weigh
 # ---------------------------------------------------------------- one run
 
 def check_ranking(cfg: InnerCFG) -> None:
-    """Patch settings with ``--ref_rank image`` would be ignored: one sentence instead."""
+    """Patch settings (or patch references) with ``--ref_rank image`` would be ignored: one
+    sentence instead."""
     recipe = InnerCFG.RECIPES.get(cfg.recipe, {})
     given = [f"--{name} {getattr(cfg, name)}" for name in ("patch_size", "stride", "score_size")
              if getattr(cfg, name) not in (getattr(InnerCFG, name), recipe.get(name))]
@@ -317,6 +318,10 @@ def check_ranking(cfg: InnerCFG) -> None:
         raise ConfigError(f"{', '.join(given)} set how patches are cut and scored, but "
                           f"--ref_rank image scores each whole image; give --ref_rank patch to "
                           f"rank images by their best patch, or leave {given[0].split()[0]} out")
+    if cfg.ref_rank == "image" and cfg.ref_kind == "patches":
+        raise ConfigError("--ref_kind patches matches the top patches, but --ref_rank image "
+                          "cuts none (it ranks whole images); give --ref_rank patch too, or "
+                          "--ref_kind images")
 
 
 def _crop_settings(cfg: InnerCFG, target) -> dict:

@@ -53,7 +53,7 @@ class DescribeCFG(LabelCFG):
     # references from the whole probe folder: 1 of 20), docs/inner.md
     vis_steps: int = opt(240, "inner mode: optimisation steps per visualisation")
     vis_size: int = opt(224, "inner mode: image size in px")
-    vis_num_ref: int = opt(8, "inner mode: top probe patches used as references")
+    vis_num_ref: int = opt(8, "inner mode: top probe images used as references")
     vis_patch: int = opt(64, "inner mode: side of the reference patches in px, with "
                          "--vis_settings ref_rank=patch (the default ranks whole images)")
     vis_images: int = opt(6, "top probe images beside each visualisation")
@@ -73,7 +73,7 @@ class DescribeCFG(LabelCFG):
     vis_settings: Overrides = opt({}, "further inner-mode settings of every visualisation, "
                                   "applied over the --vis_* ones: key=value,key=value or a "
                                   "JSON object of InnerCFG keys (e.g. "
-                                  "'neuron_weight=2,ref_kind=patches'; steps_multires "
+                                  "'neuron_weight=2,ref_kind=patches,ref_rank=patch'; steps_multires "
                                   "replaces --vis_steps; "
                                   "inner_neurons_fvis.py --help lists them)")
 
