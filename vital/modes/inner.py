@@ -85,9 +85,10 @@ class InnerCFG(setup.RenderCFG):
                         "--score_size do not apply) or patch (by its best --patch_size patch, "
                         "the official code's)", choices=["image", "patch"])
     ref_kind: str = opt("images", "references: the top-k whole images (with --ref_rank patch "
-                        "the images the top-k patches come from; images: the official code's; sharp, natural-scale pictures on held-out "
-                        "photos, docs/inner.md) or the top-k patches themselves (the paper's "
-                        "text, with --ref_rank patch; patches upscaled to each stage come out blurred)",
+                        "the images the top-k patches come from; images: the official code's; "
+                        "sharp, natural-scale pictures on held-out photos, docs/inner.md) or "
+                        "the top-k patches themselves (the paper's text, with --ref_rank patch; "
+                        "patches upscaled to each stage come out blurred)",
                         choices=["patches", "images"])
     ref_res: str = opt("stage", "px of the references in sort matching: stage (resized to each "
                        "stage's size) or native (as cut: patch_size px patches, data_size px "
