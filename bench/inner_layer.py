@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps_multires", type=int, nargs="+", default=[],
                         help="default: inner mode's default budget")
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--ref_rank", default="image", choices=["image", "patch"],
+                        help="image (the default): one forward per probe photo; patch: every "
+                             "64 px patch scored")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="out_bench/inner_layer")
     args = parser.parse_args(argv)
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
     over = {"steps_multires": args.steps_multires} if args.steps_multires else {}
     cfg = InnerCFG(model=args.model, device="cpu", layer=args.layer, neurons=args.units,
                    data_dir=args.probe_dir, size=args.size, batch_size=args.batch_size,
-                   out_dir=str(out / "runs"), save_steps=0, **over)
+                   out_dir=str(out / "runs"), save_steps=0, ref_rank=args.ref_rank, **over)
     _, target = prepare(cfg)
     first = resolve_target(target, cfg.layer, 0)
     units = parse_units(cfg.neurons, first.channels)
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
     result = {
         "model": args.model, "layer": args.layer, "units": len(units), "size": args.size,
         "steps": cfg.steps_multires or cfg.steps, "batch_size": args.batch_size,
+        "ref_rank": args.ref_rank,
         "threads": torch.get_num_threads(), "probe_images": len(scores.files),
         "scores_shape": list(scores.means.shape),
         "scores_mb_in_memory": round(scores.means.numel() * 4 / 2**20, 1),
