@@ -71,7 +71,7 @@ def inner_panels(cfg: CFG, refs: Path) -> list:
     run_dir, _ = vital.run_inner(run_cfg)
     where = f"{run_cfg.layer} : {run_cfg.neuron}"
     return [(Image.open(run_dir / "final.png"), f"inner neuron {where}"),
-            (Image.open(run_dir / "references.png"), "its top real patches")]
+            (Image.open(run_dir / "references.png"), "its top real photos")]
 
 
 def arithmetic_panel(cfg: CFG, refs: Path) -> list:
