@@ -386,7 +386,7 @@ def test_embedded_model_end_to_end_at_64px(tmp_path):
                save_steps=3)
     run_dir, result = run_inner(cfg)
     meta = json.loads((run_dir / "config.json").read_text())
-    assert result.steps_done == 3 and meta["layers"] == ["stem", "blocks.0"]
+    assert result.steps_done == 3 and meta["layers"] == ["stem", "blocks.0", "blocks.2"]   # + own layer
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
 
 
