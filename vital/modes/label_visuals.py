@@ -32,8 +32,8 @@ from vital.labels.describe import LabelCFG, LabelRun, run_labels, stack_rows, ti
     top_image_tiles, top_probe_files, top_probe_rows, write_summary
 from vital.modes.batch import run_in_batches
 from vital.optvis.render import ends_the_loop
-from vital.modes.inner import InnerCFG, layer_patch_scores, plan_neuron, resolve_target, \
-    run_neuron
+from vital.modes.inner import InnerCFG, check_ranking, layer_patch_scores, plan_neuron, \
+    resolve_target, run_neuron
 
 __all__ = ["DescribeCFG", "run_describe", "visualise_neurons", "render_units",
            "visualise_settings", "check_agreement", "check_references"]
@@ -73,8 +73,8 @@ class DescribeCFG(LabelCFG):
     vis_settings: Overrides = opt({}, "further inner-mode settings of every visualisation, "
                                   "applied over the --vis_* ones: key=value,key=value or a "
                                   "JSON object of InnerCFG keys (e.g. "
-                                  "'neuron_weight=2,ref_kind=patches,ref_rank=patch'; steps_multires "
-                                  "replaces --vis_steps; "
+                                  "'neuron_weight=2,ref_kind=patches,ref_rank=patch'; "
+                                  "steps_multires replaces --vis_steps; "
                                   "inner_neurons_fvis.py --help lists them)")
 
 
@@ -87,14 +87,17 @@ def _vis_checks(cfg: DescribeCFG):
     if cfg.check and not cfg.visualise:
         raise ConfigError("--check labels the visualisations; give --visualise N (N >= 1) too")
     values = _vis_overrides(cfg)   # a bad --vis_settings fails here, before the labels
+    inner = dataclasses.replace(InnerCFG(), **values)
     try:
-        check_cfg(dataclasses.replace(InnerCFG(), **values))
+        check_cfg(inner)
     except ConfigError as err:
         raise ConfigError(f"--vis_settings: {err}") from None
-    if cfg.vis_patch != InnerCFG.patch_size and values.get("ref_rank", InnerCFG.ref_rank) == "image":
-        raise ConfigError(f"--vis_patch {cfg.vis_patch} sets the patches that rank the probe "
-                          f"images, but the pictures rank whole images; add --vis_settings "
-                          f"ref_rank=patch, or leave --vis_patch out")
+    try:   # inner mode's own rule, with --vis_patch as its --patch_size
+        check_ranking(dataclasses.replace(inner, patch_size=cfg.vis_patch))
+    except ConfigError as err:
+        raise ConfigError(f"--vis_patch {cfg.vis_patch} / --vis_settings (inner mode's "
+                          f"--patch_size / settings): {err}; here --ref_rank patch is "
+                          f"--vis_settings ref_rank=patch") from None
 
     def checks(target, specs):
         if not cfg.visualise:
